@@ -1,0 +1,252 @@
+"""Original-layout checkpoints <-> diffusers model folders ("Create Model" and back).
+
+`create_model` converts one part at a time (UNet, VAE, text encoder), checks
+each strictly against the diffusers model it must load into, and writes it
+before reading the next, so peak memory stays near one copy of the largest
+part. Everything goes into a temporary folder that is renamed into place at
+the end. Tensors of the checkpoint that no diffusers part holds (the unused
+last OpenCLIP block, DDPM buffers, ...) are kept in `original_extras.safetensors`
+so writing the model back gives the original keys and tensors exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import keymap
+from .architecture import ModelSpec, UNET_PREFIX, decide_sd2_prediction, read_spec, spec_from_original_config
+from .checkpoint_io import CheckpointReader, file_sha256, save_checkpoint
+from .config import MODEL_INFO_FILE, ModelInfo
+from .errors import CheckpointError, ModelError
+from .fileio import atomic_dir
+from .host import ModelsDir, validate_model_name
+from .tokenizer import save_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXTRAS_FILE = "original_extras.safetensors"
+ORIGINAL_CONFIG_FILE = "original_config.yaml"
+PART_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+              "text_encoder": "model.safetensors"}
+PARTS = ("unet", "vae", "text_encoder")
+EMA_PREFIX = "model_ema."
+
+Progress = Callable[[str, float], None]
+
+
+def _no_progress(message: str, fraction: float) -> None:
+    pass
+
+
+@dataclass
+class Part:
+    name: str
+    build: Callable
+    links: Callable
+
+
+PART_BUILDERS = {
+    "unet": Part("unet", keymap.build_unet, keymap.unet_links),
+    "vae": Part("vae", keymap.build_vae, keymap.vae_links),
+    "text_encoder": Part("text_encoder", keymap.build_text_encoder, keymap.text_links),
+}
+
+
+def ema_key(unet_key: str) -> str:
+    """Where ldm's EMA keeps a UNet weight: `model_ema.` + the name without dots."""
+    return EMA_PREFIX + unet_key[len("model."):].replace(".", "")
+
+
+def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool = False,
+                 overwrite: bool = False, progress: Progress = _no_progress) -> Path:
+    """"Create Model": convert a checkpoint into `models.working/<name>/`; return that folder.
+
+    Raises ConfigError for a bad name or an existing model without `overwrite`,
+    CheckpointError for an unreadable, unsafe or unknown checkpoint. On any
+    failure nothing is left behind and an existing model is kept as it was.
+    """
+    name = validate_model_name(name)
+    target = models.model_dir(name)
+    if target.exists() and not overwrite:
+        from .errors import ConfigError
+
+        raise ConfigError(f"Name: a model named {name!r} already exists in {models.working}; choose another name or overwrite it")
+    checkpoint = models.find_checkpoint(source)
+    with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite) as tmp:
+        spec = read_spec(reader)
+        use_ema = extract_ema and _has_ema(reader)
+        if extract_ema and not use_ema:
+            log.warning("%s has no EMA weights (model_ema.*); using its normal weights", checkpoint.name)
+        used: set[str] = set()
+        bar = tqdm(PARTS, desc=f"Converting {checkpoint.name}", unit="part")
+        for i, part in enumerate(bar):
+            progress(f"Converting {part}", i / (len(PARTS) + 2))
+            used |= convert_part(reader, spec, part, tmp / part, use_ema=use_ema)
+        progress("Writing tokenizer and configs", len(PARTS) / (len(PARTS) + 2))
+        _save_extras(reader, used, tmp / EXTRAS_FILE)
+        save_tokenizer(tmp / "tokenizer", pad_token="!" if spec.text_family == "openclip" else "<|endoftext|>")
+        _save_pipeline_files(spec, tmp)
+        progress("Hashing the source checkpoint", (len(PARTS) + 1) / (len(PARTS) + 2))
+        info = ModelInfo(model_name=name, source_checkpoint=_display_name(models, checkpoint),
+                         source_checkpoint_hash=file_sha256(checkpoint), model_type=spec.model_type,
+                         prediction_type=spec.prediction_type, resolution=spec.resolution,
+                         revision=reader.global_step or 0, extracted_ema=use_ema)
+        info.save(tmp / MODEL_INFO_FILE)
+    progress("Model created", 1.0)
+    log.info("Created model %s from %s (%s, %s)", name, checkpoint.name, spec.model_type, spec.prediction_type)
+    return target
+
+
+def _display_name(models: ModelsDir, checkpoint: Path) -> str:
+    try:
+        return checkpoint.resolve().relative_to(models.checkpoints.resolve()).as_posix()
+    except ValueError:
+        return checkpoint.name
+
+
+def _has_ema(reader: CheckpointReader) -> bool:
+    return any(k.startswith(EMA_PREFIX) and k != EMA_PREFIX + "decay" and k != EMA_PREFIX + "num_updates" for k in reader.keys())
+
+
+def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: Path, *, use_ema: bool = False) -> set[str]:
+    """Convert one part, check it strictly, write it to `out_dir`; return the original keys used.
+
+    Raises CheckpointError naming missing, unexpected or misshapen tensors.
+    """
+    builder = PART_BUILDERS[part]
+    model = builder.build(spec)
+    expected = model.state_dict()
+    links = [link for link in builder.links(spec, model) if all(k in reader for k in link.original)]
+
+    def get(key: str) -> torch.Tensor:
+        if use_ema and key.startswith(UNET_PREFIX) and ema_key(key) in reader:
+            return reader.get(ema_key(key))
+        return reader.get(key)
+
+    tensors = keymap.to_diffusers(links, get)
+    for key in expected:
+        if key not in tensors and key.endswith("position_ids"):
+            tensors[key] = torch.arange(expected[key].shape[-1]).expand(expected[key].shape).clone()
+    _check_strict(reader.path, part, tensors, expected)
+    if part == "unet" and spec.model_type == "sd2?":
+        decide_sd2_prediction(spec, _materialise(builder.build(spec), tensors))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PART_FILES[part]))
+    _save_part_config(spec, part, model, out_dir)
+    return {k for link in links for k in link.original}
+
+
+def _materialise(model: torch.nn.Module, tensors: dict) -> torch.nn.Module:
+    model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True, assign=True)
+    return model.eval()
+
+
+def _check_strict(path: Path, part: str, tensors: dict, expected: dict) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(tensors) & set(expected) if tuple(tensors[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    if wrong:
+        k = wrong[0]
+        problems.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(tensors[k].shape)} vs {tuple(expected[k].shape)})")
+    if problems:
+        raise CheckpointError(f"{path}: the {part} weights do not fit the detected architecture: {'; '.join(problems)}; "
+                              "put the model's original .yaml config beside it with the same base name")
+
+
+def _save_part_config(spec: ModelSpec, part: str, model, out_dir: Path) -> None:
+    if part == "text_encoder":
+        model.config.save_pretrained(str(out_dir))
+    else:
+        model.save_config(str(out_dir))
+
+
+def _save_extras(reader: CheckpointReader, used: set[str], path: Path) -> None:
+    extras = {k: reader.get(k) for k in reader.keys() if k not in used and not k.startswith(EMA_PREFIX)}
+    save_file({k: v.contiguous() for k, v in extras.items()}, str(path))
+
+
+def _save_pipeline_files(spec: ModelSpec, folder: Path) -> None:
+    import diffusers
+
+    (folder / ORIGINAL_CONFIG_FILE).write_text(spec.original_config, encoding="utf-8")
+    scheduler = folder / "scheduler"
+    scheduler.mkdir(exist_ok=True)
+    config = {"_class_name": "DDIMScheduler", "_diffusers_version": diffusers.__version__, **spec.scheduler}
+    (scheduler / "scheduler_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def load_model_spec(model_dir: Path) -> ModelSpec:
+    """The spec of a working model, from the configs in its folder.
+
+    Raises ModelError when the folder is not a complete working model.
+    """
+    try:
+        spec = spec_from_original_config((model_dir / ORIGINAL_CONFIG_FILE).read_text(encoding="utf-8"),
+                                         source=str(model_dir / ORIGINAL_CONFIG_FILE))
+        text = json.loads((model_dir / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ModelError(f"{model_dir}: not a complete model ({Path(e.filename).name} is missing); create it again") from None
+    from transformers import CLIPTextConfig
+
+    names = set(CLIPTextConfig().to_dict())
+    spec.text = {k: v for k, v in text.items() if k in names and not k.startswith("_") and k not in (
+        "architectures", "transformers_version", "model_type", "torch_dtype", "dtype")}
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    spec.model_type, spec.prediction_type = info.model_type, info.prediction_type
+    return spec
+
+
+TensorHook = Callable[[str, str, torch.Tensor], torch.Tensor]
+
+
+def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensors", half: bool = False,
+                      hook: TensorHook | None = None, metadata: dict[str, str] | None = None,
+                      overwrite: bool = False, progress: Progress = _no_progress) -> Path:
+    """Write a working model back as one original-layout checkpoint the web UI loads.
+
+    `hook(part, diffusers_key, tensor)` may replace each diffusers tensor on the
+    way (the LoRA merge uses it); parts are read one at a time. `half` writes
+    floating-point tensors as fp16. Raises FileExistsError when `out_path`
+    exists and `overwrite` is False; a failure leaves no file at `out_path`.
+    """
+    spec = load_model_spec(model_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, part in enumerate(tqdm(PARTS, desc=f"Writing {Path(out_path).name}", unit="part")):
+        progress(f"Writing {part}", i / (len(PARTS) + 1))
+        stored = load_file(str(model_dir / part / PART_FILES[part]))
+        links = PART_BUILDERS[part].links(spec)
+
+        def get(key: str, part=part, stored=stored) -> torch.Tensor:
+            tensor = stored[key]
+            return hook(part, key, tensor) if hook is not None else tensor
+
+        tensors.update(keymap.to_original([l for l in links if all(k in stored for k in l.diffusers)], get))
+        del stored
+    extras = model_dir / EXTRAS_FILE
+    if extras.is_file():
+        for key, tensor in load_file(str(extras)).items():
+            tensors.setdefault(key, tensor)
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    progress("Saving", len(PARTS) / (len(PARTS) + 1))
+    save_checkpoint(tensors, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+    progress("Saved", 1.0)
+    return Path(out_path)

@@ -1,0 +1,266 @@
+"""The single source of truth for everything the user can set or see.
+
+Three dataclasses: `ModelInfo` (what "Create Model" records and training
+updates), `Concept` (one entry of the "Concepts" tab) and `TrainingParams`
+(the "Parameters" tab). Each field carries its UI label and help text in its
+metadata, so the gradio tabs and the command line are built from the same
+place and cannot drift apart. All three are saved as JSON in the model folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .fileio import atomic_write_text
+
+MODEL_INFO_FILE = "model_info.json"
+PARAMS_FILE = "params.json"
+CONCEPTS_FILE = "concepts_list.json"
+
+
+def param(default: Any, label: str, help: str, *, choices: tuple | None = None,
+          minimum: float | None = None, maximum: float | None = None,
+          advanced: bool = False, cli: str | None = None) -> Any:
+    """A dataclass field with the metadata the UI and the CLI are built from.
+
+    `cli` is the command-line flag when it differs from `--<field name>`.
+    """
+    meta = {"label": label, "help": help, "choices": choices, "minimum": minimum,
+            "maximum": maximum, "advanced": advanced, "cli": cli}
+    return field(default=default, metadata=meta)
+
+
+def field_meta(cls_or_obj, name: str) -> dict:
+    """Label, help and limits of one field (see `param`)."""
+    return {f.name: f for f in dataclasses.fields(cls_or_obj)}[name].metadata
+
+
+class JsonConfig:
+    """Mixin: JSON round trip that ignores unknown keys and names bad ones."""
+
+    ALIASES: dict[str, str] = {}
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "settings"):
+        """Build from a dict; keys of other tools are mapped through `ALIASES`.
+
+        Raises ConfigError naming `source` when a value has the wrong type.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            key = cls.ALIASES.get(key, key)
+            if key in names and key not in kwargs:
+                kwargs[key] = _coerce(value, names[key], cls, source)
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Raises ConfigError when the file is missing or is not valid JSON."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _coerce(value: Any, f: dataclasses.Field, cls, source: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if value is None or default is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: '{f.name}' must be a {type(default).__name__}, got {value!r}") from None
+    return value
+
+
+def check_range(obj, name: str) -> None:
+    """Raise ConfigError when a numeric field is outside its declared limits."""
+    meta = field_meta(obj, name)
+    value = getattr(obj, name)
+    label = meta["label"]
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{label} ('{name}') must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ConfigError(f"{label} ('{name}') must be at least {meta['minimum']}; got {value!r}")
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(f"{label} ('{name}') must be at most {meta['maximum']}; got {value!r}")
+
+
+def check_all_ranges(obj) -> None:
+    for f in dataclasses.fields(obj):
+        check_range(obj, f.name)
+
+
+MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class ModelInfo(JsonConfig):
+    """What "Create Model" records about a working model; training updates it."""
+
+    model_name: str = param("", "Loaded Model", "Name of the working model (its folder under lora_trainer/).")
+    source_checkpoint: str = param("", "Source Checkpoint", "File name of the checkpoint the model was created from.")
+    source_checkpoint_hash: str = param("", "Source Checkpoint Hash", "SHA-256 of the source checkpoint file (the web UI shows its first 10 characters).")
+    model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon) or sd2-v (768, v-prediction).", choices=MODEL_TYPES)
+    prediction_type: str = param("epsilon", "Prediction Type", "What the UNet predicts: the noise (epsilon) or the velocity (v_prediction).", choices=PREDICTION_TYPES)
+    resolution: int = param(512, "Resolution", "Native picture size of the model in pixels.", minimum=8)
+    revision: int = param(0, "Model Revision", "Goes up by one with every training run.", minimum=0)
+    lifetime_steps: int = param(0, "Lifetime Steps", "Training steps taken over all runs.", minimum=0)
+    lifetime_epochs: int = param(0, "Lifetime Epochs", "Epochs taken over all runs.", minimum=0)
+    extracted_ema: bool = param(False, "Extract EMA Weights", "Whether the UNet came from the source's EMA weights.")
+    latest_lora: str = param("", "Lora Model", "File name of the newest LoRA written for this model (in the Lora folder).")
+
+    def __post_init__(self):
+        check_all_ranges(self)
+
+    @property
+    def v2(self) -> bool:
+        return self.model_type.startswith("sd2")
+
+    @property
+    def base_model_version(self) -> str:
+        """The `ss_base_model_version` the web UI files a LoRA under."""
+        return {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_768_v"}[self.model_type]
+
+
+@dataclass
+class Concept(JsonConfig):
+    """One subject to teach: its pictures, prompts and class (regularisation) pictures."""
+
+    # Keys of the dreambooth extension's concepts_list.json that mean the same thing.
+    ALIASES = {"num_class_images_per": "num_class_images_per_image", "class_images": "num_class_images"}
+
+    instance_data_dir: str = param("", "Dataset Directory", "Folder with the pictures of the subject to teach.")
+    class_data_dir: str = param("", "Classification Dataset Directory", "Folder with class (regularisation) pictures; missing ones are generated. Blank: the model folder's classifiers_<n>.")
+    instance_prompt: str = param("", "Instance Prompt", "Prompt for the subject's pictures, a rare token plus the class, e.g. 'chibi scs girl'. [filewords] is replaced by each picture's caption.")
+    class_prompt: str = param("", "Class Prompt", "Prompt for the class pictures, e.g. 'chibi girl'. [filewords] is replaced by each picture's caption.")
+    instance_token: str = param("", "Instance Token", "The rare token of the subject (e.g. 'scs'); used with [filewords] to put it into captions that lack it.", advanced=True)
+    class_token: str = param("", "Class Token", "The class word (e.g. 'girl'); used with [filewords] to build class captions.", advanced=True)
+    num_class_images: int = param(0, "Total Number of Class/Reg Images", "How many class pictures to use; about 10 times the subject's pictures is advised. 0 turns prior preservation off.", minimum=0)
+    num_class_images_per_image: int = param(0, "Class Images Per Instance Image", "Alternative to the total: this many class pictures for each subject picture (the dreambooth extension's 'num_class_images_per'). 0: use the total.", minimum=0, advanced=True)
+    class_negative_prompt: str = param("", "Classification Image Negative Prompt", "Negative prompt used when generating class pictures.", advanced=True)
+    class_guidance_scale: float = param(7.5, "Class Images Guidance Scale", "CFG scale used when generating class pictures.", minimum=0.0, maximum=50.0, advanced=True)
+    class_infer_steps: int = param(20, "Class Images Generation Steps", "Sampling steps used when generating class pictures.", minimum=1, maximum=150, advanced=True)
+    save_sample_prompt: str = param("", "Sample Image Prompt", "Prompt for preview pictures during training. Blank: the instance prompt.")
+    save_sample_negative_prompt: str = param("", "Sample Negative Prompt", "Negative prompt for preview pictures.", advanced=True)
+    n_save_sample: int = param(1, "Number of Samples to Generate", "Preview pictures drawn at each preview interval.", minimum=0, maximum=16, advanced=True)
+    save_guidance_scale: float = param(7.5, "Sample CFG Scale", "CFG scale of the preview pictures.", minimum=0.0, maximum=50.0, advanced=True)
+    save_infer_steps: int = param(20, "Sample Steps", "Sampling steps of the preview pictures.", minimum=1, maximum=150, advanced=True)
+    sample_seed: int = param(-1, "Sample Seed", "Seed of the preview pictures; -1 picks one.", advanced=True)
+
+    def __post_init__(self):
+        check_all_ranges(self)
+
+    @property
+    def is_set(self) -> bool:
+        """A concept counts when it names a dataset folder (empty UI slots do not)."""
+        return bool(self.instance_data_dir.strip())
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return self.num_class_images > 0 or self.num_class_images_per_image > 0
+
+
+def load_concepts(path: str | os.PathLike) -> list[Concept]:
+    """Read a concepts JSON: a list of concept objects (ours or the dreambooth extension's).
+
+    Raises ConfigError naming the file when it is not a list of objects.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: concepts file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if isinstance(data, dict) and "concepts" in data:
+        data = data["concepts"]
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a list of concepts")
+    return [Concept.from_dict(item, source=f"{path} concept {i + 1}") for i, item in enumerate(data)]
+
+
+def save_concepts(concepts: list[Concept], path: str | os.PathLike) -> None:
+    atomic_write_text(Path(path), json.dumps([c.to_dict() for c in concepts], indent=2) + "\n")
+
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTENTION = ("default", "xformers", "flash_attention")
+
+
+@dataclass
+class TrainingParams(JsonConfig):
+    """The "Parameters" tab. Field names follow diffusers' train_dreambooth_lora.py where the meaning is the same."""
+
+    # Keys of the dreambooth extension's db_config.json that mean the same thing.
+    ALIASES = {"lora_unet_rank": "rank", "lora_txt_rank": "text_encoder_rank",
+               "lora_learning_rate": "unet_learning_rate", "lora_txt_learning_rate": "text_encoder_learning_rate"}
+
+    use_lora: bool = param(True, "Use LORA", "Train low-rank adapters (small file, fits 8 GB). Off: a full DreamBooth fine-tune of the UNet (and the text encoder if chosen).")
+    rank: int = param(4, "Lora UNET Rank", "Rank of the UNet adapters: higher learns more detail and makes a larger file.", minimum=1, maximum=256)
+    lora_alpha: float = param(4.0, "Lora UNET Alpha", "Scale of the UNet adapters is alpha / rank; alpha = rank means scale 1.", minimum=0.0, advanced=True)
+    text_encoder_rank: int = param(4, "Lora Text Encoder Rank", "Rank of the text-encoder adapters.", minimum=1, maximum=256)
+    text_encoder_alpha: float = param(4.0, "Lora Text Encoder Alpha", "Scale of the text-encoder adapters is alpha / rank.", minimum=0.0, advanced=True)
+    num_train_epochs: int = param(100, "Training Steps Per Image (Epochs)", "How many times each picture is seen; steps = epochs x pictures / batch size.", minimum=1)
+    max_train_steps: int = param(0, "Max Training Steps", "Stop after this many steps; 0 = no limit besides the epochs.", minimum=0)
+    train_batch_size: int = param(1, "Batch Size", "Pictures per step. Prior preservation doubles what one step holds.", minimum=1, maximum=64)
+    gradient_accumulation_steps: int = param(1, "Gradient Accumulation Steps", "Steps whose gradients add up before one update: a larger effective batch at no memory cost.", minimum=1, maximum=128, advanced=True)
+    learning_rate: float = param(2e-6, "Learning Rate", "Learning rate of a full fine-tune (Use LORA off).", minimum=0.0, maximum=1.0)
+    unet_learning_rate: float = param(1e-4, "Lora UNET Learning Rate", "Learning rate of the UNet adapters.", minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = param(5e-5, "Lora Text Encoder Learning Rate", "Learning rate of the text-encoder adapters.", minimum=0.0, maximum=1.0)
+    lr_scheduler: str = param("constant", "Learning Rate Scheduler", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = param(0, "Learning Rate Warmup Steps", "Steps over which the learning rate ramps up from 0.", minimum=0, advanced=True)
+    lr_num_cycles: int = param(1, "Number of Hard Resets", "Restarts of 'cosine_with_restarts'.", minimum=1, advanced=True)
+    lr_power: float = param(1.0, "Polynomial Power", "Power of the 'polynomial' scheduler.", minimum=0.0, advanced=True)
+    resolution: int = param(512, "Max Resolution", "Training picture size in pixels (multiple of 8); pictures of any size are resized to it.", minimum=8, maximum=2048)
+    center_crop: bool = param(False, "Center Crop", "Cut non-square pictures to a square in the middle. Off: resize the whole picture and pad.")
+    hflip: bool = param(True, "Apply Horizontal Flip", "Randomly mirror pictures: twice the variety for subjects that look the same mirrored.")
+    use_buckets: bool = param(False, "Aspect Ratio Bucketing", "Group pictures by aspect ratio and train each at its own shape instead of cropping.", advanced=True)
+    mixed_precision: str = param("no", "Mixed Precision", "fp16 or bf16 halve memory on the GPU; xformers needs one of them.", choices=MIXED_PRECISION)
+    attention: str = param("default", "Memory Attention", "flash_attention = PyTorch's scaled_dot_product_attention; xformers needs the xformers package and fp16/bf16.", choices=ATTENTION)
+    use_8bit_adam: bool = param(False, "Use 8bit Adam", "AdamW with 8-bit state from bitsandbytes: saves memory on NVIDIA GPUs.")
+    gradient_checkpointing: bool = param(False, "Gradient Checkpointing", "Recompute activations in the backward pass: much less memory, about 20% slower.")
+    train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
+    prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)
+    cache_latents: bool = param(True, "Cache Latents", "Encode every picture once and move the VAE off the GPU (flip is cached too).")
+    snr_gamma: float = param(0.0, "Min SNR Gamma", "Min-SNR loss weighting (5 is common); 0 = off.", minimum=0.0, advanced=True)
+    noise_offset: float = param(0.0, "Noise Offset", "Adds a per-channel offset to the noise, helping very dark or bright pictures (0.05 to 0.1); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
+    seed: int = param(-1, "Seed", "Random seed of the run; -1 picks one.")
+    save_every_n_steps: int = param(0, "Save Model Frequency (Step)", "Write the LoRA every N steps as well as at the end; 0 = only at the end.", minimum=0)
+    save_preview_every_n_steps: int = param(0, "Save Preview(s) Frequency (Step)", "Draw sample pictures every N steps; 0 = none.", minimum=0)
+    use_lifetime_steps: bool = param(True, "Use Lifetime Steps/Epochs When Saving", "Name files by the model's total steps over all runs instead of this run's.", advanced=True)
+    custom_model_name: str = param("", "Custom Model Name", "Name of the LoRA and merged files; blank: the model's name.")
+
+    def __post_init__(self):
+        check_all_ranges(self)
+        if self.resolution % 8:
+            raise ConfigError(f"Max Resolution ('resolution') must be a multiple of 8; got {self.resolution}")

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny models built on the fly, and a guard against network access."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+_LOCAL = ("127.0.0.1", "::1", "localhost")
+_real_connect = socket.socket.connect
+
+
+class NetworkAccessError(AssertionError):
+    pass
+
+
+def _guarded_connect(self, address):
+    host = address[0] if isinstance(address, tuple) else address
+    if self.family == socket.AF_UNIX or host in _LOCAL:
+        return _real_connect(self, address)
+    raise NetworkAccessError(f"test tried to reach the network: {address!r}")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail any test that opens a socket to anything but this machine."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory):
+    """Path of the tiny SD 1.x checkpoint (with its .yaml) in a session folder."""
+    from lora_trainer.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-sd1"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory):
+    from lora_trainer.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-sd2v"), v2=True)
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    """An empty models folder laid out like the web UI's."""
+    from lora_trainer.host import ModelsDir
+
+    models = ModelsDir.at(tmp_path / "models")
+    models.checkpoints.mkdir(parents=True)
+    return models
+
+
+@pytest.fixture(scope="session")
+def created_sd1(tmp_path_factory, tiny_sd1):
+    """A working model created from the tiny SD 1.x checkpoint (shared, do not modify)."""
+    import shutil
+
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.host import ModelsDir
+
+    models = ModelsDir.at(tmp_path_factory.mktemp("models-sd1"))
+    models.checkpoints.mkdir(parents=True)
+    for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
+        shutil.copy(p, models.checkpoints / p.name)
+    create_model(models, tiny_sd1.name, "tiny")
+    return models
