@@ -8,15 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 
 from ..errors import LoraTrainerError
 
-# Command name -> module under lora_trainer.cli
-COMMANDS = {
-    "create": "create",
-    "demo": "demo",
-}
+
+def command_modules() -> list[str]:
+    """Every module of this package is one command, named after the module."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Train LoRA adapters for Stable Diffusion checkpoints.")
     parser.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in COMMANDS.items():
+    for module in command_modules():
         importlib.import_module(f"{__name__}.{module}").add_parser(sub)
     return parser
 
