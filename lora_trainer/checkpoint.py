@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import keymap
-from .architecture import ModelSpec, UNET_PREFIX, decide_sd2_prediction, read_spec, spec_from_original_config
+from .architecture import UNET_PREFIX, ModelSpec, decide_sd2_prediction, read_spec, spec_from_original_config
 from .checkpoint_io import CheckpointReader, file_sha256, save_checkpoint
 from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ModelError
@@ -120,6 +120,22 @@ def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: 
 
     Raises CheckpointError naming missing, unexpected or misshapen tensors.
     """
+    tensors, used = convert_part_tensors(reader, spec, part, use_ema=use_ema)
+    builder = PART_BUILDERS[part]
+    if part == "unet" and spec.model_type == "sd2?":
+        decide_sd2_prediction(spec, _materialise(builder.build(spec), tensors))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PART_FILES[part]))
+    _save_part_config(part, builder.build(spec), out_dir)
+    return used
+
+
+def convert_part_tensors(reader: CheckpointReader, spec: ModelSpec, part: str, *,
+                         use_ema: bool = False) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The diffusers-layout tensors of one part, checked strictly against its model, and the original keys used.
+
+    Raises CheckpointError naming missing, unexpected or misshapen tensors.
+    """
     builder = PART_BUILDERS[part]
     model = builder.build(spec)
     expected = model.state_dict()
@@ -135,12 +151,7 @@ def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: 
         if key not in tensors and key.endswith("position_ids"):
             tensors[key] = torch.arange(expected[key].shape[-1]).expand(expected[key].shape).clone()
     _check_strict(reader.path, part, tensors, expected)
-    if part == "unet" and spec.model_type == "sd2?":
-        decide_sd2_prediction(spec, _materialise(builder.build(spec), tensors))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PART_FILES[part]))
-    _save_part_config(spec, part, model, out_dir)
-    return {k for link in links for k in link.original}
+    return tensors, {k for link in links for k in link.original}
 
 
 def _materialise(model: torch.nn.Module, tensors: dict) -> torch.nn.Module:
@@ -165,7 +176,7 @@ def _check_strict(path: Path, part: str, tensors: dict, expected: dict) -> None:
                               "put the model's original .yaml config beside it with the same base name")
 
 
-def _save_part_config(spec: ModelSpec, part: str, model, out_dir: Path) -> None:
+def _save_part_config(part: str, model, out_dir: Path) -> None:
     if part == "text_encoder":
         model.config.save_pretrained(str(out_dir))
     else:

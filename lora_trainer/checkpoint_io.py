@@ -13,7 +13,6 @@ import hashlib
 import logging
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -96,7 +95,7 @@ class CheckpointReader:
             unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
             what = f"it asks to run '{unsafe.group(1)}'" if unsafe else _first_line(e)
             raise CheckpointError(f"{self.path}: refused to load: {what}. Only plain weights are loaded from .ckpt files; use a .safetensors version of this model") from None
-        except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        except Exception as e:  # torch.load fails in many ways on damaged or foreign files
             raise CheckpointError(f"{self.path}: not a readable checkpoint ({_first_line(e)}); it may be truncated, download or copy it again") from None
         if not isinstance(data, dict):
             raise CheckpointError(f"{self.path}: not a Stable Diffusion checkpoint (holds a {type(data).__name__}, not a dict of weights)")

@@ -1,0 +1,294 @@
+"""Create Model: conversion against diffusers' own loader, EMA, revision, names, failures."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_trainer import checkpoint as checkpoint_module
+from lora_trainer.checkpoint import create_model
+from lora_trainer.checkpoint_io import CheckpointReader, save_checkpoint
+from lora_trainer.config import ModelInfo
+from lora_trainer.errors import CheckpointError, ConfigError, ModelError
+from lora_trainer.host import validate_model_name
+from lora_trainer.tiny import tiny_original_config, tiny_state_dict
+
+
+def _place(models, source, name=None):
+    """Copy a tiny checkpoint and its yaml into the models folder."""
+    name = name or source.name
+    shutil.copy(source, models.checkpoints / name)
+    shutil.copy(source.with_suffix(".yaml"), (models.checkpoints / name).with_suffix(".yaml"))
+    return models.checkpoints / name
+
+
+def _write(models, tensors, name, fmt="safetensors", v2=False, wrap=None):
+    path = models.checkpoints / f"{name}.{fmt}"
+    path.with_suffix(".yaml").write_text(tiny_original_config(v2))
+    if wrap is not None:
+        torch.save(wrap(tensors), path)
+    else:
+        save_checkpoint(tensors, path, fmt=fmt)
+    return path
+
+
+@pytest.mark.parametrize("variant", ["tiny_sd1", "tiny_sd2v"])
+def test_parts_match_diffusers_single_file_loader(request, variant, models_dir):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    source = _place(models_dir, request.getfixturevalue(variant))
+    folder = create_model(models_dir, source.name, "m")
+    common = dict(config=str(folder), local_files_only=True)
+    theirs = StableDiffusionPipeline.from_single_file(str(source), original_config=str(source.with_suffix(".yaml")),
+                                                      safety_checker=None, **common)
+    ours_unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    ours_vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae")
+    ours_text = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")
+    for ours, their in ((ours_unet, theirs.unet), (ours_vae, theirs.vae), (ours_text, theirs.text_encoder)):
+        a, b = ours.state_dict(), their.state_dict()
+        assert set(a) == set(b)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(ours_unet(x, 500, ctx).sample, theirs.unet(x, 500, ctx).sample, atol=1e-5)
+        img = torch.randn(1, 3, 64, 64, generator=g)
+        assert torch.allclose(ours_vae(img).sample, theirs.vae(img).sample, atol=1e-5)
+        ids = torch.randint(0, 49408, (1, 77), generator=g)
+        assert torch.allclose(ours_text(ids)[0], theirs.text_encoder(ids)[0], atol=1e-5)
+    # And the separately built tokenizer is CLIP's.
+    assert theirs.tokenizer is not None
+    info = ModelInfo.load(folder / "model_info.json")
+    assert info.prediction_type == ("v_prediction" if variant == "tiny_sd2v" else "epsilon")
+
+
+def test_model_info_records_source(models_dir, tiny_sd1):
+    import hashlib
+
+    (models_dir.checkpoints / "sub").mkdir()
+    source = _place(models_dir, tiny_sd1, "sub/my model.safetensors")
+    folder = create_model(models_dir, "my model", "m")
+    info = json.loads((folder / "model_info.json").read_text())
+    assert info["source_checkpoint"] == "sub/my model.safetensors"
+    assert info["source_checkpoint_hash"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert (info["model_type"], info["resolution"], info["revision"], info["lifetime_steps"]) == ("sd1", 64, 0, 0)
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (folder / part).is_dir()
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_ckpt_fp16_with_and_without_state_dict_wrapper_and_step_count(models_dir, wrapped):
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in tiny_state_dict().items()}
+    wrap = (lambda t: {"state_dict": t, "global_step": 1234, "epoch": 3}) if wrapped else (lambda t: t)
+    path = _write(models_dir, tensors, "half", fmt="ckpt", wrap=wrap)
+    folder = create_model(models_dir, path.name, "m")
+    unet = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in unet.values())
+    assert ModelInfo.load(folder / "model_info.json").revision == (1234 if wrapped else 0)
+
+
+def test_extract_ema_uses_ema_weights(models_dir):
+    tensors = tiny_state_dict()
+    unet_keys = [k for k in tensors if k.startswith("model.diffusion_model.")]
+    ema = {checkpoint_module.ema_key(k): tensors[k] + 1.0 for k in unet_keys}
+    path = _write(models_dir, {**tensors, **ema, "model_ema.decay": torch.tensor(0.9999),
+                               "model_ema.num_updates": torch.tensor(10, dtype=torch.int32)}, "ema")
+    plain = create_model(models_dir, path.name, "plain")
+    with_ema = create_model(models_dir, path.name, "ema", extract_ema=True)
+    a = load_file(str(plain / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(with_ema / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k] + 1.0, b[k]) for k in a)
+    assert ModelInfo.load(with_ema / "model_info.json").extracted_ema
+    extras = load_file(str(with_ema / "original_extras.safetensors"))
+    assert not any(k.startswith("model_ema.") for k in extras)
+
+
+def test_extract_ema_without_ema_weights_warns_and_uses_normal_weights(models_dir, tiny_sd1, caplog):
+    source = _place(models_dir, tiny_sd1)
+    folder = create_model(models_dir, source.name, "m", extract_ema=True)
+    assert "has no EMA weights" in caplog.text
+    assert not ModelInfo.load(folder / "model_info.json").extracted_ema
+
+
+def test_malicious_ckpt_is_refused_and_its_payload_never_runs(models_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    path = models_dir.checkpoints / "evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "payload": Payload()}, path)
+    with pytest.raises(CheckpointError) as err:
+        create_model(models_dir, "evil.ckpt", "m")
+    message = str(err.value)
+    assert "evil.ckpt" in message and "refused" in message and "system" in message
+    assert "\n" not in message
+    assert not marker.exists()
+    assert not models_dir.model_dir("m").exists()
+
+
+def test_real_lightning_ckpt_records_load_as_inert_data(models_dir):
+    # Real SD .ckpt files store a Lightning ModelCheckpoint record beside the weights.
+    import sys
+    import types
+
+    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__ = module.__name__
+    ModelCheckpoint.__qualname__ = "ModelCheckpoint"
+    module.ModelCheckpoint = ModelCheckpoint
+    for name in ("pytorch_lightning", "pytorch_lightning.callbacks", module.__name__):
+        sys.modules.setdefault(name, types.ModuleType(name) if name != module.__name__ else module)
+    try:
+        tensors = tiny_state_dict()
+        path = _write(models_dir, tensors, "lightning", fmt="ckpt",
+                      wrap=lambda t: {"state_dict": t, "global_step": 7, "callbacks": {ModelCheckpoint: {"best_model_score": 1.0}}})
+    finally:
+        for name in (module.__name__, "pytorch_lightning.callbacks", "pytorch_lightning"):
+            sys.modules.pop(name, None)
+    folder = create_model(models_dir, path.name, "m")
+    assert ModelInfo.load(folder / "model_info.json").revision == 7
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated_safetensors", "truncated_ckpt", "text", "wrong_suffix", "no_unet"])
+def test_broken_files_give_one_line_errors(models_dir, tiny_sd1, kind):
+    target = models_dir.checkpoints / "broken.safetensors"
+    if kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "truncated_safetensors":
+        target.write_bytes(tiny_sd1.read_bytes()[: tiny_sd1.stat().st_size // 2])
+    elif kind == "truncated_ckpt":
+        full = models_dir.checkpoints / "full.ckpt"
+        torch.save({"state_dict": tiny_state_dict()}, full)
+        target = models_dir.checkpoints / "broken.ckpt"
+        target.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+        full.unlink()
+    elif kind == "text":
+        target = models_dir.checkpoints / "broken.ckpt"
+        target.write_text("this is not a checkpoint\n")
+    elif kind == "wrong_suffix":
+        target = models_dir.checkpoints / "notes.txt"
+        target.write_text("hello")
+    elif kind == "no_unet":
+        save_file({"something.else": torch.zeros(2)}, str(target))
+    with pytest.raises(CheckpointError) as err:
+        create_model(models_dir, str(target), "m")
+    message = str(err.value)
+    assert target.name in message and "\n" not in message
+    assert not models_dir.model_dir("m").exists()
+
+
+@pytest.mark.parametrize("name,ok", [
+    ("my-model_1", True), ("chibi scs", True), ("", False), ("  ", False), ("a/b", False), ("a\\b", False),
+    ("..", False), ("../x", False), ("x..y", False), (".hidden", False), ("a:b", False), ("a*b", False),
+])
+def test_name_validation(name, ok):
+    if ok:
+        assert validate_model_name(name) == name.strip()
+    else:
+        with pytest.raises(ConfigError, match="Name"):
+            validate_model_name(name)
+
+
+def test_existing_model_is_not_overwritten_without_permission(models_dir, tiny_sd1):
+    source = _place(models_dir, tiny_sd1)
+    folder = create_model(models_dir, source.name, "m")
+    marker = folder / "user-notes.txt"
+    marker.write_text("mine")
+    with pytest.raises(ConfigError, match="already exists"):
+        create_model(models_dir, source.name, "m")
+    assert marker.read_text() == "mine"
+    create_model(models_dir, source.name, "m", overwrite=True)
+    assert not marker.exists() and (folder / "model_info.json").is_file()
+
+
+def test_failure_halfway_leaves_nothing_behind_and_keeps_the_old_model(models_dir, tiny_sd1, monkeypatch):
+    source = _place(models_dir, tiny_sd1)
+    old = create_model(models_dir, source.name, "m")
+    old_info = (old / "model_info.json").read_text()
+    real = checkpoint_module.convert_part
+
+    def fail_on_vae(reader, spec, part, out_dir, **kw):
+        if part == "vae":
+            raise RuntimeError("disk full")
+        return real(reader, spec, part, out_dir, **kw)
+
+    monkeypatch.setattr(checkpoint_module, "convert_part", fail_on_vae)
+    for name, overwrite in (("new", False), ("m", True)):
+        with pytest.raises(RuntimeError, match="disk full"):
+            create_model(models_dir, source.name, name, overwrite=overwrite)
+    assert sorted(p.name for p in models_dir.working.iterdir()) == ["m"]
+    assert (old / "model_info.json").read_text() == old_info
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_by_name(models_dir):
+    tensors = tiny_state_dict()
+    tensors.pop("model.diffusion_model.out.2.weight")
+    path = _write(models_dir, tensors, "missing")
+    with pytest.raises(CheckpointError, match=r"unet weights do not fit.*1 missing.*conv_out.weight"):
+        create_model(models_dir, path.name, "m")
+
+
+def test_unknown_source_lists_what_is_there(models_dir, tiny_sd1):
+    _place(models_dir, tiny_sd1)
+    with pytest.raises(ModelError, match=r"'nope' not found.*tiny-sd1.safetensors"):
+        create_model(models_dir, "nope", "m")
+
+
+def test_source_found_by_web_ui_title(models_dir, tiny_sd1):
+    _place(models_dir, tiny_sd1)
+    folder = create_model(models_dir, "tiny-sd1.safetensors [c9a36bdc67]", "m")
+    assert folder.is_dir()
+
+
+def test_reader_streams_safetensors_lazily(tiny_sd1):
+    with CheckpointReader(tiny_sd1) as reader:
+        assert reader._tensors is None  # nothing read up front
+        key = "model.diffusion_model.out.2.weight"
+        assert reader.get_slice_shape(key) == tuple(reader.get(key).shape)
+
+
+def test_create_opens_no_socket_at_all(models_dir, tiny_sd1, monkeypatch):
+    import socket
+
+    attempts = []
+
+    def record(self, address):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", record)
+    monkeypatch.setattr(socket.socket, "connect_ex", record)
+    monkeypatch.setattr(socket, "create_connection", lambda address, *a, **k: record(None, address))
+    source = _place(models_dir, tiny_sd1)
+    create_model(models_dir, source.name, "m")
+    assert attempts == []
+
+
+def test_network_guard_itself_fails_outbound_connections():
+    import socket
+
+    from conftest import NetworkAccessError
+
+    with socket.socket() as s, pytest.raises(NetworkAccessError):
+        s.connect(("192.0.2.1", 80))
+
+
+def test_cli_create_prints_the_folder_and_errors_in_one_line(models_dir, tiny_sd1, capsys):
+    from lora_trainer.cli import main
+
+    _place(models_dir, tiny_sd1)
+    root = str(models_dir.checkpoints.parent)
+    assert main(["create", "--models-dir", root, "--source", "tiny-sd1", "--name", "cli"]) == 0
+    assert capsys.readouterr().out.strip() == str(models_dir.model_dir("cli"))
+    assert main(["create", "--models-dir", root, "--source", "tiny-sd1", "--name", "cli"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Name:") and "\n" not in err
