@@ -24,7 +24,7 @@ from . import keymap
 from .architecture import UNET_PREFIX, ModelSpec, decide_sd2_prediction, read_spec, spec_from_original_config
 from .checkpoint_io import CheckpointReader, file_sha256, save_checkpoint
 from .config import MODEL_INFO_FILE, ModelInfo
-from .errors import CheckpointError, ModelError
+from .errors import CheckpointError, ConfigError, ModelError
 from .fileio import atomic_dir
 from .host import ModelsDir, validate_model_name
 from .tokenizer import save_tokenizer
@@ -75,8 +75,6 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     name = validate_model_name(name)
     target = models.model_dir(name)
     if target.exists() and not overwrite:
-        from .errors import ConfigError
-
         raise ConfigError(f"Name: a model named {name!r} already exists in {models.working}; choose another name or overwrite it")
     checkpoint = models.find_checkpoint(source)
     with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite) as tmp:
