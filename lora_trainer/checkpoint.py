@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import keymap
 from .architecture import UNET_PREFIX, ModelSpec, decide_sd2_prediction, read_spec, spec_from_original_config
+from .compat import canonical_clip_name, installed_clip_name
 from .checkpoint_io import CheckpointReader, file_sha256, save_checkpoint
 from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ConfigError, ModelError
@@ -122,8 +123,11 @@ def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: 
     builder = PART_BUILDERS[part]
     if part == "unet" and spec.model_type == "sd2?":
         decide_sd2_prediction(spec, _materialise(builder.build(spec), tensors))
+    if part == "text_encoder":
+        # Canonical `text_model.` names load in every transformers version (>= 5 maps them itself).
+        tensors = {canonical_clip_name(k): v for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_dir / PART_FILES[part]))
+    _save_tensors(tensors, out_dir / PART_FILES[part])
     _save_part_config(part, builder.build(spec), out_dir)
     return used
 
@@ -150,6 +154,11 @@ def convert_part_tensors(reader: CheckpointReader, spec: ModelSpec, part: str, *
             tensors[key] = torch.arange(expected[key].shape[-1]).expand(expected[key].shape).clone()
     _check_strict(reader.path, part, tensors, expected)
     return tensors, {k for link in links for k in link.original}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    # transformers < 4.31 refuses safetensors files without the "format" entry.
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 def _materialise(model: torch.nn.Module, tensors: dict) -> torch.nn.Module:
@@ -183,7 +192,7 @@ def _save_part_config(part: str, model, out_dir: Path) -> None:
 
 def _save_extras(reader: CheckpointReader, used: set[str], path: Path) -> None:
     extras = {k: reader.get(k) for k in reader.keys() if k not in used and not k.startswith(EMA_PREFIX)}
-    save_file({k: v.contiguous() for k, v in extras.items()}, str(path))
+    _save_tensors(extras, path)
 
 
 def _save_pipeline_files(spec: ModelSpec, folder: Path) -> None:
@@ -241,6 +250,8 @@ def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensor
     for i, part in enumerate(tqdm(PARTS, desc=f"Writing {Path(out_path).name}", unit="part")):
         progress(f"Writing {part}", i / (len(PARTS) + 1))
         stored = load_file(str(model_dir / part / PART_FILES[part]))
+        if part == "text_encoder":
+            stored = {installed_clip_name(k): v for k, v in stored.items()}
         links = PART_BUILDERS[part].links(spec)
 
         def get(key: str, part=part, stored=stored) -> torch.Tensor:

@@ -292,3 +292,28 @@ def test_cli_create_prints_the_folder_and_errors_in_one_line(models_dir, tiny_sd
     assert main(["create", "--models-dir", root, "--source", "tiny-sd1", "--name", "cli"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Name:") and "\n" not in err
+
+
+def test_stored_parts_load_in_every_transformers_version(models_dir, tiny_sd1):
+    # transformers < 4.31 needs the "format" entry; its CLIPTextModel needs the `text_model.` level.
+    from safetensors import safe_open
+
+    source = _place(models_dir, tiny_sd1)
+    folder = create_model(models_dir, source.name, "m")
+    for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        with safe_open(str(folder / part / f"{name}.safetensors"), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            if part == "text_encoder":
+                assert all(k.startswith("text_model.") for k in f.keys())
+
+
+def test_written_files_get_normal_permissions(models_dir, tiny_sd1):
+    import os
+    import stat
+
+    source = _place(models_dir, tiny_sd1)
+    folder = create_model(models_dir, source.name, "m")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((folder / "model_info.json").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
