@@ -56,20 +56,21 @@ def plan_class_images(model_dir: Path, concepts: list[Concept]) -> list[ClassIma
     """What each concept with prior preservation is missing, logging the console lines
     `Concept requires N images.` and `Class dir DIR has M images.`
 
-    Concepts without a Dataset Directory take part only when they have a class
-    prompt and a total (a per-image count or [filewords] needs the pictures).
+    Concepts without a Dataset Directory take part when they have a class
+    prompt and a total; a per-image count or [filewords] needs the pictures.
     Raises ConfigError for a missing or empty Dataset Directory where one is needed,
     or a blank class prompt.
     """
     jobs = []
     for index, concept in enumerate(concepts):
-        if not concept.is_set and not (concept.class_prompt.strip() and concept.num_class_images > 0):
+        if not concept.is_set and not concept.class_prompt.strip():
+            continue  # an empty slot of the UI's three concepts
+        if not concept.with_prior_preservation:
+            log.info("Concept requires 0 images.")
             continue
         pictures = instance_pictures(concept, index, model_dir) if _needs_pictures(concept) else []
         wanted = num_class_images_wanted(concept, len(pictures))
         log.info("Concept requires %d images.", wanted)
-        if wanted <= 0:
-            continue
         folder = class_dir_for(concept, index, model_dir)
         existing = count_class_images(folder)
         log.info("Class dir %s has %d images.", folder, existing)
@@ -79,7 +80,8 @@ def plan_class_images(model_dir: Path, concepts: list[Concept]) -> list[ClassIma
 
 
 def _needs_pictures(concept: Concept) -> bool:
-    return concept.is_set or concept.num_class_images_per_image > 0 or uses_filewords(concept.class_prompt)
+    """Whether the count or the prompts depend on the concept's own pictures."""
+    return concept.num_class_images_per_image > 0 or uses_filewords(concept.class_prompt)
 
 
 def _generation_prompt(concept: Concept, index: int, pictures: list[Path], number: int) -> str:

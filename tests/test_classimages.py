@@ -49,12 +49,16 @@ def test_plan_logs_and_counts(tmp_path, caplog):
     solid(tmp_path / "class" / "sub" / "old.png", BLUE)
     concepts = [Concept(instance_data_dir=str(data), class_data_dir=str(tmp_path / "class"), class_prompt="[filewords]",
                         instance_token="scs", class_token="girl", num_class_images_per_image=2),
-                Concept(instance_data_dir=str(data), instance_prompt="scs girl")]
+                Concept(instance_data_dir=str(data), instance_prompt="scs girl"),
+                Concept(),  # an empty UI slot: silent
+                Concept(class_prompt="chibi girl", num_class_images=2)]  # a total needs no pictures
     with caplog.at_level(logging.INFO):
         jobs = plan_class_images(tmp_path / "model", concepts)
     assert _messages(caplog) == ["Concept requires 4 images.", f"Class dir {tmp_path / 'class'} has 1 images.",
-                                 "Concept requires 0 images."]
-    assert len(jobs) == 1 and jobs[0].existing == 1 and jobs[0].concept_index == 0
+                                 "Concept requires 0 images.", "Concept requires 2 images.",
+                                 f"Class dir {tmp_path / 'model' / 'classifiers_3'} has 0 images."]
+    assert [(j.concept_index, j.existing) for j in jobs] == [(0, 1), (3, 0)]
+    assert jobs[1].prompts == ["chibi girl", "chibi girl"]
     # Picture n is made from instance caption n (in turn), with the instance token taken out.
     assert jobs[0].prompts == ["girl, smiling", "girl, red hair", "girl, smiling"]
 
