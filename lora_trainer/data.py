@@ -1,0 +1,285 @@
+"""Concepts -> training examples -> batches.
+
+`collect_examples` turns the "Concepts" tab into lists of examples (a picture
+and its prompt), `DreamBoothDataset` makes tensors of them (resize, crop or
+pad, flip, optional aspect-ratio buckets) and `collate_examples` stacks a batch
+with the instance rows first and the class rows after them, as DreamBooth's
+prior preservation needs (diffusers' `train_dreambooth_lora.py` collate).
+
+Pictures, captions and buckets live in images.py, prompts.py and buckets.py;
+their public names are re-exported here.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .buckets import BucketBatchSampler, bucket_resolutions, closest_bucket
+from .config import Concept
+from .errors import ConfigError
+from .images import IMAGE_EXTENSIONS, list_images, load_image, resize_to, to_tensor
+from .prompts import build_prompt, read_caption, tidy, uses_filewords
+
+__all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "read_caption", "build_prompt", "Example",
+           "collect_examples", "class_dir_for", "instance_pictures", "num_class_images_wanted",
+           "DreamBoothDataset", "collate_examples", "bucket_batch_sampler"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Example:
+    """One training picture and the prompt it is trained with."""
+
+    image_path: Path
+    prompt: str
+    is_class: bool
+    concept_index: int
+    size: tuple[int, int] | None = None  # (width, height) upright; set by collect_examples
+
+
+def class_dir_for(concept: Concept, index: int, model_dir: Path) -> Path:
+    """The concept's class-picture folder; blank means `<model_dir>/classifiers_<index>` (0-based)."""
+    if concept.class_data_dir.strip():
+        return Path(concept.class_data_dir.strip()).expanduser()
+    return Path(model_dir) / f"classifiers_{index}"
+
+
+def instance_pictures(concept: Concept, index: int, model_dir: Path | None = None) -> list[Path]:
+    """The picture files of a concept's Dataset Directory, subfolders included (as the dreambooth
+    extension reads them) except a class folder placed inside it.
+
+    Raises ConfigError naming the concept's Dataset Directory when it is missing or has no pictures.
+    """
+    label = f"Concept {index + 1} Dataset Directory ('instance_data_dir')"
+    folder = Path(concept.instance_data_dir.strip()).expanduser()
+    if not concept.instance_data_dir.strip():
+        raise ConfigError(f"{label} is blank; choose the folder with the pictures to train on")
+    if not folder.is_dir():
+        raise ConfigError(f"{label}: folder {folder} not found; choose the folder with the pictures to train on")
+    class_dir = class_dir_for(concept, index, model_dir or folder).resolve()
+    pictures = [p for p in list_images(folder, recursive=True) if class_dir not in p.resolve().parents]
+    if not pictures:
+        kinds = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+        raise ConfigError(f"{label}: no pictures ({kinds}) in {folder}; put the training pictures there")
+    return pictures
+
+
+def num_class_images_wanted(concept: Concept, instance_count: int) -> int:
+    """Class pictures a concept uses: per-image count x pictures when set, else the total."""
+    if concept.num_class_images_per_image > 0:
+        return concept.num_class_images_per_image * instance_count
+    return concept.num_class_images
+
+
+def collect_examples(concepts: list[Concept], model_dir: Path) -> tuple[list[Example], list[Example]]:
+    """(instance examples, class examples) of every concept that names a Dataset Directory.
+
+    `concept_index` is the position in `concepts`. Unreadable pictures are
+    skipped with a warning naming them. Class examples are the first
+    `num_class_images_wanted` readable pictures of the class folder (sorted,
+    subfolders included); fewer is a warning.
+    Raises ConfigError for a missing or empty dataset, a concept whose pictures
+    are all unreadable, a blank prompt without captions, or prior preservation
+    with no class pictures at all.
+    """
+    instance: list[Example] = []
+    class_: list[Example] = []
+    for index, concept in enumerate(concepts):
+        if not concept.is_set:
+            continue
+        pictures = instance_pictures(concept, index, model_dir)
+        found = [e for e in (_instance_example(p, concept, index) for p in pictures) if e is not None]
+        if not found:
+            raise ConfigError(f"Concept {index + 1} Dataset Directory ('instance_data_dir'): none of the "
+                              f"{len(pictures)} pictures in {concept.instance_data_dir} can be read; see the warnings above")
+        instance += found
+        wanted = num_class_images_wanted(concept, len(pictures))
+        classes = _class_examples(concept, index, Path(model_dir), wanted) if wanted else []
+        class_ += classes
+        log.info("Concept %d: %d pictures, %d class pictures", index + 1, len(found), len(classes))
+    if not instance:
+        raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
+    return instance, class_
+
+
+def _instance_example(path: Path, concept: Concept, index: int) -> Example | None:
+    image = load_image(path)
+    if image is None:
+        return None
+    prompt = build_prompt(concept.instance_prompt, read_caption(path), concept, is_class=False)
+    if not prompt:
+        raise ConfigError(f"Concept {index + 1} Instance Prompt ('instance_prompt') is blank and {path} has no "
+                          "caption .txt beside it; give an instance prompt")
+    return Example(path, prompt, False, index, image.size)
+
+
+def _class_examples(concept: Concept, index: int, model_dir: Path, wanted: int) -> list[Example]:
+    folder = class_dir_for(concept, index, model_dir)
+    examples = []
+    for path in list_images(folder, recursive=True):
+        if len(examples) == wanted:
+            break
+        image = load_image(path)
+        if image is not None:
+            examples.append(Example(path, _class_prompt(path, concept, index), True, index, image.size))
+    if not examples:
+        raise ConfigError(f"Concept {index + 1} Classification Dataset Directory ('class_data_dir'): {folder} has no "
+                          f"class pictures but {wanted} are wanted; generate them first (python -m lora_trainer "
+                          "classimages) or set Total Number of Class/Reg Images to 0")
+    if len(examples) < wanted:
+        log.warning("Concept %d: class dir %s has only %d of the %d class pictures wanted; using those",
+                    index + 1, folder, len(examples), wanted)
+    return examples
+
+
+def _class_prompt(path: Path, concept: Concept, index: int) -> str:
+    caption = read_caption(path)
+    # A class picture's caption is already a finished class prompt (generated pictures carry the
+    # prompt they were made with), so with [filewords] it is taken as it is, as the extension does.
+    if caption and uses_filewords(concept.class_prompt):
+        return tidy(caption)
+    prompt = build_prompt(concept.class_prompt, caption, concept, is_class=True)
+    if not prompt:
+        raise ConfigError(f"Concept {index + 1} Class Prompt ('class_prompt') is blank and {path} has no caption "
+                          ".txt beside it; give a class prompt")
+    return prompt
+
+
+class DreamBoothDataset(torch.utils.data.Dataset):
+    """Instance pictures, each paired with a class picture when there are class examples.
+
+    One item per instance example: "pixel_values" [3, H, W] in [-1, 1],
+    "prompt", "is_class" (False), "input_ids" [77] with a tokenizer, and with
+    class examples also "class_pixel_values", "class_prompt", "class_input_ids".
+    The class partner is drawn from the same concept's class pictures (any
+    concept's when it has none) and moves on by one every epoch, so all class
+    pictures are used when there are more of them than instance pictures.
+    H x W is resolution x resolution, or the instance picture's bucket with
+    `use_buckets` (its class partner is made at the same size).
+    Flips are random but reproducible: they depend on `seed`, the epoch and the index.
+    """
+
+    def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
+                 hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0):
+        if not instance:
+            raise ConfigError("Concepts: no instance pictures to train on; set a Dataset Directory")
+        self.instance, self.class_ = list(instance), list(class_)
+        self.resolution, self.center_crop, self.hflip = resolution, center_crop, hflip
+        self.use_buckets, self.tokenizer, self.seed = use_buckets, tokenizer, seed
+        self.epoch = 0
+        buckets = bucket_resolutions(resolution) if use_buckets else [(resolution, resolution)]
+        self.sizes = [closest_bucket(_size_of(e), buckets) if use_buckets else buckets[0] for e in self.instance]
+        self._pools, self._rank, self._concept_count = self._class_pools()
+
+    @property
+    def with_prior_preservation(self) -> bool:
+        return bool(self.class_)
+
+    def __len__(self) -> int:
+        return len(self.instance)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch: flips and class partners change with it, reproducibly."""
+        self.epoch = epoch
+
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        """(width, height) of item `index`."""
+        return self.sizes[index]
+
+    def class_partner(self, index: int) -> Example:
+        """The class example paired with instance example `index` in the current epoch."""
+        concept = self.instance[index].concept_index
+        pool = self._pools.get(concept) or list(range(len(self.class_)))
+        position = self._rank[index] + self.epoch * self._concept_count[concept]
+        return self.class_[pool[position % len(pool)]]
+
+    def flips(self, index: int, kind: str = "instance") -> bool:
+        """Whether item `index` is mirrored this epoch (`kind` "instance" or "class")."""
+        if not self.hflip:
+            return False
+        return random.Random(f"{self.seed}:{self.epoch}:{kind}:{index}").random() < 0.5
+
+    def pixels(self, example: Example, size: tuple[int, int], *, flip: bool = False) -> torch.Tensor:
+        """The picture of `example` as [3, H, W] in [-1, 1] at `size` = (width, height).
+
+        Raises ConfigError when the file can no longer be read.
+        """
+        image = load_image(example.image_path)
+        if image is None:
+            raise ConfigError(f"{example.image_path}: picture became unreadable during training; restore or remove it")
+        return to_tensor(resize_to(image, size, center_crop=self.center_crop), flip=flip)
+
+    def tokenize(self, prompt: str) -> torch.Tensor:
+        ids = self.tokenizer(prompt, padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return ids[0]
+
+    def __getitem__(self, index: int) -> dict:
+        example, size = self.instance[index], self.sizes[index]
+        item = {"pixel_values": self.pixels(example, size, flip=self.flips(index)),
+                "prompt": example.prompt, "is_class": False}
+        if self.tokenizer is not None:
+            item["input_ids"] = self.tokenize(example.prompt)
+        if self.class_:
+            partner = self.class_partner(index)
+            item["class_pixel_values"] = self.pixels(partner, size, flip=self.flips(index, "class"))
+            item["class_prompt"] = partner.prompt
+            if self.tokenizer is not None:
+                item["class_input_ids"] = self.tokenize(partner.prompt)
+        return item
+
+    def _class_pools(self):
+        pools: dict[int, list[int]] = {}
+        for i, example in enumerate(self.class_):
+            pools.setdefault(example.concept_index, []).append(i)
+        rank, count = [], {}
+        for example in self.instance:
+            rank.append(count.get(example.concept_index, 0))
+            count[example.concept_index] = rank[-1] + 1
+        return pools, rank, count
+
+
+def _size_of(example: Example) -> tuple[int, int]:
+    if example.size is not None:
+        return example.size
+    image = load_image(example.image_path)
+    return image.size if image is not None else (1, 1)
+
+
+def collate_examples(batch: list[dict]) -> dict:
+    """Stack items: instance rows first, then the class rows of prior preservation.
+
+    Returns "pixel_values" [B or 2B, 3, H, W], "prompts" (list of str),
+    "is_class" BoolTensor [B or 2B], and "input_ids" when the items have them.
+    """
+    pixels = [item["pixel_values"] for item in batch]
+    prompts = [item["prompt"] for item in batch]
+    ids = [item["input_ids"] for item in batch if "input_ids" in item]
+    is_class = [bool(item.get("is_class", False)) for item in batch]
+    if all("class_pixel_values" in item for item in batch) and batch:
+        pixels += [item["class_pixel_values"] for item in batch]
+        prompts += [item["class_prompt"] for item in batch]
+        ids += [item["class_input_ids"] for item in batch if "class_input_ids" in item]
+        is_class += [True] * len(batch)
+    out = {"pixel_values": torch.stack(pixels).contiguous().float(), "prompts": prompts,
+           "is_class": torch.tensor(is_class, dtype=torch.bool)}
+    if ids:
+        out["input_ids"] = torch.stack(ids)
+    return out
+
+
+def bucket_batch_sampler(dataset: DreamBoothDataset, batch_size: int, *, shuffle: bool = True,
+                         seed: int = 0) -> BucketBatchSampler:
+    """Batches of indices whose items share one size; pass as a DataLoader's `batch_sampler`.
+
+    Iterating again gives the next epoch's (reproducible) order. Without buckets
+    every item has the same size and this is plain (shuffled) batching.
+    """
+    return BucketBatchSampler([dataset.bucket_of(i) for i in range(len(dataset))], batch_size,
+                              shuffle=shuffle, seed=seed)
+
