@@ -29,11 +29,11 @@ from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .host import ModelsDir, validate_model_name
 from .kohya import FAMILY_NAMES, KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .safetensors_stream import Layout, read_layout, write_safetensors
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-LORA_EXTENSIONS = (".safetensors", ".ckpt", ".pt")
 ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
 
 
@@ -262,13 +262,6 @@ class Merger:
     def close(self) -> None:
         self.bar.close()
 
-    def check_all_merged(self) -> None:
-        """Raises ModelError when a module found no weight to merge into (the checkpoint lacks it)."""
-        missed = [n for n in self.active if n not in self.done]
-        if missed:
-            raise ModelError(f"{self.lora.path.name}: {len(missed)} LoRA modules found no weight in the checkpoint "
-                             f"(e.g. {', '.join(missed[:3])})")
-
 
 def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
                       half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
@@ -302,17 +295,30 @@ def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_p
                              f"{FAMILY_NAMES[_family(info.model_type)]}; choose a checkpoint of the same family")
         targets = resolve(lora, target_table(spec), family=family, where=source.name)
         _check_targets_in(reader, targets)
-        merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.85))
+        progress(f"Hashing {source.name}", 0.02)
+        metadata = {**_base_metadata(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
+                    "lora_trainer_base": source.name, "lora_trainer_base_sha256": file_sha256(source), **metadata}
+        merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.95))
+        merged = ((key, merger.original_tensor(key, reader.get(key))) for key in reader.keys())
         try:
-            tensors = {key: merger.original_tensor(key, reader.get(key)) for key in reader.keys()}
+            if fmt == "safetensors":
+                # Tensors are written as they are merged: peak memory is one tensor, not the checkpoint.
+                write_safetensors(out_path, _output_layout(reader, half), merged, metadata=metadata, overwrite=overwrite)
+            else:
+                save_checkpoint(dict(merged), out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
         finally:
             merger.close()
-        merger.check_all_merged()
-    progress(f"Hashing {source.name}", 0.85)
-    metadata = {**_base_metadata(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
-                "lora_trainer_base": source.name, "lora_trainer_base_sha256": file_sha256(source), **metadata}
-    progress(f"Saving {out_path.name}", 0.9)
-    save_checkpoint(tensors, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+
+
+def _output_layout(reader: CheckpointReader, half: bool) -> Layout:
+    """Dtype and shape of every output tensor, in the source's order (Half Model: floats become fp16)."""
+    if reader.path.suffix.lower() == ".safetensors":
+        layout = read_layout(reader.path)
+        layout = {key: layout[key] for key in reader.keys()}
+    else:  # a .ckpt is memory-mapped: looking at its tensors reads nothing
+        layout = {key: (reader.get(key).dtype, tuple(reader.get(key).shape)) for key in reader.keys()}
+    return {key: (torch.float16 if half and dtype.is_floating_point else dtype, shape)
+            for key, (dtype, shape) in layout.items()}
 
 
 def _check_targets_stored(model_dir: Path, targets: dict[str, Target]) -> None:
