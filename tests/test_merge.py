@@ -234,8 +234,10 @@ def test_naming_subdirectory_and_no_silent_overwrite(sd1):
         merge_lora(models, "tiny", custom_name="../escape")
 
 
-def test_metadata_names_the_base_and_the_lora(sd1):
-    out = merge_lora(sd1.models, "tiny", unet_weight=0.75)
+def test_metadata_names_the_base_and_the_lora_and_progress_is_reported(sd1):
+    events = []
+    out = merge_lora(sd1.models, "tiny", unet_weight=0.75, progress=lambda message, fraction: events.append(fraction))
+    assert len(events) > 10 and events == sorted(events) and events[0] >= 0.0 and events[-1] == 1.0
     with CheckpointReader(out) as reader:
         meta = reader.metadata
     assert meta["lora_trainer_base"] == sd1.checkpoint.name
