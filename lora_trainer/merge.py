@@ -1,0 +1,349 @@
+""""Generate Ckpt": merge a LoRA into a checkpoint the web UI's txt2img loads.
+
+Each adapted weight becomes `W + weight * (alpha / rank) * up @ down`, computed
+in fp32 and cast to the output dtype. The merge goes either into the working
+model's own weights (streamed part by part through `export_checkpoint`) or into
+any other original-layout checkpoint of the same family (`into`), whose keys,
+shapes and other tensors are kept exactly. The file is written under a
+temporary name and renamed at the end, so a failure leaves nothing under the
+final name, and an existing file is never replaced unless asked.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .architecture import config_beside, read_spec, shipped_config
+from .checkpoint import MODEL_INFO_FILE, ORIGINAL_CONFIG_FILE, PART_FILES, export_checkpoint, load_model_spec
+from .checkpoint_io import FORMATS, CheckpointReader, file_sha256, save_checkpoint
+from .config import ModelInfo, param
+from .errors import ConfigError, ModelError
+from .fileio import atomic_write_text
+from .host import ModelsDir, validate_model_name
+from .kohya import FAMILY_NAMES, KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .safetensors_stream import Layout, read_layout, write_safetensors
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, float], None]
+ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+
+
+@dataclass
+class MergeOptions:
+    """The "Generate Ckpt" settings, with the labels the UI and the command line show."""
+
+    lora: str = param("", "Lora Model", "LoRA file to merge: a path or a name in the Lora folder. Blank: the model's latest LoRA.")
+    into: str = param("", "Merge Into", "Checkpoint of the same family to merge into (path or name in Stable-diffusion). Blank: the model's own weights.")
+    unet_weight: float = param(1.0, "Lora Weight", "Strength of the UNet part of the LoRA; 0 leaves the UNet as it was.")
+    text_weight: float = param(1.0, "Lora Text Weight", "Strength of the text-encoder part of the LoRA; 0 leaves the text encoder as it was.")
+    half: bool = param(False, "Half Model", "Write the weights as fp16: half the file size.")
+    subdir: bool = param(False, "Save Checkpoint to Subdirectory", "Put the checkpoint in a folder named after the model inside Stable-diffusion.")
+    fmt: str = param("safetensors", "Checkpoint Format", "safetensors (safe to share) or ckpt (for old tools).", choices=FORMATS)
+    custom_name: str = param("", "Custom Model Name", "Name of the checkpoint file; blank: the model's name.")
+
+
+def _no_progress(message: str, fraction: float) -> None:
+    pass
+
+
+def merge_lora(models: ModelsDir, model_name: str, *, lora: str | None = None, into: str | None = None,
+               unet_weight: float = 1.0, text_weight: float = 1.0, half: bool = False, subdir: bool = False,
+               fmt: str = "safetensors", custom_name: str | None = None, overwrite: bool = False,
+               progress: Progress | None = None) -> Path:
+    """"Generate Ckpt": merge a LoRA into the model (or into `into`) and write the checkpoint; return its path.
+
+    The file is `models.checkpoints/[<name>/]<name>_<lifetime steps>_lora.<fmt>`
+    where <name> is `custom_name` or the model's name; SD 2.x-v models and
+    non-standard configs get their `.yaml` beside it.
+    Raises ModelError for a missing model or LoRA and for a LoRA that does not
+    fit (another family, unmatched keys, wrong shapes, non-finite result),
+    ConfigError for a bad option, CheckpointError for an unreadable file and
+    OutputExistsError (a FileExistsError) when the output exists and `overwrite` is False.
+    """
+    progress = progress or _no_progress
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    _check_options(fmt, unet_weight, text_weight)
+    lora_path = find_lora(models, info, lora)
+    out_path = output_path(models, info, custom_name=custom_name, subdir=subdir, fmt=fmt)
+    source = _find_into(models, into) if into else None
+    if source is not None and source.resolve() == out_path.resolve():
+        raise ConfigError(f"Merge Into: {source} is the file the merge would write; choose another Custom Model Name")
+    yaml_text = source_yaml(source) if source is not None else model_yaml(model_dir, info)
+    _refuse_existing(out_path, yaml_text, overwrite)
+
+    progress(f"Reading {lora_path.name}", 0.0)
+    kohya = read_kohya_lora(lora_path)
+    log.info("Merging %s (%d modules) into %s", lora_path.name, len(kohya.modules), source.name if source else model_name)
+    metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps),
+                "lora_trainer_lora": lora_path.name, "lora_trainer_lora_sha256": file_sha256(lora_path),
+                "lora_trainer_unet_weight": repr(float(unet_weight)), "lora_trainer_text_weight": repr(float(text_weight))}
+    weights = {"unet": float(unet_weight), "text_encoder": float(text_weight)}
+    if source is None:
+        _merge_into_model(model_dir, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
+                          overwrite=overwrite, progress=progress)
+    else:
+        _merge_into_checkpoint(source, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
+                               overwrite=overwrite, progress=progress)
+    if yaml_text is not None:
+        atomic_write_text(out_path.with_suffix(".yaml"), yaml_text)
+    progress("Checkpoint written", 1.0)
+    log.info("Wrote %s", out_path)
+    return out_path
+
+
+def _check_options(fmt: str, unet_weight: float, text_weight: float) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"Checkpoint Format ('fmt') must be one of {', '.join(FORMATS)}; got {fmt!r}")
+    for label, value in (("Lora Weight ('unet_weight')", unet_weight), ("Lora Text Weight ('text_weight')", text_weight)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{label} must be a finite number; got {value!r}")
+
+
+def output_path(models: ModelsDir, info: ModelInfo, *, custom_name: str | None = None, subdir: bool = False,
+                fmt: str = "safetensors") -> Path:
+    """Where the merged checkpoint goes: `[<name>/]<name>_<lifetime steps>_lora.<fmt>` under the checkpoints folder.
+
+    Raises ConfigError when `custom_name` cannot be a file name.
+    """
+    name = info.model_name
+    if custom_name and custom_name.strip():
+        try:
+            name = validate_model_name(custom_name)
+        except ConfigError:
+            raise ConfigError(f"Custom Model Name: {custom_name!r} is not allowed; use letters, digits, spaces, '-' or '_'") from None
+    folder = models.checkpoints / name if subdir else models.checkpoints
+    return folder / f"{name}_{info.lifetime_steps}_lora.{fmt}"
+
+
+class OutputExistsError(FileExistsError):
+    """The merged checkpoint (or its .yaml) exists already; `path` is the file."""
+
+    def __init__(self, path: Path, why: str = "already exists"):
+        super().__init__(f"{path} {why}; choose another Custom Model Name or allow overwriting")
+        self.path = path
+        self.why = why
+
+
+def _refuse_existing(out_path: Path, yaml_text: str | None, overwrite: bool) -> None:
+    if overwrite:
+        return
+    if out_path.exists():
+        raise OutputExistsError(out_path)
+    yaml_path = out_path.with_suffix(".yaml")
+    if yaml_text is not None and yaml_path.exists() and yaml_path.read_text(encoding="utf-8") != yaml_text:
+        raise OutputExistsError(yaml_path, "already exists with another config")
+
+
+def find_lora(models: ModelsDir, info: ModelInfo, lora: str | None = None) -> Path:
+    """The LoRA to merge: `lora` (a path or a name in the Lora folder), else the model's latest LoRA.
+
+    The latest is `info.latest_lora`, else the file `<model name>_<steps>.safetensors`
+    with the most steps. Raises ModelError when it cannot be found; never
+    falls back silently from a recorded LoRA that is missing.
+    """
+    if lora and lora.strip():
+        text = lora.strip()
+        direct = Path(text).expanduser()
+        if direct.is_file():
+            return direct
+        for candidate in models.list_loras():
+            if text in (candidate, candidate.rsplit(".", 1)[0], Path(candidate).name, Path(candidate).stem):
+                return models.lora / candidate
+        found = ", ".join(models.list_loras()[:5]) or "none"
+        raise ModelError(f"Lora Model: {lora!r} not found as a file nor under {models.lora} (found: {found})")
+    if info.latest_lora:
+        recorded = models.lora / info.latest_lora
+        if recorded.is_file():
+            return recorded
+        raise ModelError(f"Lora Model: the model's latest LoRA {info.latest_lora!r} is missing from {models.lora}; "
+                         "choose a LoRA file")
+    pattern = re.compile(rf"{re.escape(info.model_name)}_(\d+)\.safetensors")
+    steps = {p: int(m.group(1)) for p in models.lora.rglob("*.safetensors") if (m := pattern.fullmatch(p.name))} \
+        if models.lora.is_dir() else {}
+    if not steps:
+        raise ModelError(f"Lora Model: no LoRA for model {info.model_name!r} in {models.lora}; train the model first or choose a LoRA file")
+    newest = max(steps, key=lambda p: (steps[p], p.stat().st_mtime))
+    log.info("Using the model's newest LoRA %s", newest.name)
+    return newest
+
+
+def _find_into(models: ModelsDir, into: str) -> Path:
+    try:
+        return models.find_checkpoint(into)
+    except ModelError as e:
+        raise ModelError(str(e).replace("Source Checkpoint", "Merge Into", 1)) from None
+
+
+def model_yaml(model_dir: Path, info: ModelInfo) -> str | None:
+    """The config to write beside a merge of the model: needed for v-prediction and non-standard configs."""
+    path = model_dir / ORIGINAL_CONFIG_FILE
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    return text if info.model_type == "sd2-v" or text != shipped_config(info.model_type) else None
+
+
+def source_yaml(source: Path) -> str | None:
+    """The source's own config beside it, if any: without one the web UI recognises the merge as it did the source."""
+    path = config_beside(source)
+    return path.read_text(encoding="utf-8") if path is not None else None
+
+
+def _family(model_type: str) -> str:
+    return "sd1" if model_type == "sd1" else "sd2"
+
+
+def _base_metadata(model_type: str, resolution: int, prediction_type: str, title: str) -> dict[str, str]:
+    """The `modelspec.*` basics kohya and other tools read from checkpoints."""
+    return {"modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": ARCHITECTURES.get(model_type, "stable-diffusion-v2-512"),
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": title, "modelspec.resolution": f"{resolution}x{resolution}",
+            "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+            "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+class Merger:
+    """Adds the resolved LoRA modules to weights as they stream past, one tensor at a time."""
+
+    def __init__(self, lora: KohyaLora, targets: dict[str, Target], weights: dict[str, float], *, half: bool,
+                 progress: Progress, span: tuple[float, float]):
+        self.lora, self.targets, self.weights, self.half = lora, targets, weights, half
+        self.active = [n for n, t in targets.items() if weights[t.part] != 0]
+        self.by_diffusers: dict[tuple[str, str], list[str]] = {}
+        self.by_original: dict[str, list[str]] = {}
+        for name in self.active:
+            target = targets[name]
+            self.by_diffusers.setdefault((target.part, target.diffusers_key), []).append(name)
+            self.by_original.setdefault(target.original_key, []).append(name)
+        self.done: set[str] = set()
+        self.progress, self.span = progress, span
+        self.bar = tqdm(total=len(self.active), desc=f"Merging {lora.path.name}", unit="module")
+
+    def diffusers_hook(self, part: str, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """For `export_checkpoint`: the merged tensor of one diffusers weight."""
+        names = self.by_diffusers.get((part, key))
+        return self._merge(tensor, names, whole=True) if names else tensor
+
+    def original_tensor(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The merged (and, for Half Model, halved) tensor of one original-layout key."""
+        names = self.by_original.get(key)
+        if names:
+            return self._merge(tensor, names, whole=False)
+        return tensor.half() if self.half and tensor.is_floating_point() else tensor
+
+    def _merge(self, tensor: torch.Tensor, names: list[str], *, whole: bool) -> torch.Tensor:
+        merged = tensor.to(torch.float32, copy=True)
+        for name in names:
+            target = self.targets[name]
+            rows = None if whole else target.rows
+            view = merged if rows is None else merged[rows[0]:rows[1]]
+            view += self.weights[target.part] * self.lora.modules[name].delta().reshape(view.shape)
+        result = merged.to(torch.float16 if self.half else tensor.dtype)
+        if not torch.isfinite(result).all():
+            raise ModelError(f"{self.lora.path.name}: merging module {names[0]} gives non-finite values (NaN or inf); "
+                             "the LoRA is broken (e.g. NaN from fp16 training) or the Lora Weight is too large")
+        self.done.update(names)
+        self.bar.update(len(names))
+        start, end = self.span
+        self.progress(f"Merged {names[0]}", start + (end - start) * len(self.done) / max(len(self.active), 1))
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
+                      half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
+    spec = load_model_spec(model_dir)
+    targets = resolve(lora, target_table(spec), family=_family(info.model_type),
+                      where=f"the model {info.model_name!r}")
+    merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.9))
+    metadata = {**_base_metadata(info.model_type, info.resolution, info.prediction_type, out_path.stem),
+                "lora_trainer_base": info.source_checkpoint, "lora_trainer_base_sha256": info.source_checkpoint_hash,
+                **metadata}
+
+    def export_progress(message: str, fraction: float) -> None:
+        if fraction >= 0.75:  # export's last step is saving the file
+            progress(message, 0.9 + 0.1 * fraction)
+
+    _check_targets_stored(model_dir, targets)
+    try:
+        export_checkpoint(model_dir, out_path, fmt=fmt, half=half, hook=merger.diffusers_hook, metadata=metadata,
+                          overwrite=overwrite, progress=export_progress)
+    finally:
+        merger.close()
+
+
+def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
+                           half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
+    with CheckpointReader(source) as reader:
+        spec = read_spec(reader)
+        family = _family(spec.model_type)
+        if family != _family(info.model_type):
+            raise ModelError(f"Merge Into: {source.name} is {FAMILY_NAMES[family]}, the model {info.model_name!r} is "
+                             f"{FAMILY_NAMES[_family(info.model_type)]}; choose a checkpoint of the same family")
+        targets = resolve(lora, target_table(spec), family=family, where=source.name)
+        _check_targets_in(reader, targets)
+        progress(f"Hashing {source.name}", 0.02)
+        metadata = {**_base_metadata(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
+                    "lora_trainer_base": source.name, "lora_trainer_base_sha256": file_sha256(source), **metadata}
+        merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.95))
+        merged = ((key, merger.original_tensor(key, reader.get(key))) for key in reader.keys())
+        try:
+            if fmt == "safetensors":
+                # Tensors are written as they are merged: peak memory is one tensor, not the checkpoint.
+                write_safetensors(out_path, _output_layout(reader, half), merged, metadata=metadata, overwrite=overwrite)
+            else:
+                save_checkpoint(dict(merged), out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+        finally:
+            merger.close()
+
+
+def _output_layout(reader: CheckpointReader, half: bool) -> Layout:
+    """Dtype and shape of every output tensor, in the source's order (Half Model: floats become fp16)."""
+    if reader.path.suffix.lower() == ".safetensors":
+        layout = read_layout(reader.path)
+        layout = {key: layout[key] for key in reader.keys()}
+    else:  # a .ckpt is memory-mapped: looking at its tensors reads nothing
+        layout = {key: (reader.get(key).dtype, tuple(reader.get(key).shape)) for key in reader.keys()}
+    return {key: (torch.float16 if half and dtype.is_floating_point else dtype, shape)
+            for key, (dtype, shape) in layout.items()}
+
+
+def _check_targets_stored(model_dir: Path, targets: dict[str, Target]) -> None:
+    """Raises ModelError when the working model's files lack a weight the LoRA adapts (a damaged model)."""
+    from safetensors import safe_open
+
+    for part in {t.part for t in targets.values()}:
+        path = model_dir / part / PART_FILES[part]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                stored = set(f.keys())
+        except Exception as e:  # missing or damaged file: safetensors has its own error types
+            raise ModelError(f"{path}: cannot be read ({type(e).__name__}); create the model again") from None
+        missing = sorted(t.diffusers_key for t in targets.values() if t.part == part and t.diffusers_key not in stored)
+        if missing:
+            raise ModelError(f"{path}: lacks {len(missing)} weights the LoRA adapts (e.g. {missing[0]}); create the model again")
+
+
+def _check_targets_in(reader: CheckpointReader, targets: dict[str, Target]) -> None:
+    """Raises ModelError when the checkpoint lacks a weight the LoRA adapts, or holds it in another shape."""
+    for name, target in targets.items():
+        if target.original_key not in reader:
+            raise ModelError(f"{reader.path.name}: has no {target.original_key}, which LoRA module {name} adapts")
+        shape = reader.get_slice_shape(target.original_key)
+        rows = target.rows or (0, shape[0])
+        if (rows[1] - rows[0], *shape[1:]) != target.shape:
+            raise ModelError(f"{reader.path.name}: {target.original_key} has shape {shape}, "
+                             f"LoRA module {name} expects {target.shape}")

@@ -1,0 +1,77 @@
+"""Writing a `.safetensors` file one tensor at a time.
+
+`safetensors.torch.save_file` turns every tensor into bytes before writing,
+so saving a checkpoint needs twice its size in memory. The format is simple
+(an 8-byte header length, a JSON header with each tensor's dtype, shape and
+byte range, then the raw little-endian data), so when the shapes and dtypes
+are known beforehand the tensors can be written as they are produced and
+dropped: peak memory is one tensor, not two checkpoints. The file is written
+under a temporary name and renamed at the end (fileio.atomic_path).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import CheckpointError
+from .fileio import atomic_path
+
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def read_layout(path: str | Path) -> Layout:
+    """Key -> (dtype, shape) of every tensor of a `.safetensors` file, from its header alone.
+
+    Raises CheckpointError for a file that is not a readable safetensors file.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        return {key: (DTYPES[entry["dtype"]], tuple(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors header ({type(e).__name__}: {e})") from None
+
+
+def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                      metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write `tensors` (key, tensor) in the order and with the dtypes and shapes of `layout`.
+
+    Raises FileExistsError when `path` exists and `overwrite` is False, and
+    ValueError when a tensor does not match its layout entry (a bug in the
+    caller); either way nothing is left under `path`.
+    """
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+    path = Path(path)
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        expected = iter(layout.items())
+        for key, tensor in tensors:
+            want_key, (dtype, shape) = next(expected, (None, (None, None)))
+            if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(f"{path.name}: tensor {key} ({tensor.dtype}, {tuple(tensor.shape)}) does not match "
+                                 f"the layout entry {want_key} ({dtype}, {shape})")
+            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        left = next(expected, None)
+        if left is not None:
+            raise ValueError(f"{path.name}: tensor {left[0]} of the layout was never written")
+    return path
