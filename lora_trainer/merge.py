@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .architecture import config_beside, read_spec, shipped_config
+from .compat import installed_clip_name
 from .checkpoint import MODEL_INFO_FILE, ORIGINAL_CONFIG_FILE, PART_FILES, export_checkpoint, load_model_spec
 from .checkpoint_io import FORMATS, CheckpointReader, file_sha256, save_checkpoint
 from .config import ModelInfo, param
@@ -329,7 +330,8 @@ def _check_targets_stored(model_dir: Path, targets: dict[str, Target]) -> None:
         path = model_dir / part / PART_FILES[part]
         try:
             with safe_open(str(path), framework="pt") as f:
-                stored = set(f.keys())
+                # The text encoder is stored with canonical `text_model.` names.
+                stored = {installed_clip_name(k) if part == "text_encoder" else k for k in f.keys()}
         except Exception as e:  # missing or damaged file: safetensors has its own error types
             raise ModelError(f"{path}: cannot be read ({type(e).__name__}); create the model again") from None
         missing = sorted(t.diffusers_key for t in targets.values() if t.part == part and t.diffusers_key not in stored)
