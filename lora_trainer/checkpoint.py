@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import keymap
@@ -158,7 +158,7 @@ def convert_part_tensors(reader: CheckpointReader, spec: ModelSpec, part: str, *
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     # transformers < 4.31 refuses safetensors files without the "format" entry.
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    save_checkpoint(tensors, path, metadata={"format": "pt"}, overwrite=True)
 
 
 def _materialise(model: torch.nn.Module, tensors: dict) -> torch.nn.Module:

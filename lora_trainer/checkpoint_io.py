@@ -161,13 +161,14 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path, *, fmt: 
     if fmt not in FORMATS:
         raise CheckpointError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        if fmt == "safetensors":
-            from safetensors.torch import save_file
+    if fmt == "safetensors":
+        from .safetensors_stream import write_safetensors
 
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
-        else:
-            torch.save({"state_dict": tensors, **({"metadata": metadata} if metadata else {})}, tmp)
+        # Written tensor by tensor: no second in-memory copy of the whole file.
+        layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+        return write_safetensors(path, layout, tensors.items(), metadata=metadata, overwrite=overwrite)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.save({"state_dict": tensors, **({"metadata": metadata} if metadata else {})}, tmp)
     return path
 
 
