@@ -31,14 +31,13 @@ class Adapters:
 
 
 def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
-    """Inject adapters (up matrices zero: the model is unchanged until it trains); their weights are fp32."""
+    """Inject fp32 adapters (up matrices zero: the model is unchanged until it trains) on the frozen base."""
     unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX)
     text = {}
     if params.train_text_encoder:
         text = inject_lora(model.text_encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
                            alpha=params.text_encoder_alpha, prefix=TEXT_PREFIX)
     for parameter in lora_parameters({**unet, **text}):
-        parameter.data = parameter.data.float()
         parameter.requires_grad_(True)
     return Adapters(unet, text)
 

@@ -37,9 +37,3 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, 
                          num_training_steps=max(total_steps, 1) * num_processes,
                          num_cycles=params.lr_num_cycles, power=params.lr_power)
 
-
-def reset_learning_rates(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
-    """After loading a previous run's optimizer state: use this run's learning rates, not the saved ones."""
-    for group, wanted in zip(optimizer.param_groups, groups):
-        group["lr"] = wanted["lr"]
-        group.pop("initial_lr", None)

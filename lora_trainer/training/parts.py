@@ -88,9 +88,16 @@ def place(model: WorkingModel, device: torch.device, dtype: torch.dtype, *, trai
           train_text: bool) -> None:
     """Move the parts to `device`: frozen ones in `dtype`, fully trained ones in fp32
     (a gradient scaler needs fp32 weights)."""
-    model.unet.to(device, dtype=torch.float32 if train_unet else dtype)
-    model.text_encoder.to(device, dtype=torch.float32 if train_text else dtype)
-    model.vae.to(device, dtype=dtype)
+    _move(model.unet, device, torch.float32 if train_unet else dtype)
+    _move(model.text_encoder, device, torch.float32 if train_text else dtype)
+    _move(model.vae, device, dtype)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Casting only when needed: diffusers warns about every cast, also fp32 -> fp32.
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
 
 
 def free_device_memory(device: torch.device) -> None:
