@@ -160,8 +160,9 @@ def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, tor
                  for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys")) if keys]
         raise ModelError(f"{source}: does not fit the adapters being trained: {'; '.join(parts)}; "
                          "the LoRA was saved with other settings (targets or Train Text Encoder): restore them or train a new model")
-    wrong = [(key, tuple(tensors[key].shape), tuple(_leaf(expected[key], key).shape))
-             for key in expected if not key.endswith(".alpha") and tuple(tensors[key].shape) != tuple(_leaf(expected[key], key).shape)]
+    shapes = {key: (tuple(tensors[key].shape), tuple(_leaf(adapter, key).shape))
+              for key, adapter in expected.items() if not key.endswith(".alpha")}
+    wrong = [(key, have, want) for key, (have, want) in shapes.items() if have != want]
     if wrong:
         key, have, want = wrong[0]
         raise ModelError(f"{source}: {len(wrong)} tensors have another shape than the adapters (e.g. {key}: {have} vs {want}); "
