@@ -96,7 +96,8 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha:
 
     `prefix` is "lora_unet" or "lora_te"; returns kohya module name -> adapter,
     in the model's module order. The base weights stop requiring gradients; the
-    adapters are made in `dtype` on the base weight's device.
+    adapters are made in `dtype` on the base weight's device: give the model its
+    device and dtype first, as a later `model.to(dtype)` casts the adapters too.
     Raises RuntimeError when `model` already holds adapters and ValueError when
     no module matches `targets`.
     """
@@ -159,8 +160,9 @@ def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, tor
                  for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys")) if keys]
         raise ModelError(f"{source}: does not fit the adapters being trained: {'; '.join(parts)}; "
                          "the LoRA was saved with other settings (targets or Train Text Encoder): restore them or train a new model")
-    wrong = [(key, tuple(tensors[key].shape), tuple(_leaf(expected[key], key).shape))
-             for key in expected if not key.endswith(".alpha") and tuple(tensors[key].shape) != tuple(_leaf(expected[key], key).shape)]
+    shapes = {key: (tuple(tensors[key].shape), tuple(_leaf(adapter, key).shape))
+              for key, adapter in expected.items() if not key.endswith(".alpha")}
+    wrong = [(key, have, want) for key, (have, want) in shapes.items() if have != want]
     if wrong:
         key, have, want = wrong[0]
         raise ModelError(f"{source}: {len(wrong)} tensors have another shape than the adapters (e.g. {key}: {have} vs {want}); "
@@ -271,10 +273,11 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     """The metadata of a LoRA file: kohya's `ss_*` keys plus this project's `lora_trainer_*`.
 
     What the web UI v1.10.1's built-in Lora reads of it: `ss_output_name` (the
-    name it shows and accepts in `<lora:...>`, unless set to show file names),
+    name it shows and accepts in `<lora:...>`, unless set to show file names;
+    two files with one name lose it, so pass the file's stem, steps included),
     `ss_base_model_version` (a value starting with "sdxl_" files it under SDXL)
-    and `ss_v2` ("True" files it under SD2, otherwise SD1: it hides LoRAs of
-    another family from the current model's list), `sshs_model_hash` (its hash,
+    and `ss_v2` ("True" files it under SD2, otherwise SD1: its Lora tab hides
+    LoRAs of another family than the loaded checkpoint unless set to show all), `sshs_model_hash` (its hash,
     written by `save_lora`); its metadata editor shows `ss_sd_model_name`,
     `ss_network_module` and `ss_training_started_at` (a Unix time) and orders
     `ss_sd_model_name`, `ss_resolution` and `ss_num_train_images` first in the
