@@ -42,8 +42,12 @@ def enable_text_encoder_checkpointing(text_encoder) -> None:
     """Gradient checkpointing of a CLIPTextModel that also trains adapters behind frozen embeddings.
 
     transformers >= 4.35 takes `use_reentrant=False`; older versions only have
-    the re-entrant kind, which needs inputs that require grad to pass gradients.
+    the re-entrant kind, which needs inputs that require grad to pass gradients;
+    newer ones rename it `activation_checkpointing_enable`.
     """
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
     try:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     except TypeError:

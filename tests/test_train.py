@@ -327,3 +327,39 @@ def test_demo_runs_the_whole_path(tmp_path, capsys):
     assert all(p and __import__("pathlib").Path(p).is_file() for p in (lora, merged, picture))
     classes = tmp_path / "models" / "lora_trainer" / "tiny-demo" / "classifiers_0"
     assert len(list(classes.glob("*.png"))) == 4
+
+
+def test_memory_options_together_on_the_cpu(created_sd1, tmp_path):
+    """bf16 autocast, SDPA, gradient checkpointing, buckets, accumulation, a schedule, min-SNR and noise offset."""
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(mixed_precision="bf16", attention="flash_attention", gradient_checkpointing=True,
+                            use_buckets=True, cache_latents=False, gradient_accumulation_steps=2,
+                            lr_scheduler="cosine_with_restarts", lr_warmup_steps=1, snr_gamma=5.0, noise_offset=0.1,
+                            max_train_steps=2, train_batch_size=1, resolution=RES, seed=3)
+    result = train(models, "tiny", params, [concept], device="cpu")
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors, _ = read_lora(result.lora_path)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    for prefix in ("lora_unet_", "lora_te_"):  # gradients reach the adapters through checkpointed blocks
+        ups = [t for k, t in tensors.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and all(t.abs().sum() > 0 for t in ups), prefix
+
+
+def test_cached_flips_and_buckets_with_class_pictures_and_run_step_names(created_sd1, tmp_path):
+    from helpers_data import BLUE, solid
+
+    models = private_models(created_sd1, tmp_path / "models")
+    classes = tmp_path / "classes"
+    for i in range(3):
+        solid(classes / f"c{i}.png", BLUE, size=(64, 40), caption="thing")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing",
+                      class_data_dir=str(classes), class_prompt="thing", num_class_images=3)
+    params = TrainingParams(use_buckets=True, hflip=True, cache_latents=True, use_lifetime_steps=False,
+                            max_train_steps=2, train_batch_size=2, resolution=RES, seed=1, train_text_encoder=False)
+    first = train(models, "tiny", params, [concept], device="cpu")
+    second = train(models, "tiny", params, [concept], device="cpu")
+    assert first.lora_path.name == "tiny_2.safetensors" and second.lora_path.name == "tiny_2-2.safetensors"
+    assert (second.lifetime_steps, second.revision) == (4, 2)
+    tensors, metadata = read_lora(second.lora_path)
+    assert not any(k.startswith("lora_te") for k in tensors) and metadata["ss_network_train_unet_only"] == "True"
