@@ -363,3 +363,32 @@ def test_cached_flips_and_buckets_with_class_pictures_and_run_step_names(created
     assert (second.lifetime_steps, second.revision) == (4, 2)
     tensors, metadata = read_lora(second.lora_path)
     assert not any(k.startswith("lora_te") for k in tensors) and metadata["ss_network_train_unet_only"] == "True"
+
+
+def test_sd2_v_model_trains_with_its_own_target(tiny_sd2v, tmp_path, monkeypatch):
+    import shutil
+
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.host import ModelsDir
+    from lora_trainer.training import loop as loop_module
+
+    models = ModelsDir.at(tmp_path / "models")
+    models.checkpoints.mkdir(parents=True)
+    for path in (tiny_sd2v, tiny_sd2v.with_suffix(".yaml")):
+        shutil.copy(path, models.checkpoints / path.name)
+    create_model(models, tiny_sd2v.name, "tinyv")
+    kinds = []
+    real_target = loop_module.training_target
+
+    def watch(scheduler, latents, noise, timesteps):
+        kinds.append(scheduler.config.prediction_type)
+        return real_target(scheduler, latents, noise, timesteps)
+
+    monkeypatch.setattr(loop_module, "training_target", watch)
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    result = train(models, "tinyv", TrainingParams(max_train_steps=2, train_batch_size=3, **FAST), [concept],
+                   device="cpu")
+    assert kinds == ["v_prediction", "v_prediction"]
+    tensors, metadata = read_lora(result.lora_path)
+    assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2_768_v"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
