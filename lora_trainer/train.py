@@ -25,7 +25,7 @@ from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
-from .training.hardware import Hardware, check_options, probe_hardware
+from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
 from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
@@ -57,6 +57,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     name = output_name(info, params)
     check_concepts(concepts, model_dir)
     accelerator = make_accelerator(params, hardware)
+    check_parallel(params, accelerator.num_processes)
     if accelerator.is_main_process:
         params.save(model_dir / PARAMS_FILE)
         save_concepts(concepts, model_dir / CONCEPTS_FILE)

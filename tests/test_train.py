@@ -223,6 +223,15 @@ def test_option_pairs_refused(options, hardware, names):
     assert "\n" not in message and all(name in message for name in names), message
 
 
+def test_buckets_with_batches_refused_on_several_gpus():
+    from lora_trainer.training.hardware import check_parallel
+
+    check_parallel(TrainingParams(use_buckets=True, train_batch_size=2), 1)
+    check_parallel(TrainingParams(use_buckets=True, train_batch_size=1), 4)
+    with pytest.raises(ConfigError, match="Aspect Ratio Bucketing.*Batch Size"):
+        check_parallel(TrainingParams(use_buckets=True, train_batch_size=2), 2)
+
+
 def test_good_option_sets_pass():
     check_options(TrainingParams(mixed_precision="fp16", attention="xformers", use_8bit_adam=True,
                                  gradient_checkpointing=True), GPU)
