@@ -67,10 +67,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
-    seed = pick_seed(params.seed)
-    from accelerate.utils import set_seed
-
-    set_seed(seed)
+    seed = run_seed(params, accelerator)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info)
     adapters = prepare_model(model, params, accelerator.device)
@@ -118,6 +115,18 @@ def make_accelerator(params: TrainingParams, hardware: Hardware):
     return new_accelerator(mixed_precision=params.mixed_precision,
                            gradient_accumulation_steps=params.gradient_accumulation_steps,
                            cpu=not hardware.cuda)
+
+
+def run_seed(params: TrainingParams, accelerator) -> int:
+    """Seed every random generator with the run's seed (-1: one picked at random, the same on every
+    process: they must shuffle the batches alike to share them out)."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    seed = [pick_seed(params.seed)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    set_seed(seed[0])
+    return seed[0]
 
 
 def make_class_pictures(models: ModelsDir, model_name: str, concepts: list[Concept], device: torch.device,

@@ -401,3 +401,28 @@ def test_sd2_v_model_trains_with_its_own_target(tiny_sd2v, tmp_path, monkeypatch
     tensors, metadata = read_lora(result.lora_path)
     assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2_768_v"
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+
+
+def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
+    """Data parallel on two CPU processes (gloo), as `accelerate launch` runs it: one result, saved once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    models = private_models(created_sd1, tmp_path / "models")
+    pictures = instance_pictures(tmp_path / "pictures")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_trainer",
+         "train", "--models-dir", str(models.working.parent), "--model", "tiny", "--instance_data_dir", str(pictures),
+         "--instance_prompt", "scs thing", "--max_train_steps", "3", "--train_batch_size", "1",
+         "--resolution", str(RES), "--seed", "-1", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [str(models.lora / "tiny_3.safetensors")]
+    assert done.stderr.count("Training finished. Total lifetime steps: 3") == 1
+    info = ModelInfo.load(models.model_dir("tiny") / "model_info.json")
+    assert (info.revision, info.lifetime_steps) == (1, 3)
+    assert sorted(p.name for p in models.lora.iterdir()) == ["tiny_3.safetensors"]
