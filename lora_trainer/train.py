@@ -110,6 +110,7 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
 
 
 def make_accelerator(params: TrainingParams, hardware: Hardware):
+    """The accelerate.Accelerator of the run: mixed precision, accumulation, the device (several under a launcher)."""
     if hardware.cuda and hardware.device.index is not None:
         torch.cuda.set_device(hardware.device)
     return new_accelerator(mixed_precision=params.mixed_precision,
@@ -216,12 +217,14 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
 
 
 def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, step: int, epochs: int) -> None:
+    """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
                    text_encoder=unwrap(run.text_encoder))
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:
+    """The checkpoint the model was created from, when it is still there (its hash goes into the LoRA's metadata)."""
     path = models.checkpoints / info.source_checkpoint if info.source_checkpoint else None
     return path if path is not None and path.is_file() else None
 

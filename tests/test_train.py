@@ -15,7 +15,7 @@ from lora_trainer import train as train_module
 from lora_trainer.cli import main
 from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ConfigError
-from lora_trainer.lora import LoRALinear, load_lora_state_dict, read_lora
+from lora_trainer.lora import load_lora_state_dict, read_lora
 from lora_trainer.train import train
 from lora_trainer.training.adapters import attach_lora
 from lora_trainer.training.hardware import Hardware, check_options
