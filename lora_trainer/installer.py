@@ -172,7 +172,7 @@ def optional_wanted(setting: str, cuda: str | None) -> tuple[set[str], str]:
     if setting == "auto":
         if cuda:
             return names, f"torch is built for CUDA {cuda}"
-        return set(), "torch is a CPU build; they need an NVIDIA GPU (set LORA_TRAINER_OPTIONAL=bitsandbytes,xformers to try anyway)"
+        return set(), "torch is a CPU build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
     if setting == "none":
         return set(), f"{OPTIONAL_ENV}=none"
     wanted = {canonical_name(n) for n in setting.split(",") if n.strip()}
@@ -199,7 +199,8 @@ def plan(installed: Mapping[str, str], *, is_installed: Callable[[str], bool], o
                 steps.append(Step(need, None, f"{need.name} {version} is installed but {need.requirement} is needed; "
                                               "left as it is: the host's version is never changed"))
         elif need.optional and key not in wanted:
-            steps.append(Step(need, None, f"{need.name} not installed ({why_optional}): {need.purpose} is disabled"))
+            steps.append(Step(need, None, f"{need.name} not installed: {need.purpose} is disabled "
+                                          f"({why_optional.format(name=need.name)})"))
         elif need.optional and key in failed_before:
             reason = failed_before[key].get("reason", "pip failed")
             steps.append(Step(need, None, f"{need.name} not retried: it failed with this torch before ({reason}); "
