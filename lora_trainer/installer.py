@@ -119,9 +119,12 @@ def installed_versions() -> dict[str, str]:
     """Canonical distribution name -> version of everything importable, first on sys.path wins."""
     found: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found.setdefault(canonical_name(name), dist.version)
+        try:
+            name, version = dist.metadata["Name"], dist.version
+        except Exception:  # a broken .dist-info folder (no METADATA) is not a package pip can see either
+            continue
+        if name and version:
+            found.setdefault(canonical_name(name), version)
     return found
 
 
