@@ -94,7 +94,7 @@ class ImportLimit:
 
 IMPORT_LIMITS = (
     ImportLimit("diffusers", "<0.32", "transformers", "<4.31",
-                "diffusers 0.32 to 0.37.1 cannot import StableDiffusionPipeline with transformers 4.30"),
+                "diffusers 0.32 to 0.37.1 cannot import StableDiffusionPipeline beside transformers 4.30"),
 )
 
 
@@ -141,13 +141,17 @@ def satisfies(version: str, spec: str) -> bool:
     return parsed is not None and SpecifierSet(spec).contains(parsed, prereleases=True)
 
 
+def applying_limits(need: Need, installed: Mapping[str, str]) -> list[ImportLimit]:
+    """The import limits on `need` that the host's installed versions bring into force."""
+    return [limit for limit in IMPORT_LIMITS if canonical_name(limit.package) == canonical_name(need.name)
+            and satisfies(installed.get(canonical_name(limit.when), ""), limit.when_spec)]
+
+
 def install_range(need: Need, installed: Mapping[str, str]) -> str:
     """The requirement to hand pip for `need`: our range narrowed by what the host's versions allow."""
     spec = SpecifierSet(need.spec)
-    for limit in IMPORT_LIMITS:
-        other = installed.get(canonical_name(limit.when))
-        if canonical_name(limit.package) == canonical_name(need.name) and other and satisfies(other, limit.when_spec):
-            spec &= SpecifierSet(limit.works)
+    for limit in applying_limits(need, installed):
+        spec &= SpecifierSet(limit.works)
     return need.name + str(spec) if str(spec) else need.name
 
 
@@ -209,13 +213,11 @@ def plan(installed: Mapping[str, str], *, is_installed: Callable[[str], bool], o
             steps.append(Step(need, None, f"{need.name} not retried: it failed with this torch before ({reason}); "
                                           f"delete {STATE_FILE} to retry"))
         else:
-            requirement = install_range(need, installed)
             why = f"{need.name} is missing ({need.purpose})"
-            if requirement != need.requirement:
-                why += f"; {requirement} fits this host's " + ", ".join(
-                    f"{limit.when} {installed[canonical_name(limit.when)]}" for limit in IMPORT_LIMITS
-                    if canonical_name(limit.package) == key and canonical_name(limit.when) in installed)
-            steps.append(Step(need, requirement, why))
+            for limit in applying_limits(need, installed):
+                why += f"; held to {limit.works}: this host has {limit.when} {installed[canonical_name(limit.when)]} " \
+                       f"and {limit.why}"
+            steps.append(Step(need, install_range(need, installed), why))
     return steps
 
 
