@@ -426,3 +426,25 @@ def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
     info = ModelInfo.load(models.model_dir("tiny") / "model_info.json")
     assert (info.revision, info.lifetime_steps) == (1, 3)
     assert sorted(p.name for p in models.lora.iterdir()) == ["tiny_3.safetensors"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the 8 GB options are GPU-only)")
+def test_8gb_preset_on_cuda(created_sd1, tmp_path):
+    """fp16 with a gradient scaler, 8-bit AdamW (when bitsandbytes is installed), SDPA, checkpointing, cached latents."""
+    import importlib.util
+
+    from lora_trainer.training.presets import PRESET_8GB, with_preset
+
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = with_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), PRESET_8GB)
+    params.use_8bit_adam = importlib.util.find_spec("bitsandbytes") is not None
+    reports = []
+    result = train(models, "tiny", params, [concept], report=reports.append, device="cuda")
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors, _ = read_lora(result.lora_path)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(t.abs().sum() > 0 for t in ups)
+    assert all(p.memory_mb > 0 for p in reports if p.job == "train" and p.loss is not None)
+    assert len(result.samples) == 1 and result.samples[0].is_file()
