@@ -9,6 +9,7 @@ It runs under `accelerate launch` on several GPUs unchanged (data parallel).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, frozen_dtype,
                              load_working_model, place, set_attention)
 from .training.resume import load_resume_state, restore_optimizer
-from .training.samples import draw_samples, pick_seed, sample_prompts
+from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def run_seed(params: TrainingParams, accelerator) -> int:
     process: they must shuffle the batches alike to share them out)."""
     from accelerate.utils import broadcast_object_list, set_seed
 
-    seed = [pick_seed(params.seed)]
+    seed = [random.randrange(2**31) if params.seed < 0 else params.seed]
     if accelerator.num_processes > 1:
         broadcast_object_list(seed)
     set_seed(seed[0])
