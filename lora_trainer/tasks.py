@@ -51,8 +51,16 @@ def save_settings(models: ModelsDir, model_name: str, params: TrainingParams, co
     """"Save Params": write params.json and concepts_list.json into the model folder; return the folder."""
     model_dir = models.existing_model_dir(model_name)
     params.save(model_dir / PARAMS_FILE)
-    save_concepts(concepts, model_dir / CONCEPTS_FILE)
+    save_concepts(without_empty_tail(concepts), model_dir / CONCEPTS_FILE)
     return model_dir
+
+
+def without_empty_tail(concepts: list[Concept]) -> list[Concept]:
+    """The UI's concept slots up to the last one that holds anything (slot numbers are kept)."""
+    concepts = list(concepts)
+    while concepts and concepts[-1] == Concept():
+        concepts.pop()
+    return concepts
 
 
 def load_settings(models: ModelsDir, model_name: str) -> tuple[TrainingParams | None, list[Concept] | None]:
