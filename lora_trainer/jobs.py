@@ -88,8 +88,24 @@ class JobState:
             return f"{'Cancelling' if self.cancelling else 'Running'} {self.name}: {what}"
         if self.error:
             return f"{self.name} failed: {self.error}"
-        cancelled = isinstance(self.result, TrainResult) and self.result.cancelled
-        return f"{self.name} {'cancelled' if cancelled or self.cancelling else 'finished'}: {self.progress.message}".rstrip(": ")
+        return f"{self.name} {'cancelled' if self.cancelled else 'finished'}: {self.outcome}".rstrip(": ")
+
+    @property
+    def cancelled(self) -> bool:
+        return (isinstance(self.result, TrainResult) and self.result.cancelled) or self.cancelling
+
+    @property
+    def outcome(self) -> str:
+        """What the ended job made, in a few words."""
+        r = self.result
+        if isinstance(r, TrainResult):
+            made = f"; LoRA {Path(r.lora_path).name}" if r.lora_path else ""
+            return f"{r.steps} steps, total lifetime steps {r.lifetime_steps}{made}"
+        if isinstance(r, Path):
+            return f"wrote {r}"
+        if isinstance(r, list) and all(isinstance(n, int) for n in r):
+            return f"{sum(r)} class images generated"
+        return self.progress.message
 
 
 class _LogCollector(logging.Handler):
