@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from lora_trainer.jobs import JobState
 from lora_trainer.progress import Progress, TrainResult
 from lora_trainer.ui import render
@@ -42,7 +44,11 @@ def test_the_loss_plot_draws_the_losses():
     blank = render.loss_plot([])
     drawn = render.loss_plot([(i, 1.0 / i) for i in range(1, 60)])
     assert drawn.size == render.PLOT_SIZE
-    orange = lambda im: sum(1 for px in im.getdata() if px[0] > 150 and px[2] < 120 and px[1] < 180)  # noqa: E731
+
+    def orange(im):
+        px = np.asarray(im).astype(int)
+        return int(((px[..., 0] > 150) & (px[..., 1] < 180) & (px[..., 2] < 120)).sum())
+
     assert orange(blank) == 0 and orange(drawn) > 100
     # A falling loss: the line starts high on the left and ends low on the right.
     left_column = [y for y in range(drawn.height) if drawn.getpixel((49, y)) != (255, 255, 255)
