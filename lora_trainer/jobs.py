@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 import traceback
@@ -108,6 +109,10 @@ class JobState:
         return self.progress.message
 
 
+def _shape(message: str) -> str:
+    return re.sub(r"\d+", "#", message)
+
+
 class _LogCollector(logging.Handler):
     def __init__(self, runner: "JobRunner"):
         super().__init__(logging.INFO)
@@ -184,8 +189,8 @@ class JobRunner:
     def report(self, progress: Progress) -> None:
         with self._lock:
             s = self._state
-            if progress.message and progress.message != s.progress.message:
-                self._append_log(progress.message)
+            if progress.message and _shape(progress.message) != _shape(s.progress.message):
+                self._append_log(progress.message)  # "Training step 5/500" is not logged after "... 4/500"
             if progress.loss is not None and (not s.losses or s.losses[-1][0] != progress.step):
                 s.losses.append((progress.step, float(progress.loss)))
             for sample in progress.samples:

@@ -251,6 +251,7 @@ def test_train_cancel_and_train_again(page, app):
 
     open_tab(page, "Parameters")
     type_into(page, "lora_trainer_param_max_train_steps", "3")
+    type_into(page, "lora_trainer_param_save_preview_every_n_steps", "3")
     open_tab(page, "Train")
     click(page, "lora_trainer_train")
     wait_message(page, "Started train 'cat'")
@@ -259,6 +260,7 @@ def test_train_cancel_and_train_again(page, app):
     assert "Step 3/3" in figures and "loss" in figures
     assert "Training finished" in value(page, "lora_trainer_log")
     assert list((models / "Lora").glob("*.safetensors"))
+    page.wait_for_selector("#lora_trainer_samples img")  # the sample picture of step 3
     page.wait_for_function("() => document.querySelector('#lora_trainer_lora input').value !== ''")
     shot(page, "4-trained")
 
