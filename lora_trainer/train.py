@@ -90,9 +90,12 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     finally:
         display.close()
     accelerator.wait_for_everyone()
-    final = snapshots.info or info
-    log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
-    result = TrainResult(snapshots.lora_path, final.lifetime_steps, final.revision, outcome.steps,
+    # The main process saved; the others read what it wrote, so every process returns the same result.
+    final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
+    lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
+    if accelerator.is_main_process:
+        log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
+    result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
     accelerator.free_memory()
     free_device_memory(accelerator.device)

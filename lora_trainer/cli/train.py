@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -82,6 +83,8 @@ def run(args) -> int:
     params = params_from_args(args, model_dir)
     with cancel_on_ctrl_c() as cancel:
         result = train(models, args.model, params, concepts, cancel=cancel, device=args.device)
+    if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun: one process prints
+        return 0
     if result.cancelled:
         print("Training cancelled; what was learned is saved", file=sys.stderr)
     print(result.lora_path if result.lora_path is not None else model_dir)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelInfo, TrainingParams
@@ -34,8 +34,6 @@ class Snapshots:
     source_checkpoint: Path | None = None
     saved_at_step: int = -1
     lora_path: Path | None = None
-    info: ModelInfo | None = None
-    written: list[Path] = field(default_factory=list)
 
     def save(self, step: int, epochs: int, *, adapters: Adapters | None, optimizer, unet, text_encoder) -> None:
         """Save the state after `step` (> 0) steps of this run and `epochs` epochs; once per step."""
@@ -54,7 +52,5 @@ class Snapshots:
                               lifetime_steps=info.lifetime_steps, lora_file=path.name)
             info.latest_lora = path.relative_to(self.models.lora).as_posix()
             self.lora_path = path
-            self.written.append(path)
         save_info(self.model_dir, info)
-        self.info = info
         self.saved_at_step = step
