@@ -103,8 +103,14 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 
 
 def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *, device=None):
-    """"Generate Class Images": the job that makes the missing class pictures of every concept."""
-    concepts = used_concepts(concepts)
+    """"Generate Class Images": the job that makes the missing class pictures of every concept.
+
+    A concept needs no Dataset Directory here when its class prompt and total say what to make.
+    """
+    concepts = [c for c in concepts if c.is_set or (c.class_prompt.strip() and c.with_prior_preservation)]
+    if not concepts:
+        raise ConfigError("Concepts: Concept 1 needs a Class Prompt and a Total Number of Class/Reg Images "
+                          "(or a Dataset Directory) to generate class images")
 
     def job(report: Report, cancel: CancelFlag) -> list[int]:
         from .classimages import generate_class_images
