@@ -1,0 +1,125 @@
+"""javascript/lora_trainer.js in a real browser (Debian's chromium through Playwright) on a small gradio page.
+
+The page has only the elements the script looks for, with the same ids as the
+real tab: the confirm question must keep the click from gradio when dismissed
+and let it through when accepted; returning to the tab must press the hidden
+progress refresh button.
+"""
+from __future__ import annotations
+
+import inspect
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+gr = pytest.importorskip("gradio")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def head_html() -> str:
+    return f"<script>{(REPO / 'javascript' / 'lora_trainer.js').read_text(encoding='utf-8')}</script>"
+
+
+def build_page():
+    blocks_kwargs = {"head": head_html()} if "head" in inspect.signature(gr.Blocks.__init__).parameters else {}
+    with gr.Blocks(**blocks_kwargs) as demo:
+        with gr.Tabs():
+            with gr.Tab("Train"):
+                status = gr.Textbox(value="0", label="Status", elem_id="lora_trainer_status")
+                refresh = gr.Button("refresh", elem_id="lora_trainer_progress_refresh")
+                overwrite = gr.Checkbox(label="Overwrite", elem_id="lora_trainer_generate_ckpt_overwrite")
+                generate = gr.Button("Generate Ckpt", elem_id="lora_trainer_generate_ckpt_button")
+                generated = gr.Textbox(value="0", label="Generated", elem_id="lora_trainer_generated")
+            with gr.Tab("Other"):
+                gr.Markdown("another tab")
+        refresh.click(lambda n: str(int(n) + 1), inputs=status, outputs=status)
+        generate.click(lambda n: str(int(n) + 1), inputs=generated, outputs=generated)
+    return demo
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed")
+    demo = build_page()
+    port = free_port()
+    launch_kwargs = {}
+    if "head" not in inspect.signature(gr.Blocks.__init__).parameters:
+        if "head" not in inspect.signature(gr.Blocks.launch).parameters:
+            pytest.skip("this gradio cannot add a script to the page; the web UI injects javascript/ itself")
+        launch_kwargs["head"] = head_html()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            pg = browser.new_page()
+            pg.goto(f"http://127.0.0.1:{port}/")
+            pg.wait_for_selector("#lora_trainer_generate_ckpt_button", timeout=60000)
+            yield pg
+            browser.close()
+    finally:
+        demo.close()
+
+
+def value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def wait_value(page, elem_id: str, expected: str) -> None:
+    page.wait_for_function(
+        "([id, v]) => { const e = document.querySelector('#' + id + ' textarea, #' + id + ' input'); return e && e.value === v; }",
+        arg=[elem_id, expected], timeout=20000)
+
+
+def test_generate_without_overwrite_asks_nothing(page):
+    asked = []
+
+    def accept(dialog):
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", accept)
+    try:
+        page.click("#lora_trainer_generate_ckpt_button")
+        wait_value(page, "lora_trainer_generated", "1")
+    finally:
+        page.remove_listener("dialog", accept)
+    assert asked == []
+
+
+def test_overwrite_asks_and_a_no_keeps_the_click_from_gradio(page):
+    page.locator("#lora_trainer_generate_ckpt_overwrite input[type=checkbox]").check()
+    before = value(page, "lora_trainer_generated")
+    questions = []
+
+    def dismiss(dialog):
+        questions.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    page.click("#lora_trainer_generate_ckpt_button")
+    page.wait_for_timeout(1500)  # gradio would have answered by now if the click had reached it
+    assert len(questions) == 1 and "Replace" in questions[0]
+    assert value(page, "lora_trainer_generated") == before
+
+    page.once("dialog", lambda d: d.accept())
+    page.click("#lora_trainer_generate_ckpt_button")
+    wait_value(page, "lora_trainer_generated", str(int(before) + 1))
+
+
+def test_returning_to_the_tab_refreshes_the_progress_view(page):
+    before = int(value(page, "lora_trainer_status"))
+    page.get_by_role("tab", name="Other").click()
+    page.get_by_role("tab", name="Train").click()
+    wait_value(page, "lora_trainer_status", str(before + 1))
