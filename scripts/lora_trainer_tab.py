@@ -26,11 +26,11 @@ def unsupported_reason():
     """Why the extension cannot run in this web UI, or None (the check itself lives in lora_trainer.hostcheck)."""
     try:
         from lora_trainer.hostcheck import unsupported_host_reason
-    except ModuleNotFoundError as exc:
-        if exc.name == "lora_trainer.hostcheck":  # the check is not in this checkout yet
-            return None
-        return f"LoRA Trainer could not load ({exc}); see the console, then restart the web UI."
-    return unsupported_host_reason()
+
+        return unsupported_host_reason()
+    except Exception as exc:  # noqa: BLE001 - a broken install must not take the web UI down
+        log.exception("LoRA Trainer: checking this web UI failed")
+        return f"LoRA Trainer could not check this web UI ({exc}); see the console, then restart the web UI."
 
 
 def message_tab(message):
@@ -38,7 +38,7 @@ def message_tab(message):
     import gradio as gr
 
     with gr.Blocks(analytics_enabled=False) as blocks:
-        gr.Markdown(f"**LoRA Trainer is not available here.**\n\n{message}", elem_id="lora_trainer_unavailable")
+        gr.Markdown(f"**LoRA Trainer is not available here.**\n\n{message}", elem_id="lora_trainer_not_loaded")
     return blocks
 
 

@@ -57,7 +57,7 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
         print(json.dumps({{
             "tabs": [[isinstance(b, gr.Blocks), title, tab_id] for b, title, tab_id in tabs],
             "unavailable": [getattr(x, "value", None) for b, _t, _i in tabs for x in b.blocks.values()
-                            if getattr(x, "elem_id", None) == "lora_trainer_unavailable"],
+                            if getattr(x, "elem_id", None) == "lora_trainer_not_loaded"],
             "settings": {{k: list(v.section) for k, v in shared.opts.data_labels.items() if k.startswith("lora_trainer")}},
             "errors": [c for c in webui_standin_calls.calls if c[0] == "errors.report"],
         }}))
@@ -314,3 +314,111 @@ def test_interrupt_button_is_seen_and_can_be_cleared(webui):
     assert host.interrupted() is False
     webui.shared.state.interrupt()
     assert host.interrupted() is True
+
+
+# --- jobs started from the tab, with the web UI as host ---------------------------------
+
+def runner_for(ui):
+    from lora_trainer.jobs import JobRunner
+
+    return JobRunner(webui_host(ui))
+
+
+def finished(runner, timeout: float = 120.0):
+    assert runner.wait(timeout), "the job did not end"
+    return runner.snapshot()
+
+
+@pytest.mark.parametrize("kind", ["train", "class images"])
+def test_gpu_jobs_run_with_the_checkpoint_off_the_gpu(webui, kind):
+    model = webui.load_model()
+    runner = runner_for(webui)
+    seen = []
+
+    def job(report, cancel):
+        seen.append(model.device)
+        return "done"
+
+    runner.start(kind, f"{kind} 'tiny'", job)
+    state = finished(runner)
+    assert state.error is None and seen == ["cpu"]
+    assert model.device == "cuda"
+    names = webui.calls.names()
+    assert names.index("sd_models.unload_model_weights") < names.index("sd_models.send_model_to_device")
+
+
+def test_a_failing_training_gives_the_gpu_back_and_still_refreshes_loras(webui):
+    model = webui.load_model()
+    runner = runner_for(webui)
+
+    def job(report, cancel):
+        raise RuntimeError("CUDA out of memory")
+
+    runner.start("train", "train 'tiny'", job)
+    state = finished(runner)
+    assert "out of memory" in state.error
+    assert model.device == "cuda"
+    names = webui.calls.names()
+    assert names.index("sd_models.send_model_to_device") < names.index("networks.list_available_networks")
+
+
+def test_training_refreshes_the_lora_list_with_the_new_file(webui):
+    runner = runner_for(webui)
+    host = runner.host
+
+    def job(report, cancel):
+        host.models.lora.mkdir(parents=True, exist_ok=True)
+        (host.models.lora / "tiny_5.safetensors").write_bytes(b"lora")
+        return "done"
+
+    runner.start("train", "train 'tiny'", job)
+    assert finished(runner).error is None
+    assert "tiny_5" in webui.networks.available_networks
+
+
+def test_the_web_ui_interrupt_button_cancels_the_job(webui):
+    model = webui.load_model()
+    runner = runner_for(webui)
+    webui.shared.state.interrupted = True  # left over from an earlier txt2img: must not cancel us
+
+    def job(report, cancel):
+        import time
+
+        deadline = time.monotonic() + 60
+        while not cancel.is_set():
+            if time.monotonic() > deadline:
+                return "not interrupted"
+            time.sleep(0.02)
+        return "interrupted"
+
+    runner.start("train", "train 'tiny'", job)
+    assert not runner.wait(0.3), "a stale Interrupt cancelled the new job"
+    webui.shared.state.interrupt()
+    state = finished(runner)
+    assert state.result == "interrupted"
+    assert model.device == "cuda"
+
+
+def test_generate_ckpt_puts_the_checkpoint_into_the_web_ui_list(webui, tiny_sd1):
+    """The real Generate Ckpt of the tab, on a model created from the tiny checkpoint."""
+    import shutil
+
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.ui.controller import Controller
+
+    host = webui_host(webui)
+    for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
+        shutil.copy(p, host.models.checkpoints / p.name)
+    create_model(host.models, tiny_sd1.name, "tiny")
+    model = webui.load_model()
+    ctl = Controller(host)
+
+    message = ctl.generate_ckpt({"model": "tiny", "lora": "", "custom_model_name": "", "half": False, "subdir": False})
+    assert message.startswith("Started"), message
+    state = finished(ctl.runner, 600)
+    assert state.error is None, state.error
+    written = Path(state.result)
+    assert written.is_file() and written.parent == host.models.checkpoints
+    assert webui.calls.names() == ["sd_models.list_models"]  # a merge runs on the CPU: the checkpoint stays
+    assert written.name in webui.sd_models.checkpoints_list
+    assert model.device == "cuda"

@@ -39,7 +39,7 @@ def build_page():
                 status = gr.Textbox(value="0", label="Status", elem_id="lora_trainer_status")
                 refresh = gr.Button("refresh", elem_id="lora_trainer_progress_refresh")
                 overwrite = gr.Checkbox(label="Overwrite", elem_id="lora_trainer_generate_ckpt_overwrite")
-                generate = gr.Button("Generate Ckpt", elem_id="lora_trainer_generate_ckpt_button")
+                generate = gr.Button("Generate Ckpt", elem_id="lora_trainer_generate_ckpt")
                 generated = gr.Textbox(value="0", label="Generated", elem_id="lora_trainer_generated")
             with gr.Tab("Other"):
                 gr.Markdown("another tab")
@@ -65,7 +65,7 @@ def page():
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             pg = browser.new_page()
             pg.goto(f"http://127.0.0.1:{port}/")
-            pg.wait_for_selector("#lora_trainer_generate_ckpt_button", timeout=60000)
+            pg.wait_for_selector("#lora_trainer_generate_ckpt", timeout=60000)
             yield pg
             browser.close()
     finally:
@@ -91,7 +91,7 @@ def test_generate_without_overwrite_asks_nothing(page):
 
     page.on("dialog", accept)
     try:
-        page.click("#lora_trainer_generate_ckpt_button")
+        page.click("#lora_trainer_generate_ckpt")
         wait_value(page, "lora_trainer_generated", "1")
     finally:
         page.remove_listener("dialog", accept)
@@ -108,13 +108,13 @@ def test_overwrite_asks_and_a_no_keeps_the_click_from_gradio(page):
         dialog.dismiss()
 
     page.once("dialog", dismiss)
-    page.click("#lora_trainer_generate_ckpt_button")
+    page.click("#lora_trainer_generate_ckpt")
     page.wait_for_timeout(1500)  # gradio would have answered by now if the click had reached it
     assert len(questions) == 1 and "Replace" in questions[0]
     assert value(page, "lora_trainer_generated") == before
 
     page.once("dialog", lambda d: d.accept())
-    page.click("#lora_trainer_generate_ckpt_button")
+    page.click("#lora_trainer_generate_ckpt")
     wait_value(page, "lora_trainer_generated", str(int(before) + 1))
 
 
