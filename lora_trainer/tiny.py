@@ -28,7 +28,7 @@ TEXT_LAYERS = 2
 def tiny_original_config(v2: bool = False) -> str:
     """The original-layout yaml of the tiny model."""
     unet = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-            "attention_resolutions": [1], "num_res_blocks": 1, "channel_mult": [1, 2],
+            "attention_resolutions": [1], "num_res_blocks": 2, "channel_mult": [1, 2],
             "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": TEXT_WIDTH,
             "use_checkpoint": False, "legacy": False}
     if v2:
@@ -111,6 +111,10 @@ def _ddpm_buffers(timesteps: int = 1000, start: float = 0.00085, end: float = 0.
                "log_one_minus_alphas_cumprod": (1 - alphas_cumprod).log(),
                "sqrt_recip_alphas_cumprod": (1 / alphas_cumprod).sqrt(),
                "sqrt_recipm1_alphas_cumprod": (1 / alphas_cumprod - 1).sqrt()}
+    variance = betas * (1 - prev) / (1 - alphas_cumprod)
+    buffers.update(posterior_variance=variance, posterior_log_variance_clipped=variance.clamp(min=1e-20).log(),
+                   posterior_mean_coef1=betas * prev.sqrt() / (1 - alphas_cumprod),
+                   posterior_mean_coef2=(1 - prev) * (1 - betas).sqrt() / (1 - alphas_cumprod))
     return {k: v.float() for k, v in buffers.items()}
 
 

@@ -96,6 +96,9 @@ def save_tokenizer(out_dir: Path, *, pad_token: str = "<|endoftext|>"):
     # Loading from a folder reads vocab.json + merges.txt in every transformers version.
     tokenizer = CLIPTokenizer.from_pretrained(str(out_dir), pad_token=pad_token, model_max_length=77)
     tokenizer.save_pretrained(str(out_dir))
+    # A tokenizer.json written by a new `tokenizers` cannot be read by the web UI's old one
+    # (0.13 with transformers 4.30); vocab.json + merges.txt are read by every version.
+    (out_dir / "tokenizer.json").unlink(missing_ok=True)
     if len(tokenizer) != VOCAB_SIZE:
         raise ModelError(f"CLIP tokenizer from {source[0]} has {len(tokenizer)} tokens, expected {VOCAB_SIZE}")
     return tokenizer

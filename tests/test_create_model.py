@@ -77,6 +77,9 @@ def test_model_info_records_source(models_dir, tiny_sd1):
     assert (info["model_type"], info["resolution"], info["revision"], info["lifetime_steps"]) == ("sd1", 64, 0, 0)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (folder / part).is_dir()
+    # Old `tokenizers` (the web UI's 0.13) cannot read a tokenizer.json written by a new one.
+    assert {"vocab.json", "merges.txt"} <= {p.name for p in (folder / "tokenizer").iterdir()}
+    assert not (folder / "tokenizer" / "tokenizer.json").exists()
 
 
 @pytest.mark.parametrize("wrapped", [True, False])

@@ -167,7 +167,7 @@ ORIGINAL_NAMES = {
             "lora_unet_middle_block_1_proj_in": "lora_unet_mid_block_attentions_0_proj_in",
             "lora_unet_output_blocks_1_0_in_layers_2": "lora_unet_up_blocks_0_resnets_1_conv1",
             "lora_te_transformer_text_model_encoder_layers_0_self_attn_q_proj": "lora_te_text_model_encoder_layers_0_self_attn_q_proj"},
-    "sd2v": {"lora_unet_output_blocks_2_1_proj_out": "lora_unet_up_blocks_1_attentions_0_proj_out",
+    "sd2v": {"lora_unet_output_blocks_3_1_proj_out": "lora_unet_up_blocks_1_attentions_0_proj_out",
              "lora_te_model_transformer_resblocks_0_attn_k_proj": "lora_te_text_model_encoder_layers_0_self_attn_k_proj",
              "lora_te_model_transformer_resblocks_1_mlp_c_fc": "lora_te_text_model_encoder_layers_1_mlp_fc1",
              "lora_te_model_transformer_resblocks_1_attn_out_proj": "lora_te_text_model_encoder_layers_1_self_attn_out_proj"},
