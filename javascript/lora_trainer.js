@@ -14,12 +14,12 @@
 
     var CONFIRMS = [
         {
-            button: "lora_trainer_create",
+            button: "lora_trainer_create_button",
             overwrite: "lora_trainer_create_overwrite",
             question: "A working model with this name exists. Replace it? Its training (revision, lifetime steps, LoRA files) is lost."
         },
         {
-            button: "lora_trainer_generate_ckpt",
+            button: "lora_trainer_generate_ckpt_button",
             overwrite: "lora_trainer_generate_ckpt_overwrite",
             question: "Replace the checkpoint of the same name in the Stable-diffusion folder if it exists?"
         }

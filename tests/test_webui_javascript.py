@@ -31,15 +31,21 @@ def head_html() -> str:
     return f"<script>{(REPO / 'javascript' / 'lora_trainer.js').read_text(encoding='utf-8')}</script>"
 
 
+def page_style() -> dict:
+    """The script and style.css, given where this gradio takes them (Blocks before 6.0, launch from 6.0)."""
+    return {"head": head_html(), "css": (REPO / "style.css").read_text(encoding="utf-8")}
+
+
 def build_page():
-    blocks_kwargs = {"head": head_html()} if "head" in inspect.signature(gr.Blocks.__init__).parameters else {}
+    params = inspect.signature(gr.Blocks.__init__).parameters
+    blocks_kwargs = {k: v for k, v in page_style().items() if k in params}
     with gr.Blocks(**blocks_kwargs) as demo:
         with gr.Tabs():
             with gr.Tab("Train"):
                 status = gr.Textbox(value="0", label="Status", elem_id="lora_trainer_status")
-                refresh = gr.Button("refresh", elem_id="lora_trainer_progress_refresh")
+                refresh = gr.Button("refresh", elem_id="lora_trainer_progress_refresh", elem_classes=["lora_trainer_hidden"])
                 overwrite = gr.Checkbox(label="Overwrite", elem_id="lora_trainer_generate_ckpt_overwrite")
-                generate = gr.Button("Generate Ckpt", elem_id="lora_trainer_generate_ckpt")
+                generate = gr.Button("Generate Ckpt", elem_id="lora_trainer_generate_ckpt_button")
                 generated = gr.Textbox(value="0", label="Generated", elem_id="lora_trainer_generated")
             with gr.Tab("Other"):
                 gr.Markdown("another tab")
@@ -58,14 +64,14 @@ def page():
     if "head" not in inspect.signature(gr.Blocks.__init__).parameters:
         if "head" not in inspect.signature(gr.Blocks.launch).parameters:
             pytest.skip("this gradio cannot add a script to the page; the web UI injects javascript/ itself")
-        launch_kwargs["head"] = head_html()
+        launch_kwargs = page_style()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs)
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             pg = browser.new_page()
             pg.goto(f"http://127.0.0.1:{port}/")
-            pg.wait_for_selector("#lora_trainer_generate_ckpt", timeout=60000)
+            pg.wait_for_selector("#lora_trainer_generate_ckpt_button", timeout=60000)
             yield pg
             browser.close()
     finally:
@@ -91,7 +97,7 @@ def test_generate_without_overwrite_asks_nothing(page):
 
     page.on("dialog", accept)
     try:
-        page.click("#lora_trainer_generate_ckpt")
+        page.click("#lora_trainer_generate_ckpt_button")
         wait_value(page, "lora_trainer_generated", "1")
     finally:
         page.remove_listener("dialog", accept)
@@ -108,17 +114,18 @@ def test_overwrite_asks_and_a_no_keeps_the_click_from_gradio(page):
         dialog.dismiss()
 
     page.once("dialog", dismiss)
-    page.click("#lora_trainer_generate_ckpt")
+    page.click("#lora_trainer_generate_ckpt_button")
     page.wait_for_timeout(1500)  # gradio would have answered by now if the click had reached it
     assert len(questions) == 1 and "Replace" in questions[0]
     assert value(page, "lora_trainer_generated") == before
 
     page.once("dialog", lambda d: d.accept())
-    page.click("#lora_trainer_generate_ckpt")
+    page.click("#lora_trainer_generate_ckpt_button")
     wait_value(page, "lora_trainer_generated", str(int(before) + 1))
 
 
 def test_returning_to_the_tab_refreshes_the_progress_view(page):
+    assert not page.locator("#lora_trainer_progress_refresh").is_visible()  # style.css hides it
     before = int(value(page, "lora_trainer_status"))
     page.get_by_role("tab", name="Other").click()
     page.get_by_role("tab", name="Train").click()
