@@ -36,12 +36,13 @@ def fraction_reporter(report: Report, job: str) -> Callable[[str, float], None]:
     return progress
 
 
-def create(models: ModelsDir, source: str, name: str, *, extract_ema: bool = False):
+def create(models: ModelsDir, source: str, name: str, *, extract_ema: bool = False, overwrite: bool = False):
     """"Create": the job that converts `source` into the working model `name`."""
     from .checkpoint import create_model
 
     def job(report: Report, cancel: CancelFlag) -> Path:
-        return create_model(models, source, name, extract_ema=extract_ema, progress=fraction_reporter(report, "create"))
+        return create_model(models, source, name, extract_ema=extract_ema, overwrite=overwrite,
+                            progress=fraction_reporter(report, "create"))
 
     return job
 
@@ -109,7 +110,7 @@ def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *,
 
 
 def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: bool = False, subdir: bool = False,
-                  custom_name: str = ""):
+                  custom_name: str = "", overwrite: bool = False):
     """"Generate Ckpt": merge `lora` into the model; with no LoRA chosen, write the model itself as a checkpoint."""
 
     def job(report: Report, cancel: CancelFlag) -> Path:
@@ -118,18 +119,19 @@ def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: b
             from .merge import merge_lora
 
             return merge_lora(models, model_name, lora=lora, half=half, subdir=subdir,
-                              custom_name=custom_name or None, progress=progress)
-        return export_model(models, model_name, half=half, subdir=subdir, custom_name=custom_name, progress=progress)
+                              custom_name=custom_name or None, overwrite=overwrite, progress=progress)
+        return export_model(models, model_name, half=half, subdir=subdir, custom_name=custom_name,
+                            overwrite=overwrite, progress=progress)
 
     return job
 
 
 def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subdir: bool = False, custom_name: str = "",
-                 progress: Callable[[str, float], None] | None = None) -> Path:
+                 overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
     """The working model as one checkpoint `[<name>/]<name>_<lifetime steps>.safetensors` in Stable-diffusion.
 
     Raises ModelError for a missing model, ConfigError for a bad name and
-    FileExistsError when the file exists (nothing is overwritten).
+    FileExistsError when the file exists and `overwrite` is False.
     """
     from .checkpoint import export_checkpoint
     from .merge import model_yaml, output_path
@@ -138,11 +140,12 @@ def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subd
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     merged_name = output_path(models, info, custom_name=custom_name, subdir=subdir)
     out_path = merged_name.with_name(merged_name.name.replace("_lora.", "."))
-    if out_path.exists():
-        raise FileExistsError(f"{out_path} already exists; choose another Custom Model Name")
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} already exists; choose another Custom Model Name or tick Overwrite")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps)}
-    export_checkpoint(model_dir, out_path, half=half, metadata=metadata, progress=progress or (lambda m, f: None))
+    export_checkpoint(model_dir, out_path, half=half, metadata=metadata, overwrite=overwrite,
+                      progress=progress or (lambda m, f: None))
     yaml_text = model_yaml(model_dir, info)
     if yaml_text is not None:
         atomic_write_text(out_path.with_suffix(".yaml"), yaml_text)

@@ -16,7 +16,9 @@ from ..tiny import TINY_NAME, write_tiny_checkpoint
 from . import add_models_dir
 
 log = logging.getLogger(__name__)
-STYLE_FILE = Path(__file__).resolve().parents[2] / "style.css"
+EXTENSION_ROOT = Path(__file__).resolve().parents[2]
+STYLE_FILE = EXTENSION_ROOT / "style.css"
+SCRIPTS_DIR = EXTENSION_ROOT / "javascript"
 
 
 def add_parser(sub) -> None:
@@ -50,7 +52,13 @@ def make_app(models_dir: str | Path):
         folder.mkdir(parents=True, exist_ok=True)
     ensure_tiny_checkpoint(host)
     css = STYLE_FILE.read_text(encoding="utf-8") if STYLE_FILE.is_file() else None
-    return host, build_ui(host, theme=standalone_theme(), css=css)
+    return host, build_ui(host, theme=standalone_theme(), css=css, head=page_scripts())
+
+
+def page_scripts() -> str | None:
+    """The extension's javascript/ files as <script> tags, as the web UI injects them into its page."""
+    scripts = sorted(SCRIPTS_DIR.glob("*.js")) if SCRIPTS_DIR.is_dir() else []
+    return "".join(f"<script>{p.read_text(encoding='utf-8')}</script>" for p in scripts) or None
 
 
 def run(args) -> int:

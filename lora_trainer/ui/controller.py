@@ -96,7 +96,8 @@ class Controller:
             return "Error: Source Checkpoint: choose a checkpoint"
         return self._start("create", f"create model '{name}'",
                            lambda: tasks.create(self.models, source, validate_model_name(name),
-                                                extract_ema=bool(named.get("create.extract_ema"))))
+                                                extract_ema=bool(named.get("create.extract_ema")),
+                                                overwrite=bool(named.get("create.overwrite"))))
 
     def train(self, named: dict[str, Any]) -> str:
         model = _chosen_model(named)
@@ -113,7 +114,7 @@ class Controller:
         return self._start("merge", f"generate ckpt of '{model}'", lambda: tasks.generate_ckpt(
             self.models, _existing(self.models, model), lora=named.get("lora") or NO_LORA,
             half=bool(named.get("half")), subdir=bool(named.get("subdir")),
-            custom_name=named.get("custom_model_name") or ""))
+            custom_name=named.get("custom_model_name") or "", overwrite=bool(named.get("generate_ckpt.overwrite"))))
 
     def cancel(self) -> str:
         return "Cancelling the running job." if self.runner.cancel() else "No job is running."
@@ -124,7 +125,8 @@ class Controller:
     # -- settings ----------------------------------------------------------------
     def save_params(self, named: dict[str, Any]) -> str:
         try:
-            model_dir = tasks.save_settings(self.models, _chosen_model(named), params_from_named(named),
+            model_dir = tasks.save_settings(self.models, _existing(self.models, _chosen_model(named)),
+                                            params_from_named(named),
                                             concepts_from_named(named))
         except LoraTrainerError as e:
             return f"Error: {e}"
@@ -133,7 +135,7 @@ class Controller:
     def load_params(self, named: dict[str, Any], keys: list[str]) -> tuple[str, dict[str, Any]]:
         """Message and the new values of `keys` (params and concept widgets) from the model folder."""
         try:
-            params, concepts = tasks.load_settings(self.models, _chosen_model(named))
+            params, concepts = tasks.load_settings(self.models, _existing(self.models, _chosen_model(named)))
         except LoraTrainerError as e:
             return f"Error: {e}", {}
         if params is None and concepts is None:

@@ -6,7 +6,7 @@ gradio 3.41.2 (the web UI v1.10.1 pin), 4.40.0 (Forge) and the newest (6.x):
 - updates: `gr.update(...)` exists everywhere; "leave it as it is" is
   `gr.skip()` where it exists, else an empty update;
 - polling: `gr.Timer` (4.40 and later) or `every=` on a load event (3.x);
-- `theme`/`css` go to `Blocks(...)` before 6.0 and to `launch(...)` from 6.0 on.
+- `theme`/`css`/`head` go to `Blocks(...)` before 6.0 and to `launch(...)` from 6.0 on.
 """
 from __future__ import annotations
 
@@ -36,14 +36,18 @@ def no_change() -> Any:
     return gr.skip() if hasattr(gr, "skip") else gr.update()
 
 
-def blocks(*, theme=None, css: str | None = None, **kwargs) -> gr.Blocks:
-    """A Blocks; `theme` and `css` are kept for `launch` on gradio 6+, where they moved."""
-    style = {k: v for k, v in (("theme", theme), ("css", css)) if v is not None}
+def blocks(*, theme=None, css: str | None = None, head: str | None = None, **kwargs) -> gr.Blocks:
+    """A Blocks; `theme`, `css` and `head` are kept for `launch` on gradio 6+, where they moved.
+
+    `head` (HTML for the page's head, e.g. scripts) is dropped on gradio 3, which has no such option.
+    """
+    style = {k: v for k, v in (("theme", theme), ("css", css), ("head", head)) if v is not None}
     if GRADIO_MAJOR >= 6:
         demo = gr.Blocks(**kwargs)
         setattr(demo, _LAUNCH_STYLE, style)
         return demo
-    return gr.Blocks(**style, **kwargs)
+    params = inspect.signature(gr.Blocks.__init__).parameters
+    return gr.Blocks(**{k: v for k, v in style.items() if k in params}, **kwargs)
 
 
 def launch(demo: gr.Blocks, **kwargs) -> Any:

@@ -29,12 +29,13 @@ def eid(name: str) -> str:
     return f"lora_trainer_{name}"
 
 
-def build_ui(host: Host, *, controller: Controller | None = None, theme=None, css: str | None = None) -> gr.Blocks:
-    """The whole tab for `host`. `theme`/`css` are for the standalone app (the web UI brings its own)."""
+def build_ui(host: Host, *, controller: Controller | None = None, theme=None, css: str | None = None,
+             head: str | None = None) -> gr.Blocks:
+    """The whole tab for `host`. `theme`/`css`/`head` are for the standalone app (the web UI brings its own)."""
     ctl = controller or Controller(host)
     w = Widgets()
     disabled = disabled_options(unavailable_features())
-    with compat.blocks(analytics_enabled=False, theme=theme, css=css, title="LoRA Trainer") as demo:
+    with compat.blocks(analytics_enabled=False, theme=theme, css=css, head=head, title="LoRA Trainer") as demo:
         with gr.Row(elem_id=eid("main")):
             with gr.Column(scale=1, min_width=280, elem_id=eid("left")):
                 _left_column(w, ctl)
@@ -83,7 +84,11 @@ def _left_column(w: Widgets, ctl: Controller) -> None:
         w.add("cancel_button", compat.component(gr.Button, value="Cancel", variant="stop", elem_id=eid("cancel")))
     w.add("class_images_button", compat.component(gr.Button, value="Generate Class Images",
                                                   elem_id=eid("generate_class_images")))
-    w.add("generate_ckpt_button", compat.component(gr.Button, value="Generate Ckpt", elem_id=eid("generate_ckpt")))
+    w.add("generate_ckpt_button", compat.component(gr.Button, value="Generate Ckpt",
+                                                   elem_id=eid("generate_ckpt_button")))
+    w.add("generate_ckpt.overwrite", compat.component(gr.Checkbox, label="Overwrite", value=False,
+                                                      info="Replace a checkpoint of the same name (asks first).",
+                                                      elem_id=eid("generate_ckpt_overwrite")))
     with gr.Row():
         w.add("save_params_button", compat.component(gr.Button, value="Save Params", elem_id=eid("save_params")))
         w.add("load_params_button", compat.component(gr.Button, value="Load Params", elem_id=eid("load_params")))
@@ -104,7 +109,11 @@ def _create_tab(w: Widgets, ctl: Controller) -> None:
     w.add("create.extract_ema", compat.component(gr.Checkbox, label="Extract EMA Weights", value=False,
                                                  info=field_meta(ModelInfo, "extracted_ema")["help"],
                                                  elem_id=eid("create_extract_ema")))
-    w.add("create_button", compat.component(gr.Button, value="Create", variant="primary", elem_id=eid("create")))
+    w.add("create.overwrite", compat.component(gr.Checkbox, label="Overwrite", value=False,
+                                               info="Replace a model of the same name (asks first).",
+                                               elem_id=eid("create_overwrite")))
+    w.add("create_button", compat.component(gr.Button, value="Create", variant="primary",
+                                            elem_id=eid("create_button")))
 
 
 def _parameters_tab(w: Widgets, disabled: dict) -> None:
@@ -158,6 +167,9 @@ def _train_tab(w: Widgets, ctl: Controller) -> None:
                                           value=compat.gallery_value(state.samples) or None, elem_id=eid("samples")))
     w.add("log", compat.component(gr.Textbox, label="Log", lines=12, max_lines=12, interactive=False,
                                   value="\n".join(state.log[-LOG_LINES_SHOWN:]), elem_id=eid("log")))
+    # Pressed by javascript/lora_trainer.js when the tab is shown again (hidden by style.css).
+    w.add("progress_refresh", compat.component(gr.Button, value="Refresh", elem_id=eid("progress_refresh"),
+                                               elem_classes=["lora_trainer_hidden"]))
     w.add("seen", gr.State({}))
 
 
@@ -182,12 +194,12 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict) -> None:
     msg = ["message"]
 
     _on(w["create_button"], lambda n: {"message": ctl.create(n)}, w, ["create.source", "create.name",
-                                                                      "create.extract_ema"], msg)
+                                                                      "create.extract_ema", "create.overwrite"], msg)
     _on(w["train_button"], lambda n: {"message": ctl.train(n)}, w, settings, msg)
     _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
     _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
     _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
-        ["model", "lora", "custom_model_name", "half", "subdir"], msg)
+        ["model", "lora", "custom_model_name", "half", "subdir", "generate_ckpt.overwrite"], msg)
     _on(w["save_params_button"], lambda n: {"message": ctl.save_params(n)}, w, settings, msg)
 
     def load_params(n):
@@ -235,6 +247,12 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict) -> None:
         return [values.get(k, compat.no_change()) for k in poll_out]
 
     compat.poll(demo, poll, [w["seen"], w["model"]], w.components(poll_out), POLL_SECONDS)
+
+    def refresh_now(model):
+        values = _poll(ctl, {}, model)  # everything, as on a page's first look
+        return [values.get(k, compat.no_change()) for k in poll_out]
+
+    compat.click(w["progress_refresh"], refresh_now, [w["model"]], w.components(poll_out))
 
 
 def _poll(ctl: Controller, seen: dict, model: str | None) -> dict[str, Any]:

@@ -16,11 +16,11 @@ from .fields import FieldSpec
 
 log = logging.getLogger(__name__)
 
-# Optional feature -> the widget value it makes possible: (field name, value).
+# Optional feature (keys of optional.optional_features) -> the widget values it makes possible.
 FEATURE_OPTIONS = {
-    "xformers": ("attention", "xformers"),
-    "flash_attention": ("attention", "flash_attention"),
-    "bitsandbytes": ("use_8bit_adam", True),
+    "cuda": (("mixed_precision", "fp16"),),
+    "xformers": (("attention", "xformers"),),
+    "bitsandbytes": (("use_8bit_adam", True),),
 }
 
 
@@ -41,9 +41,8 @@ def disabled_options(unavailable: dict[str, str]) -> dict[str, dict[Any, str]]:
     """Field name -> {value that cannot be used: why}."""
     out: dict[str, dict[Any, str]] = {}
     for feature, reason in unavailable.items():
-        if feature in FEATURE_OPTIONS:
-            name, value = FEATURE_OPTIONS[feature]
-            out.setdefault(name, {})[value] = f"{feature} unavailable: {reason}"
+        for name, value in FEATURE_OPTIONS.get(feature, ()):
+            out.setdefault(name, {})[value] = f"{value if isinstance(value, str) else feature} unavailable: {reason}"
     return out
 
 
