@@ -422,3 +422,14 @@ def test_generate_ckpt_puts_the_checkpoint_into_the_web_ui_list(webui, tiny_sd1)
     assert webui.calls.names() == ["sd_models.list_models"]  # a merge runs on the CPU: the checkpoint stays
     assert written.name in webui.sd_models.checkpoints_list
     assert model.device == "cuda"
+
+
+def test_every_id_the_javascript_looks_for_is_in_the_tab(webui):
+    """javascript/lora_trainer.js and the tab agree on element ids."""
+    from lora_trainer.ui import build_ui
+    from test_extension_files import REPO as ROOT, js_ids
+
+    blocks = build_ui(webui_host(webui))
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    wanted = js_ids((ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8"))
+    assert wanted and sorted(wanted - ids) == []
