@@ -60,11 +60,12 @@ def page():
         pytest.skip("Debian's chromium is not installed")
     demo = build_page()
     port = free_port()
-    launch_kwargs = {}
+    launch_kwargs, restore = {}, None
     if "head" not in inspect.signature(gr.Blocks.__init__).parameters:
-        if "head" not in inspect.signature(gr.Blocks.launch).parameters:
-            pytest.skip("this gradio cannot add a script to the page; the web UI injects javascript/ itself")
-        launch_kwargs = page_style()
+        if "head" in inspect.signature(gr.Blocks.launch).parameters:
+            launch_kwargs = page_style()
+        else:
+            restore = inject_like_the_web_ui()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs)
     try:
         with sync_api.sync_playwright() as p:
@@ -76,6 +77,37 @@ def page():
             browser.close()
     finally:
         demo.close()
+        if restore:
+            restore()
+
+
+def inject_like_the_web_ui():
+    """Gradio 3 has no `head`: add the script and style to every page as the web UI does it
+    (modules/ui_gradio_extensions.py reload_javascript patches gradio's TemplateResponse)."""
+    import gradio.routes
+
+    original = gradio.routes.templates.TemplateResponse
+    style = page_style()
+
+    def template_response(*args, **kwargs):
+        res = original(*args, **kwargs)
+        res.body = res.body.replace(b"</head>", f"{style['head']}</head>".encode("utf8"))
+        res.body = res.body.replace(b"</body>", f"<style>{style['css']}</style></body>".encode("utf8"))
+        res.init_headers()
+        return res
+
+    gradio.routes.templates.TemplateResponse = template_response
+
+    def restore():
+        gradio.routes.templates.TemplateResponse = original
+
+    return restore
+
+
+def tab_button(page, name: str):
+    """A tab's button: role=tab from gradio 4 on, a plain button in .tab-nav in gradio 3."""
+    by_role = page.get_by_role("tab", name=name)
+    return by_role if by_role.count() else page.locator(".tab-nav button", has_text=name)
 
 
 def value(page, elem_id: str) -> str:
@@ -127,6 +159,6 @@ def test_overwrite_asks_and_a_no_keeps_the_click_from_gradio(page):
 def test_returning_to_the_tab_refreshes_the_progress_view(page):
     assert not page.locator("#lora_trainer_progress_refresh").is_visible()  # style.css hides it
     before = int(value(page, "lora_trainer_status"))
-    page.get_by_role("tab", name="Other").click()
-    page.get_by_role("tab", name="Train").click()
+    tab_button(page, "Other").click()
+    tab_button(page, "Train").click()
     wait_value(page, "lora_trainer_status", str(before + 1))
