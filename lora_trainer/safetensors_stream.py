@@ -44,6 +44,23 @@ def read_layout(path: str | Path) -> Layout:
         raise CheckpointError(f"{path}: not a readable .safetensors header ({type(e).__name__}: {e})") from None
 
 
+def encode_header(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
+    """The JSON header `write_safetensors` writes after the 8-byte length (padded to a multiple of 8)."""
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return blob + b" " * (-len(blob) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of one tensor as the data section holds them."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
                       metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
     """Write `tensors` (key, tensor) in the order and with the dtypes and shapes of `layout`.
@@ -52,14 +69,7 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
     ValueError when a tensor does not match its layout entry (a bug in the
     caller); either way nothing is left under `path`.
     """
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, (dtype, shape) in layout.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+    blob = encode_header(layout, metadata)
     path = Path(path)
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
@@ -70,7 +80,7 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
             if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 raise ValueError(f"{path.name}: tensor {key} ({tensor.dtype}, {tuple(tensor.shape)}) does not match "
                                  f"the layout entry {want_key} ({dtype}, {shape})")
-            f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            f.write(tensor_bytes(tensor))
         left = next(expected, None)
         if left is not None:
             raise ValueError(f"{path.name}: tensor {left[0]} of the layout was never written")

@@ -1,0 +1,339 @@
+"""The LoRA adapters training injects, and the kohya-format file they are saved as.
+
+`inject_lora` wraps chosen `nn.Linear` modules of a UNet or CLIP text encoder in
+`LoRALinear`: the frozen base plus `up(down(x)) * alpha / rank * multiplier`,
+with `up` starting at zero so that step 0 is the base model exactly. Each
+adapter is named as kohya sd-scripts and the web UI's built-in Lora name it
+(`lora_unet_<diffusers path>`, `lora_te_text_model_<path>`; '.' -> '_'), so the
+names `lora_state_dict` gives are the keys of the file, and the file is read
+back by `kohya.read_kohya_lora` / `kohya.resolve` (merging) and by the web UI.
+
+`save_lora` writes the file atomically with `sshs_model_hash` and
+`sshs_legacy_hash` in its metadata: the hashes the web UI and the
+additional-networks extension would otherwise compute by reading the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .compat import canonical_clip_name
+from .config import ModelInfo, TrainingParams
+from .errors import ModelError
+from .kohya import read_kohya_lora
+from .safetensors_stream import encode_header, tensor_bytes, write_safetensors
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+NETWORK_MODULE = "networks.lora"
+# The web UI's legacy ("old") hash reads this many bytes at this offset (modules/sd_models.py model_hash).
+LEGACY_HASH_OFFSET = 0x100000
+LEGACY_HASH_SIZE = 0x10000
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a low-rank update: base(x) + up(down(x)) * alpha / rank * multiplier.
+
+    The adapter keeps its own dtype (fp32 adapters on an fp16/bf16 base): the
+    input is cast to it and the update cast back to the base's output dtype.
+    """
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be at least 1; got {rank}")
+        self.base = base
+        self.base_requires_grad = base.weight.requires_grad
+        base.requires_grad_(False)
+        device = base.weight.device
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as kohya's networks/lora.py
+        nn.init.zeros_(self.lora_up.weight)
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        self.multiplier = 1.0
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (code that reads `.weight.dtype` / `.device` of a projection keeps working)."""
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        update = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
+        return out + (update * (self.scale * self.multiplier)).to(out.dtype)
+
+
+def _matches(path: str, targets: tuple[str, ...]) -> bool:
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def kohya_module_name(prefix: str, path: str) -> str:
+    """`lora_unet_<path>` / `lora_te_text_model_<path>` with '.' -> '_' (text encoders: canonical `text_model.` path)."""
+    if prefix.startswith("lora_te"):
+        path = canonical_clip_name(path)
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha: float, prefix: str,
+                dtype: torch.dtype = torch.float32) -> dict[str, LoRALinear]:
+    """Wrap every `nn.Linear` of `model` whose path ends with one of `targets` in a `LoRALinear`.
+
+    `prefix` is "lora_unet" or "lora_te"; returns kohya module name -> adapter,
+    in the model's module order. The base weights stop requiring gradients; the
+    adapters are made in `dtype` on the base weight's device: give the model its
+    device and dtype first, as a later `model.to(dtype)` casts the adapters too.
+    Raises RuntimeError when `model` already holds adapters and ValueError when
+    no module matches `targets`.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise RuntimeError(f"{type(model).__name__} already holds LoRA adapters; call remove_lora(model) before injecting again")
+    chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(path, targets)]
+    if not chosen:
+        raise ValueError(f"no nn.Linear of {type(model).__name__} ends with any of {', '.join(targets)}")
+    injected: dict[str, LoRALinear] = {}
+    for path, linear in chosen:
+        adapter = LoRALinear(linear, rank=rank, alpha=alpha, dtype=dtype)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, adapter)
+        injected[kohya_module_name(prefix, path)] = adapter
+    return injected
+
+
+def remove_lora(model: nn.Module) -> None:
+    """Put the base `nn.Linear` back in place of every `LoRALinear` of `model` (with its requires_grad as before)."""
+    wrapped = [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for path, adapter in wrapped:
+        adapter.base.requires_grad_(adapter.base_requires_grad)
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, adapter.base)
+
+
+def lora_parameters(injected: dict[str, LoRALinear]) -> list[nn.Parameter]:
+    """The trainable weights (down, up) of the adapters, in name order."""
+    return [p for name in injected for p in (injected[name].lora_down.weight, injected[name].lora_up.weight)]
+
+
+def lora_state_dict(*injected: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The kohya tensors of the adapters: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
+
+    Detached, contiguous CPU copies in the adapters' dtype; alpha is a scalar fp32 tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for group in injected:
+        for name, adapter in group.items():
+            if f"{name}.alpha" in out:
+                raise ValueError(f"LoRA module {name} appears twice; use different prefixes for UNet and text encoder")
+            out[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().to("cpu", copy=True).contiguous()
+            out[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().to("cpu", copy=True).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+    return out
+
+
+def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Copy saved adapter weights into `injected` (to resume training); every key must match exactly.
+
+    Raises ModelError naming `source` when keys are missing or unexpected, when
+    a shape differs (another rank) or when a saved alpha differs from the adapter's.
+    """
+    expected = {f"{name}.{leaf}": adapter for name, adapter in injected.items()
+                for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
+                 for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys")) if keys]
+        raise ModelError(f"{source}: does not fit the adapters being trained: {'; '.join(parts)}; "
+                         "the LoRA was saved with other settings (targets or Train Text Encoder): restore them or train a new model")
+    shapes = {key: (tuple(tensors[key].shape), tuple(_leaf(adapter, key).shape))
+              for key, adapter in expected.items() if not key.endswith(".alpha")}
+    wrong = [(key, have, want) for key, (have, want) in shapes.items() if have != want]
+    if wrong:
+        key, have, want = wrong[0]
+        raise ModelError(f"{source}: {len(wrong)} tensors have another shape than the adapters (e.g. {key}: {have} vs {want}); "
+                         "the rank changed since it was saved: set it back or train a new model")
+    alphas = [(key, float(tensors[key].float().reshape(-1)[0]), expected[key].alpha)
+              for key in expected if key.endswith(".alpha")]
+    changed = [(key, have, want) for key, have, want in alphas if not math.isclose(have, want, rel_tol=1e-3)]
+    if changed:
+        key, have, want = changed[0]
+        raise ModelError(f"{source}: saved with alpha {have:g} (e.g. {key}), the settings say {want:g}; "
+                         "set the alpha back or train a new model")
+    with torch.no_grad():
+        for key, adapter in expected.items():
+            if not key.endswith(".alpha"):
+                _leaf(adapter, key).copy_(tensors[key])
+
+
+def _leaf(adapter: LoRALinear, key: str) -> nn.Parameter:
+    return adapter.lora_down.weight if key.endswith(".lora_down.weight") else adapter.lora_up.weight
+
+
+def save_lora(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *,
+              dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    """Write a kohya LoRA `.safetensors` atomically; return its path.
+
+    Floating tensors are cast to `dtype` when given. The metadata gets
+    `sshs_model_hash` (the web UI's "addnet" hash: sha256 of everything after
+    the 8-byte length and JSON header, which it shows as the LoRA's hash) and
+    `sshs_legacy_hash` (sha256 of the 0x10000 bytes at offset 0x100000, first 8
+    hex digits: the additional-networks extension's legacy hash), both of the
+    file as written. Both have a fixed length, so the header's length and with
+    it every data offset are known before they are filled in. When the
+    metadata is so large that the header reaches offset 0x100000, the legacy
+    hash would cover itself and is left out.
+    Raises FileExistsError when `path` exists and `overwrite` is False; a
+    failure leaves nothing under `path`.
+    """
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"LoRA metadata values must be strings; not so for {', '.join(map(str, bad[:3]))}")
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    tensors = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    placeholder = {**metadata, "sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8}
+    data_start = 8 + len(encode_header(layout, placeholder))
+    model_hash, legacy_hash = _data_hashes(tensors.values(), data_start)
+    final = {**metadata, "sshs_model_hash": model_hash}
+    if data_start <= LEGACY_HASH_OFFSET:
+        final["sshs_legacy_hash"] = legacy_hash
+    else:
+        final = {k: v for k, v in final.items() if k != "sshs_legacy_hash"}
+    return write_safetensors(path, layout, tensors.items(), metadata=final, overwrite=overwrite)
+
+
+def _data_hashes(tensors, data_start: int) -> tuple[str, str]:
+    """(addnet hash, legacy hash) of a file whose data section (these tensors in order) starts at `data_start`."""
+    whole = hashlib.sha256()
+    window = bytearray()
+    position = data_start
+    begin, end = LEGACY_HASH_OFFSET, LEGACY_HASH_OFFSET + LEGACY_HASH_SIZE
+    for tensor in tensors:
+        data = tensor_bytes(tensor)
+        whole.update(data)
+        low, high = max(begin, position), min(end, position + len(data))
+        if low < high:
+            window += data[low - position:high - position]
+        position += len(data)
+    return whole.hexdigest(), hashlib.sha256(bytes(window)).hexdigest()[:8]
+
+
+def addnet_hash(path: str | Path) -> str:
+    """The web UI's hash of a `.safetensors` LoRA (modules/hashes.py addnet_hash_safetensors): sha256 of the data section."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        f.seek(8 + length)
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def legacy_hash(path: str | Path) -> str:
+    """The web UI's old model hash (modules/sd_models.py model_hash): sha256 of 64 KiB at 1 MiB, 8 hex digits."""
+    with open(path, "rb") as f:
+        f.seek(LEGACY_HASH_OFFSET)
+        return hashlib.sha256(f.read(LEGACY_HASH_SIZE)).hexdigest()[:8]
+
+
+def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors (kohya keys, every module with its alpha) and metadata of a LoRA file.
+
+    A missing or zero alpha reads as the rank, as kohya and the web UI read it.
+    Raises CheckpointError for an unreadable file, ModelError for one that is not a plain LoRA.
+    """
+    lora = read_kohya_lora(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in lora.modules.items():
+        tensors[f"{name}.lora_down.weight"] = module.down
+        tensors[f"{name}.lora_up.weight"] = module.up
+        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+    return tensors, lora.metadata
+
+
+def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs: int, num_images: int,
+                  started_at: float, finished_at: float, output_name: str, seed: int | None = None,
+                  source_checkpoint: str | Path | None = None) -> dict[str, str]:
+    """The metadata of a LoRA file: kohya's `ss_*` keys plus this project's `lora_trainer_*`.
+
+    What the web UI v1.10.1's built-in Lora reads of it: `ss_output_name` (the
+    name it shows and accepts in `<lora:...>`, unless set to show file names;
+    two files with one name lose it, so pass the file's stem, steps included),
+    `ss_base_model_version` (a value starting with "sdxl_" files it under SDXL)
+    and `ss_v2` ("True" files it under SD2, otherwise SD1: its Lora tab hides
+    LoRAs of another family than the loaded checkpoint unless set to show all), `sshs_model_hash` (its hash,
+    written by `save_lora`); its metadata editor shows `ss_sd_model_name`,
+    `ss_network_module` and `ss_training_started_at` (a Unix time) and orders
+    `ss_sd_model_name`, `ss_resolution` and `ss_num_train_images` first in the
+    metadata view. The other keys are for civitai and other kohya tools, with
+    kohya's meaning: `ss_steps`/`ss_epoch` this run's, `ss_sd_model_hash` the
+    web UI's legacy hash of the base checkpoint (only when `source_checkpoint`,
+    its path, is given and exists) and `ss_new_sd_model_hash` its sha256;
+    `ss_network_args` carries the text encoder's rank and alpha when they differ
+    from the UNet's (kohya's own LoRA has one rank for both). `seed` is the seed
+    the run used (`params.seed` may be -1, "pick one"). The `lora_trainer_*`
+    revision and lifetime steps are taken from `info`: update it first.
+    """
+    text_differs = params.train_text_encoder and (params.text_encoder_rank != params.rank
+                                                  or params.text_encoder_alpha != params.lora_alpha)
+    meta = {
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": str(params.rank),
+        "ss_network_alpha": str(float(params.lora_alpha)),
+        "ss_base_model_version": info.base_model_version,
+        "ss_v2": str(bool(info.v2)),
+        "ss_sd_model_name": info.source_checkpoint,
+        "ss_resolution": str((params.resolution, params.resolution)),
+        "ss_steps": str(steps),
+        "ss_epoch": str(epochs),
+        "ss_num_train_images": str(num_images),
+        "ss_learning_rate": str(params.unet_learning_rate),
+        "ss_unet_lr": str(params.unet_learning_rate),
+        "ss_text_encoder_lr": str(params.text_encoder_learning_rate),
+        "ss_network_train_unet_only": str(not params.train_text_encoder),
+        "ss_lr_scheduler": params.lr_scheduler,
+        "ss_lr_warmup_steps": str(params.lr_warmup_steps),
+        "ss_mixed_precision": params.mixed_precision,
+        "ss_batch_size_per_device": str(params.train_batch_size),
+        "ss_gradient_accumulation_steps": str(params.gradient_accumulation_steps),
+        "ss_gradient_checkpointing": str(params.gradient_checkpointing),
+        "ss_max_train_steps": str(params.max_train_steps),
+        "ss_cache_latents": str(params.cache_latents),
+        "ss_flip_aug": str(params.hflip),
+        "ss_enable_bucket": str(params.use_buckets),
+        "ss_noise_offset": str(params.noise_offset) if params.noise_offset else "None",
+        "ss_min_snr_gamma": str(params.snr_gamma) if params.snr_gamma else "None",
+        "ss_training_started_at": str(float(started_at)),
+        "ss_training_finished_at": str(float(finished_at)),
+        "ss_output_name": output_name,
+        "ss_seed": str(params.seed if seed is None else seed),
+        "ss_prior_loss_weight": str(params.prior_loss_weight),
+        "lora_trainer_model": info.model_name,
+        "lora_trainer_revision": str(info.revision),
+        "lora_trainer_lifetime_steps": str(info.lifetime_steps),
+        "lora_trainer_prediction_type": info.prediction_type,
+    }
+    if text_differs:
+        meta["ss_network_args"] = json.dumps({"text_encoder_dim": str(params.text_encoder_rank),
+                                              "text_encoder_alpha": str(float(params.text_encoder_alpha))})
+    if info.source_checkpoint_hash:
+        meta["ss_new_sd_model_hash"] = info.source_checkpoint_hash
+    if source_checkpoint is not None and Path(source_checkpoint).is_file():
+        meta["ss_sd_model_hash"] = legacy_hash(source_checkpoint)
+    return meta
