@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 CLIP_PREFIX = "text_model."
 
@@ -35,3 +36,40 @@ def installed_clip_name(name: str) -> str:
     if clip_has_text_model_level():
         return canonical_clip_name(name)
     return name[len(CLIP_PREFIX):] if name.startswith(CLIP_PREFIX) else name
+
+
+def enable_text_encoder_checkpointing(text_encoder) -> None:
+    """Gradient checkpointing of a CLIPTextModel that also trains adapters behind frozen embeddings.
+
+    transformers >= 4.35 takes `use_reentrant=False`; older versions only have
+    the re-entrant kind, which needs inputs that require grad to pass gradients;
+    newer ones rename it `activation_checkpointing_enable`.
+    """
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        return
+    try:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    except TypeError:
+        text_encoder.gradient_checkpointing_enable()
+        text_encoder.enable_input_require_grads()
+
+
+def new_accelerator(**kwargs):
+    """An `accelerate.Accelerator` that may differ from one made earlier in this process.
+
+    Accelerate keeps its settings (mixed precision, device) in process-wide
+    shared state and refuses a second Accelerator with other settings; the UI
+    trains many times in one process. Outside a distributed launch the shared
+    state is reset first (`_reset_state` exists in accelerate 0.21 .. newest).
+    """
+    import accelerate
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    for state in (AcceleratorState, GradientState):
+        if hasattr(state, "_reset_state"):
+            state._reset_state()
+    if not distributed and hasattr(PartialState, "_reset_state"):
+        PartialState._reset_state()
+    return accelerate.Accelerator(**kwargs)

@@ -156,13 +156,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     One item per instance example: "pixel_values" [3, H, W] in [-1, 1],
     "prompt", "is_class" (False), "input_ids" [77] with a tokenizer, and with
     class examples also "class_pixel_values", "class_prompt", "class_input_ids".
-    The class partner is drawn from the same concept's class pictures (any
-    concept's when it has none) and moves on by one every epoch, so all class
-    pictures are used when there are more of them than instance pictures.
+    The class partner is drawn from the same concept's class pictures and moves
+    on by one every epoch, so all class pictures are used when there are more
+    of them than instance pictures. Prior preservation is per concept: items of
+    a concept without class pictures have no class partner (and no class keys).
     H x W is resolution x resolution, or the instance picture's bucket with
     `use_buckets` (its class partner is made at the same size).
     Flips are random but reproducible: they depend on `seed`, the epoch and the index.
     """
+
+    row_key = "pixel_values"
 
     def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
                  hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0):
@@ -191,10 +194,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         """(width, height) of item `index`."""
         return self.sizes[index]
 
-    def class_partner(self, index: int) -> Example:
-        """The class example paired with instance example `index` in the current epoch."""
+    def class_partner(self, index: int) -> Example | None:
+        """The class example paired with instance example `index` in the current epoch;
+        None when its concept has no class pictures (no prior preservation for it)."""
         concept = self.instance[index].concept_index
-        pool = self._pools.get(concept) or list(range(len(self.class_)))
+        pool = self._pools.get(concept)
+        if not pool:
+            return None
         position = self._rank[index] + self.epoch * self._concept_count[concept]
         return self.class_[pool[position % len(pool)]]
 
@@ -214,6 +220,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             raise ConfigError(f"{example.image_path}: picture became unreadable during training; restore or remove it")
         return to_tensor(resize_to(image, size, center_crop=self.center_crop), flip=flip)
 
+    def row(self, example: Example, size: tuple[int, int], *, flip: bool = False) -> torch.Tensor:
+        """What one batch row holds for `example` (under the key `row_key`): its pixels here;
+        training's latent cache gives the encoded picture instead."""
+        return self.pixels(example, size, flip=flip)
+
     def tokenize(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(prompt, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -221,13 +232,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         example, size = self.instance[index], self.sizes[index]
-        item = {"pixel_values": self.pixels(example, size, flip=self.flips(index)),
+        item = {self.row_key: self.row(example, size, flip=self.flips(index)),
                 "prompt": example.prompt, "is_class": False}
         if self.tokenizer is not None:
             item["input_ids"] = self.tokenize(example.prompt)
-        if self.class_:
-            partner = self.class_partner(index)
-            item["class_pixel_values"] = self.pixels(partner, size, flip=self.flips(index, "class"))
+        partner = self.class_partner(index)
+        if partner is not None:
+            item["class_" + self.row_key] = self.row(partner, size, flip=self.flips(index, "class"))
             item["class_prompt"] = partner.prompt
             if self.tokenizer is not None:
                 item["class_input_ids"] = self.tokenize(partner.prompt)
@@ -251,22 +262,28 @@ def _size_of(example: Example) -> tuple[int, int]:
     return image.size if image is not None else (1, 1)
 
 
-def collate_examples(batch: list[dict]) -> dict:
-    """Stack items: instance rows first, then the class rows of prior preservation.
+ROW_KEYS = ("pixel_values", "latent_dist")
 
-    Returns "pixel_values" [B or 2B, 3, H, W], "prompts" (list of str),
-    "is_class" BoolTensor [B or 2B], and "input_ids" when the items have them.
+
+def collate_examples(batch: list[dict]) -> dict:
+    """Stack items: instance rows first, then the class rows of prior preservation
+    (one per item that has a class partner, in the same order).
+
+    Returns "pixel_values" [B + class rows, 3, H, W] (or "latent_dist" [B + class rows, 8, h, w]
+    from training's latent cache: mean and std of the VAE's latent distribution), "prompts" (list of str),
+    "is_class" BoolTensor [B + class rows], and "input_ids" when the items have them.
     """
-    pixels = [item["pixel_values"] for item in batch]
+    key = next(k for k in ROW_KEYS if k in batch[0])
+    rows = [item[key] for item in batch]
     prompts = [item["prompt"] for item in batch]
     ids = [item["input_ids"] for item in batch if "input_ids" in item]
     is_class = [bool(item.get("is_class", False)) for item in batch]
-    if all("class_pixel_values" in item for item in batch) and batch:
-        pixels += [item["class_pixel_values"] for item in batch]
-        prompts += [item["class_prompt"] for item in batch]
-        ids += [item["class_input_ids"] for item in batch if "class_input_ids" in item]
-        is_class += [True] * len(batch)
-    out = {"pixel_values": torch.stack(pixels).contiguous().float(), "prompts": prompts,
+    partnered = [item for item in batch if "class_" + key in item]
+    rows += [item["class_" + key] for item in partnered]
+    prompts += [item["class_prompt"] for item in partnered]
+    ids += [item["class_input_ids"] for item in partnered if "class_input_ids" in item]
+    is_class += [True] * len(partnered)
+    out = {key: torch.stack(rows).contiguous().float(), "prompts": prompts,
            "is_class": torch.tensor(is_class, dtype=torch.bool)}
     if ids:
         out["input_ids"] = torch.stack(ids)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from .installer import IMPORT_LIMITS, REQUIRED, Need, canonical_name, installed_versions, satisfies
+from .installer import REQUIRED, Need, applying_limits, canonical_name, installed_versions, satisfies
 
 MIN_PYTHON = (3, 10)
 # Never installed by us: the host brings its own build (CUDA, ROCm, CPU).
@@ -25,11 +25,12 @@ def missing_requirements(installed: dict[str, str]) -> list[str]:
             problems.append(f"{need.requirement} (not installed)")
         elif not satisfies(version, need.spec):
             problems.append(f"{need.requirement} (found {version})")
-    for limit in IMPORT_LIMITS:
-        version = installed.get(canonical_name(limit.package))
-        other = installed.get(canonical_name(limit.when))
-        if version and other and satisfies(other, limit.when_spec) and not satisfies(version, limit.works):
-            problems.append(f"{limit.package}{limit.works} beside {limit.when} {other} (found {version}: {limit.why})")
+    for need in REQUIRED:
+        version = installed.get(canonical_name(need.name))
+        for limit in applying_limits(need, installed):
+            if version and not satisfies(version, limit.works):
+                other = installed[canonical_name(limit.when)]
+                problems.append(f"{limit.package}{limit.works} beside {limit.when} {other} (found {version}: {limit.why})")
     return problems
 
 

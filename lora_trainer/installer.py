@@ -94,7 +94,7 @@ class ImportLimit:
 
 IMPORT_LIMITS = (
     ImportLimit("diffusers", "<0.32", "transformers", "<4.31",
-                "diffusers 0.32 to 0.37.1 cannot import StableDiffusionPipeline with transformers 4.30"),
+                "diffusers 0.32 to 0.37.1 cannot import StableDiffusionPipeline beside transformers 4.30"),
 )
 
 
@@ -119,9 +119,12 @@ def installed_versions() -> dict[str, str]:
     """Canonical distribution name -> version of everything importable, first on sys.path wins."""
     found: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            found.setdefault(canonical_name(name), dist.version)
+        try:
+            name, version = dist.metadata["Name"], dist.version
+        except Exception:  # a broken .dist-info folder (no METADATA) is not a package pip can see either
+            continue
+        if name and version:
+            found.setdefault(canonical_name(name), version)
     return found
 
 
@@ -138,13 +141,17 @@ def satisfies(version: str, spec: str) -> bool:
     return parsed is not None and SpecifierSet(spec).contains(parsed, prereleases=True)
 
 
+def applying_limits(need: Need, installed: Mapping[str, str]) -> list[ImportLimit]:
+    """The import limits on `need` that the host's installed versions bring into force."""
+    return [limit for limit in IMPORT_LIMITS if canonical_name(limit.package) == canonical_name(need.name)
+            and satisfies(installed.get(canonical_name(limit.when), ""), limit.when_spec)]
+
+
 def install_range(need: Need, installed: Mapping[str, str]) -> str:
     """The requirement to hand pip for `need`: our range narrowed by what the host's versions allow."""
     spec = SpecifierSet(need.spec)
-    for limit in IMPORT_LIMITS:
-        other = installed.get(canonical_name(limit.when))
-        if canonical_name(limit.package) == canonical_name(need.name) and other and satisfies(other, limit.when_spec):
-            spec &= SpecifierSet(limit.works)
+    for limit in applying_limits(need, installed):
+        spec &= SpecifierSet(limit.works)
     return need.name + str(spec) if str(spec) else need.name
 
 
@@ -172,7 +179,7 @@ def optional_wanted(setting: str, cuda: str | None) -> tuple[set[str], str]:
     if setting == "auto":
         if cuda:
             return names, f"torch is built for CUDA {cuda}"
-        return set(), "torch is a CPU build; they need an NVIDIA GPU (set LORA_TRAINER_OPTIONAL=bitsandbytes,xformers to try anyway)"
+        return set(), "torch is a CPU build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
     if setting == "none":
         return set(), f"{OPTIONAL_ENV}=none"
     wanted = {canonical_name(n) for n in setting.split(",") if n.strip()}
@@ -199,19 +206,18 @@ def plan(installed: Mapping[str, str], *, is_installed: Callable[[str], bool], o
                 steps.append(Step(need, None, f"{need.name} {version} is installed but {need.requirement} is needed; "
                                               "left as it is: the host's version is never changed"))
         elif need.optional and key not in wanted:
-            steps.append(Step(need, None, f"{need.name} not installed ({why_optional}): {need.purpose} is disabled"))
+            steps.append(Step(need, None, f"{need.name} not installed: {need.purpose} is disabled "
+                                          f"({why_optional.format(name=need.name)})"))
         elif need.optional and key in failed_before:
             reason = failed_before[key].get("reason", "pip failed")
             steps.append(Step(need, None, f"{need.name} not retried: it failed with this torch before ({reason}); "
                                           f"delete {STATE_FILE} to retry"))
         else:
-            requirement = install_range(need, installed)
             why = f"{need.name} is missing ({need.purpose})"
-            if requirement != need.requirement:
-                why += f"; {requirement} fits this host's " + ", ".join(
-                    f"{limit.when} {installed[canonical_name(limit.when)]}" for limit in IMPORT_LIMITS
-                    if canonical_name(limit.package) == key and canonical_name(limit.when) in installed)
-            steps.append(Step(need, requirement, why))
+            for limit in applying_limits(need, installed):
+                why += f"; held to {limit.works}: this host has {limit.when} {installed[canonical_name(limit.when)]} " \
+                       f"and {limit.why}"
+            steps.append(Step(need, install_range(need, installed), why))
     return steps
 
 

@@ -15,7 +15,7 @@ def load_pipeline(model_dir: str | Path, *, device: str | torch.device = "cpu", 
     `text_encoder` / `unet` reuse models already in memory (e.g. the ones being trained).
     Raises ModelError when the folder is not a complete model.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
@@ -24,7 +24,27 @@ def load_pipeline(model_dir: str | Path, *, device: str | torch.device = "cpu", 
     pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    local_files_only=True, **extra)
+    return _fast_quiet(pipe).to(device)
+
+
+def pipeline_from_parts(*, unet, vae, text_encoder, tokenizer, scheduler):
+    """A StableDiffusionPipeline around models already in memory (e.g. during training: samples).
+
+    `scheduler` is any diffusers scheduler of the model (its config is reused).
+    Nothing is moved or copied.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return _fast_quiet(pipe)
+
+
+def _fast_quiet(pipe):
+    from diffusers import DPMSolverMultistepScheduler
+
     # A fast multistep solver: class pictures in 20 steps instead of 50.
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe

@@ -70,7 +70,7 @@ def test_canonical_weights_load_into_the_installed_model():
 def test_a1111_gets_the_newest_diffusers_that_imports_beside_transformers_4_30():
     steps = plan_for(A1111)
     assert steps["diffusers"].requirement == "diffusers<0.32,>=0.31.0"
-    assert "transformers 4.30.2" in steps["diffusers"].reason
+    assert "held to <0.32: this host has transformers 4.30.2" in steps["diffusers"].reason
     assert [name for name, s in steps.items() if s.installs] == ["diffusers"]
 
 
@@ -214,3 +214,14 @@ def test_an_install_failure_is_the_reason_shown(fresh_features):
     installer.InstallState(fresh_features).record_failure("bitsandbytes", torch.__version__, "ERROR: no wheel for this")
     reason = optional.optional_features()["bitsandbytes"]
     assert "not installed" in reason and "install.py could not install it: ERROR: no wheel for this" in reason
+
+
+def test_the_installer_and_the_host_check_import_nothing_heavy():
+    """They run at every web UI launch, before the host has loaded torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lora_trainer.installer, lora_trainer.hostcheck; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'gradio') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

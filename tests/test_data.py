@@ -421,3 +421,15 @@ def test_tokenizer_ids(tmp_path, created_sd1):
     assert batch["input_ids"].shape == (2, 77) and batch["input_ids"].dtype == torch.long
     assert batch["input_ids"][0].tolist() == tokenizer("scs girl", padding="max_length", max_length=77).input_ids
     assert not torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+
+
+def test_prior_preservation_is_per_concept(tmp_path):
+    """A concept without class pictures gets no class partner, even when another concept has some."""
+    instance = [Example(solid(tmp_path / f"i{i}.png"), f"inst {i % 2}", False, i % 2) for i in range(4)]
+    class_ = [Example(solid(tmp_path / "c.png", BLUE), "class 0", True, 0)]
+    dataset = DreamBoothDataset(instance, class_, resolution=16, center_crop=True, hflip=False)
+    assert dataset.class_partner(1) is None and "class_pixel_values" not in dataset[1]
+    assert dataset.class_partner(0).concept_index == 0
+    batch = collate_examples([dataset[i] for i in range(4)])
+    assert batch["is_class"].tolist() == [False, False, False, False, True, True]
+    assert batch["prompts"][4:] == ["class 0", "class 0"]

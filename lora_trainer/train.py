@@ -1,0 +1,217 @@
+""""Train": DreamBooth-style LoRA training (or a full fine-tune) of a working model.
+
+`train` reads like the steps it takes: check the options against the
+machine, save the settings, generate missing class pictures, load the model,
+attach the adapters (continuing from the last run), build the batches, run the
+step loop, save. The parts live in `lora_trainer/training/`, one concern each.
+It runs under `accelerate launch` on several GPUs unchanged (data parallel).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .classimages import generate_class_images
+from .compat import new_accelerator
+from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
+from .data import collect_examples, instance_pictures
+from .errors import ConfigError
+from .host import ModelsDir
+from .lora import load_lora_state_dict
+from .progress import CancelFlag, Progress, Report, TrainResult, no_report
+from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
+from .training.batches import LatentDataset, make_dataloader, make_dataset
+from .training.console import ProgressDisplay
+from .training.hardware import Hardware, check_options, probe_hardware
+from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.optim import make_lr_scheduler, make_optimizer
+from .training.outputs import output_name
+from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, frozen_dtype,
+                             load_working_model, place, set_attention)
+from .training.resume import load_resume_state, restore_optimizer
+from .training.samples import draw_samples, pick_seed, sample_prompts
+from .training.snapshots import Snapshots
+
+log = logging.getLogger(__name__)
+
+
+def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
+          report: Report = no_report, cancel: CancelFlag | None = None, device: str | None = None) -> TrainResult:
+    """Train the working model `model_name` on `concepts`; return what was written.
+
+    The LoRA goes to `models.lora/<Custom Model Name or model name>_<steps>.safetensors`
+    (a full fine-tune, "Use LORA" off, into the model folder); the model's info
+    gets revision +1 and the new lifetime steps; a later call continues from here.
+    `cancel.is_set()` is looked at every step: a cancelled run saves what it learned.
+    Raises ConfigError for option pairs the machine cannot run (before any weight
+    is loaded), bad concepts or running out of GPU memory; ModelError for a missing
+    or broken model or a previous LoRA that no longer fits the options.
+    """
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    hardware = probe_hardware(device)
+    check_options(params, hardware)
+    name = output_name(info, params)
+    check_concepts(concepts, model_dir)
+    accelerator = make_accelerator(params, hardware)
+    if accelerator.is_main_process:
+        params.save(model_dir / PARAMS_FILE)
+        save_concepts(concepts, model_dir / CONCEPTS_FILE)
+        make_class_pictures(models, model_name, concepts, accelerator.device, report, cancel)
+    accelerator.wait_for_everyone()
+    if cancel is not None and cancel.is_set():
+        log.info("Training cancelled before the first step")
+        return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
+    instance, class_ = collect_examples(concepts, model_dir)
+    seed = pick_seed(params.seed)
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    report(Progress(job="train", message=f"Loading {model_name}"))
+    model = load_working_model(model_dir, info)
+    adapters = prepare_model(model, params, accelerator.device)
+    optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
+    run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
+    snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
+                          source_checkpoint=source_checkpoint(models, info))
+    display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
+                              lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
+    samples = sample_prompts(concepts, instance)
+    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
+    run.cancel = cancel
+    try:
+        outcome = run_loop(run, display)
+        if outcome.steps and accelerator.is_main_process:
+            display.message("Saving", outcome.steps)
+            save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
+    finally:
+        display.close()
+    accelerator.wait_for_everyone()
+    # The main process saved; the others read what it wrote, so every process returns the same result.
+    final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
+    lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
+    if accelerator.is_main_process:
+        log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
+    result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
+                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
+    accelerator.free_memory()
+    free_device_memory(accelerator.device)
+    return result
+
+
+def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
+    """Every concept that names a Dataset Directory has pictures; at least one does (before loading anything)."""
+    chosen = [(i, c) for i, c in enumerate(concepts) if c.is_set]
+    if not chosen:
+        raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
+    for index, concept in chosen:
+        instance_pictures(concept, index, model_dir)
+
+
+def make_accelerator(params: TrainingParams, hardware: Hardware):
+    if hardware.cuda and hardware.device.index is not None:
+        torch.cuda.set_device(hardware.device)
+    return new_accelerator(mixed_precision=params.mixed_precision,
+                           gradient_accumulation_steps=params.gradient_accumulation_steps,
+                           cpu=not hardware.cuda)
+
+
+def make_class_pictures(models: ModelsDir, model_name: str, concepts: list[Concept], device: torch.device,
+                        report: Report, cancel: CancelFlag | None) -> None:
+    """Generate the missing class pictures first (the console says how many each concept needs)."""
+    def progress(message: str, fraction: float) -> None:
+        report(Progress(job="class images", message=message, step=round(fraction * 1000), total_steps=1000))
+
+    generate_class_images(models, model_name, concepts, device=device, progress=progress, cancel=cancel)
+
+
+def prepare_model(model: WorkingModel, params: TrainingParams, device: torch.device) -> Adapters | None:
+    """Place the parts, set attention and checkpointing, attach LoRA (or unfreeze for a full fine-tune)."""
+    full = not params.use_lora
+    place(model, device, frozen_dtype(params, device), train_unet=full, train_text=full and params.train_text_encoder)
+    set_attention(model.unet, params.attention)
+    if params.gradient_checkpointing:
+        enable_checkpointing(model, text_encoder=params.train_text_encoder)
+    if full:
+        unfreeze_for_full_finetune(model, params)
+        return None
+    return attach_lora(model, params)
+
+
+def resume_from_last_run(models: ModelsDir, model_dir: Path, info: ModelInfo, adapters: Adapters | None) -> dict | None:
+    """Load the adapters the previous run left and return its optimizer state (None: start afresh).
+
+    A full fine-tune continues from the weights in the model folder itself.
+    """
+    state = load_resume_state(model_dir, models.lora, info) if adapters is not None else None
+    if state is None:
+        return None
+    load_lora_state_dict(adapters.all, state.adapters, source=state.source)
+    log.info("Continuing from %s (lifetime step %d)", state.source, info.lifetime_steps)
+    return state.optimizer
+
+
+def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, params: TrainingParams,
+              instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None) -> Loop:
+    """Batches, optimizer and schedule, prepared by accelerate."""
+    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed)
+    if isinstance(dataset, LatentDataset):
+        dataset.fill_cache(model.vae, device=accelerator.device, dtype=next(model.vae.parameters()).dtype)
+        model.vae.to("cpu")  # not needed again until samples: free the GPU for training
+        free_device_memory(accelerator.device)
+    loader, sampler = make_dataloader(dataset, params.train_batch_size, seed=seed)
+    groups = trainable_groups(model, adapters, params)
+    optimizer = make_optimizer(groups, params)
+    if restore_optimizer(optimizer, optimizer_state, groups):
+        log.info("Restored the optimizer state of the previous run")
+    per_epoch = steps_per_epoch(len(sampler), accelerator.num_processes, params.gradient_accumulation_steps)
+    steps = total_steps(params, per_epoch)
+    lr_scheduler = make_lr_scheduler(optimizer, params, steps, accelerator.num_processes)
+    train_text = params.train_text_encoder
+    if train_text:
+        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
+            model.unet, model.text_encoder, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(model.unet, optimizer, loader, lr_scheduler)
+        text_encoder = model.text_encoder
+    unet.train()
+    text_encoder.train(train_text)
+    trainable = [p for group in groups for p in group["params"]]
+    return Loop(accelerator, model, unet, text_encoder, train_text, trainable, optimizer, lr_scheduler, loader,
+                sampler, dataset, params, steps, info.lifetime_epochs)
+
+
+def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
+               epochs: int) -> None:
+    """Save at the "Save Model Frequency" and draw previews at the "Save Preview(s) Frequency"."""
+    if not run.accelerator.is_main_process:
+        return
+    params = run.params
+    if params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps:
+        display.message(f"Saving at step {step}", step)
+        save_snapshot(run, snapshots, adapters, step, epochs)
+    if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
+        display.message(f"Drawing samples at step {step}", step)
+        lifetime = snapshots.start_info.lifetime_steps + step
+        stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
+        unwrap = run.accelerator.unwrap_model
+        display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
+                                        folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
+                                        device=run.accelerator.device, autocast=run.accelerator.autocast,
+                                        seed=snapshots.seed)
+        display.message(f"Samples of step {step} saved", step)
+
+
+def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, step: int, epochs: int) -> None:
+    unwrap = run.accelerator.unwrap_model
+    snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
+                   text_encoder=unwrap(run.text_encoder))
+
+
+def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:
+    path = models.checkpoints / info.source_checkpoint if info.source_checkpoint else None
+    return path if path is not None and path.is_file() else None
+

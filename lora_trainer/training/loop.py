@@ -1,0 +1,145 @@
+"""The step loop: noise, predict, loss, backward, optimizer step; report, save, sample, cancel.
+
+One step is one optimizer update (after Gradient Accumulation micro-batches).
+The cancel flag is looked at before every micro-batch; under `accelerate
+launch` the processes agree on it, so they stop at the same step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import TrainingParams
+from ..errors import ConfigError
+from ..progress import CancelFlag
+from .batches import batch_latents
+from .console import ProgressDisplay
+from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
+from .parts import WorkingModel
+
+log = logging.getLogger(__name__)
+
+MAX_GRAD_NORM = 1.0
+OUT_OF_MEMORY = ("out of GPU memory at step {step}: tick Mixed Precision fp16, Use 8bit Adam, Gradient Checkpointing "
+                 "and Cache Latents, untick Train Text Encoder, or lower Batch Size ('train_batch_size') or "
+                 "Max Resolution ('resolution')")
+
+
+@dataclass
+class Loop:
+    """What the loop runs on. `unet`/`text_encoder` are as prepared by accelerate."""
+
+    accelerator: object
+    model: WorkingModel
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    train_text: bool
+    trainable: list[torch.nn.Parameter]
+    optimizer: object
+    lr_scheduler: object
+    loader: object
+    sampler: object
+    dataset: object
+    params: TrainingParams
+    total_steps: int
+    first_epoch: int                 # the model's lifetime epochs: flips and class partners continue from there
+    on_step: Callable[[int, int], None] = lambda step, epochs: None   # after each step: save / samples
+    cancel: CancelFlag | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    steps: int
+    epochs: int
+    cancelled: bool
+
+
+def steps_per_epoch(batches: int, num_processes: int, accumulation: int) -> int:
+    """Optimizer steps in one epoch of `batches` batches shared by `num_processes` (accelerate evens them out)."""
+    return math.ceil(math.ceil(batches / num_processes) / accumulation)
+
+
+def total_steps(params: TrainingParams, per_epoch: int) -> int:
+    """Epochs x steps per epoch, capped by Max Training Steps when set."""
+    total = params.num_train_epochs * per_epoch
+    return min(total, params.max_train_steps) if params.max_train_steps else total
+
+
+def compute_loss(loop: Loop, batch: dict) -> Loss:
+    """The DreamBooth loss of one batch (instance rows, then class rows)."""
+    model, params, device = loop.model, loop.params, loop.accelerator.device
+    latents = batch_latents(batch, model.vae, model.latent_scale, device)
+    noise = sample_noise(latents, params.noise_offset)
+    timesteps = sample_timesteps(model.noise_scheduler, latents.shape[0], device)
+    noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+    input_ids = batch["input_ids"].to(device)
+    with torch.set_grad_enabled(loop.train_text):
+        hidden = loop.text_encoder(input_ids)[0]
+    prediction = loop.unet(noisy, timesteps, hidden, return_dict=False)[0]
+    target = training_target(model.noise_scheduler, latents, noise, timesteps)
+    weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
+    return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
+                           weights=weights)
+
+
+def cancelled(loop: Loop) -> bool:
+    wanted = loop.cancel is not None and loop.cancel.is_set()
+    accelerator = loop.accelerator
+    if accelerator.num_processes > 1:  # every process must stop at the same step
+        flag = torch.tensor([1.0 if wanted else 0.0], device=accelerator.device)
+        wanted = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return wanted
+
+
+def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
+    """Train until the step count is reached or the cancel flag is set."""
+    accelerator, step, micro_batches, pending = loop.accelerator, 0, 0, []
+    batches_per_epoch = max(len(loop.loader), 1)
+    epoch = 0
+    while step < loop.total_steps:
+        set_epoch(loop, loop.first_epoch + epoch)
+        for batch in loop.loader:
+            if cancelled(loop):
+                return Outcome(step, micro_batches // batches_per_epoch, True)
+            try:
+                pending.append(optimizer_micro_step(loop, batch))
+            except torch.cuda.OutOfMemoryError:
+                raise ConfigError(OUT_OF_MEMORY.format(step=step + 1)) from None
+            micro_batches += 1
+            if accelerator.sync_gradients:
+                step += 1
+                loop.losses.append(sum(pending) / len(pending))
+                pending = []
+                display.step(step, loop.first_epoch + epoch, loop.losses[-1], loop.lr_scheduler.get_last_lr()[0])
+                loop.on_step(step, micro_batches // batches_per_epoch)
+                if step >= loop.total_steps:
+                    break
+        epoch += 1
+    return Outcome(step, micro_batches // batches_per_epoch, False)
+
+
+def optimizer_micro_step(loop: Loop, batch: dict) -> float:
+    """Forward and backward of one batch; the optimizer steps when the accumulation is complete."""
+    accelerator = loop.accelerator
+    with accelerator.accumulate(loop.unet):
+        loss = compute_loss(loop, batch)
+        accelerator.backward(loss.total)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(loop.trainable, MAX_GRAD_NORM)
+        loop.optimizer.step()
+        loop.lr_scheduler.step()
+        loop.optimizer.zero_grad(set_to_none=True)
+    return float(loss.total.detach().item())
+
+
+def set_epoch(loop: Loop, epoch: int) -> None:
+    """Shuffle, flips and class partners of `epoch`; newer accelerate re-sets its loader's epoch on iteration."""
+    loop.dataset.set_epoch(epoch)
+    loop.sampler.set_epoch(epoch)
+    if hasattr(loop.loader, "set_epoch"):
+        loop.loader.set_epoch(epoch)

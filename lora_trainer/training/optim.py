@@ -1,0 +1,39 @@
+"""The optimizer (AdamW, or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
+from __future__ import annotations
+
+import torch
+
+from ..config import TrainingParams
+
+BETAS = (0.9, 0.999)
+WEIGHT_DECAY = 1e-2
+EPS = 1e-8
+
+
+def make_optimizer(groups: list[dict], params: TrainingParams) -> torch.optim.Optimizer:
+    """AdamW over parameter groups that each carry their own "lr".
+
+    "Use 8bit Adam" keeps the moments in 8 bits (bitsandbytes; checked by
+    `hardware.check_options` before anything is loaded).
+    """
+    if params.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(groups, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+    return torch.optim.AdamW(groups, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int,
+                      num_processes: int = 1):
+    """The chosen schedule from diffusers over this run's optimizer steps.
+
+    Accelerate steps a prepared scheduler once per process at every step, so
+    warmup and length are counted in process-steps, as diffusers' scripts do.
+    """
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(params.lr_scheduler, optimizer=optimizer,
+                         num_warmup_steps=params.lr_warmup_steps * num_processes,
+                         num_training_steps=max(total_steps, 1) * num_processes,
+                         num_cycles=params.lr_num_cycles, power=params.lr_power)
+

@@ -1,0 +1,105 @@
+"""The working model's parts, loaded with diffusers and transformers from local files only,
+and set up for training: frozen, in the right dtype, with the chosen attention and checkpointing."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..compat import enable_text_encoder_checkpointing
+from ..config import ModelInfo, TrainingParams
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class WorkingModel:
+    """The pieces of a model made by "Create Model"."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    info: ModelInfo
+    folder: Path
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+
+def load_working_model(model_dir: Path, info: ModelInfo) -> WorkingModel:
+    """Load UNet, VAE, text encoder, tokenizer and the DDPM noise schedule of a working model.
+
+    Raises ModelError when a part is missing or cannot be read.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = str(model_dir)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dir}: the model cannot be loaded ({str(e).splitlines()[0]}); create it again") from None
+    # The model info is what Create Model decided from the checkpoint's config: it wins.
+    scheduler.register_to_config(prediction_type=info.prediction_type)
+    for part in (unet, vae, text_encoder):
+        part.requires_grad_(False)
+    return WorkingModel(unet, vae, text_encoder, tokenizer, scheduler, info, Path(model_dir))
+
+
+def frozen_dtype(params: TrainingParams, device: torch.device) -> torch.dtype:
+    """dtype of the weights that are not trained: half on a GPU with mixed precision.
+
+    On the CPU they stay fp32 and autocast computes in bf16 where it helps.
+    """
+    return WEIGHT_DTYPES[params.mixed_precision] if device.type == "cuda" else torch.float32
+
+
+def set_attention(unet: torch.nn.Module, attention: str) -> None:
+    """"Memory Attention": default (diffusers' own choice, SDPA on torch 2), xformers, or
+    flash_attention = torch's scaled_dot_product_attention."""
+    if attention == "xformers":
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "flash_attention":
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def enable_checkpointing(model: WorkingModel, *, text_encoder: bool) -> None:
+    """Gradient checkpointing of the UNet, and of the text encoder when it trains."""
+    model.unet.enable_gradient_checkpointing()
+    if text_encoder:
+        enable_text_encoder_checkpointing(model.text_encoder)
+
+
+def place(model: WorkingModel, device: torch.device, dtype: torch.dtype, *, train_unet: bool,
+          train_text: bool) -> None:
+    """Move the parts to `device`: frozen ones in `dtype`, fully trained ones in fp32
+    (a gradient scaler needs fp32 weights)."""
+    _move(model.unet, device, torch.float32 if train_unet else dtype)
+    _move(model.text_encoder, device, torch.float32 if train_text else dtype)
+    _move(model.vae, device, dtype)
+
+
+def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    # Casting only when needed: diffusers warns about every cast, also fp32 -> fp32.
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype=dtype)
+    module.to(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

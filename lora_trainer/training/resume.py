@@ -1,0 +1,95 @@
+"""The state a later run of the same model continues from, kept in the model folder.
+
+`<model>/resume/` holds the adapters in full precision (`lora.safetensors`,
+kohya keys), the optimizer's state (`optimizer.pt`: AdamW moments and step
+counts) and `state.json` (lifetime steps and the LoRA file it belongs to). It
+is rewritten, as a whole and atomically, whenever a LoRA is saved, so a crash
+or a Cancel loses at most the steps since the last save. Without it (deleted,
+or an older model) the model's latest LoRA file is the starting point, with
+fresh optimizer moments. A full fine-tune continues from the weights saved in
+the model folder; its optimizer state (twice the UNet's size) is not kept.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoint_io import save_checkpoint
+from ..config import ModelInfo
+from ..fileio import atomic_dir
+from ..lora import read_lora
+
+log = logging.getLogger(__name__)
+
+RESUME_DIR = "resume"
+ADAPTERS_FILE = "lora.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class ResumeState:
+    adapters: dict[str, torch.Tensor]
+    optimizer: dict | None
+    source: str            # where the adapters came from, for messages
+    lifetime_steps: int
+
+
+def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict | None, *,
+                      lifetime_steps: int, lora_file: str) -> None:
+    """Replace `<model>/resume/` with the current adapters and optimizer state, atomically."""
+    with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True) as tmp:
+        save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
+                        tmp / ADAPTERS_FILE, overwrite=True)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps({"lifetime_steps": lifetime_steps, "lora": lora_file}, indent=2),
+                                      encoding="utf-8")
+
+
+def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> ResumeState | None:
+    """What the previous run left: the resume folder, else the model's latest LoRA; None for a new model."""
+    folder = Path(model_dir) / RESUME_DIR
+    if (folder / ADAPTERS_FILE).is_file():
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")) if (folder / STATE_FILE).is_file() else {}
+        if state.get("lifetime_steps", info.lifetime_steps) != info.lifetime_steps:
+            log.warning("The resume state in %s is from lifetime step %s, the model is at %d; continuing from it",
+                        folder, state.get("lifetime_steps"), info.lifetime_steps)
+        return ResumeState(load_file(str(folder / ADAPTERS_FILE)), _load_optimizer(folder / OPTIMIZER_FILE),
+                           str(folder / ADAPTERS_FILE), int(state.get("lifetime_steps", info.lifetime_steps)))
+    latest = Path(lora_dir) / info.latest_lora if info.latest_lora else None
+    if latest is not None and latest.is_file():
+        log.info("No resume state in %s; continuing from the LoRA %s with new optimizer state", model_dir, latest.name)
+        tensors, _ = read_lora(latest)
+        return ResumeState(tensors, None, str(latest), info.lifetime_steps)
+    return None
+
+
+def _load_optimizer(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: the adapters still resume, the moments start again
+        log.warning("Ignoring the optimizer state %s (%s); starting with new optimizer moments", path, e)
+        return None
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict | None, groups: list[dict]) -> bool:
+    """Load a previous run's optimizer state when it fits; this run's learning rates stay. Returns whether it did."""
+    if state is None:
+        return False
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, RuntimeError) as e:
+        log.warning("The saved optimizer state does not fit (%s); starting with new optimizer moments", e)
+        return False
+    for group, wanted in zip(optimizer.param_groups, groups):
+        group["lr"] = wanted["lr"]
+        group.pop("initial_lr", None)
+    return True

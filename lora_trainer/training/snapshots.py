@@ -1,0 +1,56 @@
+"""Saving during and at the end of a run: the LoRA file, the resume state and the model's info.
+
+Written in that order, so the model info never names a LoRA that is not there.
+A full fine-tune writes its weights into the model folder instead of a LoRA.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import ModelInfo, TrainingParams
+from ..host import ModelsDir
+from .adapters import Adapters
+from .outputs import file_steps, info_after, save_full_model, save_info, write_lora
+from .resume import save_resume_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshots:
+    """Saves the run's state; remembers what it wrote."""
+
+    models: ModelsDir
+    model_dir: Path
+    start_info: ModelInfo
+    params: TrainingParams
+    name: str
+    seed: int
+    num_images: int
+    started_at: float
+    source_checkpoint: Path | None = None
+    saved_at_step: int = -1
+    lora_path: Path | None = None
+
+    def save(self, step: int, epochs: int, *, adapters: Adapters | None, optimizer, unet, text_encoder) -> None:
+        """Save the state after `step` (> 0) steps of this run and `epochs` epochs; once per step."""
+        if step == self.saved_at_step:
+            return
+        info = info_after(self.start_info, run_steps=step, run_epochs=epochs)
+        if adapters is None:
+            save_full_model(self.model_dir, unet, text_encoder if self.params.train_text_encoder else None)
+        else:
+            tensors = adapters.state_dict()
+            path = write_lora(self.models.lora, tensors, info, self.params, name=self.name,
+                              steps=file_steps(self.params, info.lifetime_steps, step), run_steps=step,
+                              run_epochs=epochs, num_images=self.num_images, started_at=self.started_at,
+                              finished_at=time.time(), seed=self.seed, source_checkpoint=self.source_checkpoint)
+            save_resume_state(self.model_dir, tensors, optimizer.state_dict(),
+                              lifetime_steps=info.lifetime_steps, lora_file=path.name)
+            info.latest_lora = path.relative_to(self.models.lora).as_posix()
+            self.lora_path = path
+        save_info(self.model_dir, info)
+        self.saved_at_step = step

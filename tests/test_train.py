@@ -1,0 +1,365 @@
+"""Training on the tiny model: equivalence at step 0, learning, prior preservation, v-prediction,
+saved files, resume and cancel, refused option pairs, full fine-tune, the commands."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+
+import pytest
+import torch
+from helpers_train import denoising_loss, instance_pictures, private_models, unet_output
+
+from lora_trainer import train as train_module
+from lora_trainer.cli import main
+from lora_trainer.config import Concept, ModelInfo, TrainingParams
+from lora_trainer.errors import ConfigError
+from lora_trainer.lora import LoRALinear, load_lora_state_dict, read_lora
+from lora_trainer.train import train
+from lora_trainer.training.adapters import attach_lora
+from lora_trainer.training.hardware import Hardware, check_options
+from lora_trainer.training.loss import dreambooth_loss, min_snr_weights, training_target
+from lora_trainer.training.outputs import free_path, output_name
+from lora_trainer.training.parts import load_working_model
+
+RES = 32  # training resolution: latents of 4 x 4, fast on a CPU
+FAST = dict(resolution=RES, hflip=False, seed=0)
+
+
+def _model(models, name="tiny"):
+    folder = models.model_dir(name)
+    return load_working_model(folder, ModelInfo.load(folder / "model_info.json"))
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def run(created_sd1, tmp_path_factory):
+    """One LoRA run with prior preservation (class pictures generated first), saving half way.
+
+    The loop is watched so the tests can look at the model as trained, in memory.
+    """
+    root = tmp_path_factory.mktemp("train")
+    models = private_models(created_sd1, root / "models")
+    pictures = instance_pictures(root / "pictures")
+    concept = Concept(instance_data_dir=str(pictures), instance_prompt="scs thing", class_prompt="thing",
+                      num_class_images=2, class_infer_steps=1)
+    params = TrainingParams(max_train_steps=8, train_batch_size=3, unet_learning_rate=5e-2,
+                            text_encoder_learning_rate=2e-2, save_every_n_steps=4, **FAST)
+    watched = {}
+    real_loop = train_module.run_loop
+
+    def watch(loop, display):
+        watched["loop"] = loop
+        return real_loop(loop, display)
+
+    records, reports = _Records(), []
+    logging.getLogger("lora_trainer").addHandler(records)
+    logging.getLogger("lora_trainer").setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_module, "run_loop", watch)
+            result = train(models, "tiny", params, [concept], report=reports.append, device="cpu")
+    finally:
+        logging.getLogger("lora_trainer").removeHandler(records)
+    return dict(models=models, result=result, loop=watched["loop"], params=params, concept=concept,
+                pictures=sorted(pictures.glob("*.png")), log=records.messages, reports=reports)
+
+
+def test_step_zero_is_the_base_model(created_sd1):
+    model = _model(created_sd1)
+    ids = model.tokenizer(["scs thing"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before_unet, before_text = unet_output(model.unet), model.text_encoder(ids)[0]
+    adapters = attach_lora(model, TrainingParams(train_text_encoder=True))
+    assert adapters.unet and adapters.text
+    with torch.no_grad():
+        assert torch.equal(unet_output(model.unet), before_unet)
+        assert torch.equal(model.text_encoder(ids)[0], before_text)
+
+
+def test_class_pictures_generated_first_with_console_lines(run):
+    folder = run["models"].model_dir("tiny") / "classifiers_0"
+    assert "Concept requires 2 images." in run["log"]
+    assert f"Class dir {folder} has 0 images." in run["log"]
+    assert run["log"].index("Concept requires 2 images.") < run["log"].index("Training finished. Total lifetime steps: 8")
+    assert len(list(folder.glob("*.png"))) == 2 and len(list(folder.glob("*.txt"))) == 2
+
+
+def test_prior_preservation_feeds_class_pictures(run):
+    loop = run["loop"]
+    batch = next(iter(loop.loader))
+    assert batch["is_class"].tolist() == [False] * 3 + [True] * 3
+    assert batch["prompts"][3:] == ["thing"] * 3
+    assert batch["latent_dist"].shape == (6, 8, RES // 8, RES // 8)
+
+
+def test_training_lowers_the_denoising_loss(run):
+    model = _model(run["models"])
+    prompts = ["scs thing"] * len(run["pictures"])
+    base = denoising_loss(model, run["pictures"], prompts, resolution=RES)
+    adapters = attach_lora(model, run["params"])
+    tensors, _ = read_lora(run["result"].lora_path)
+    load_lora_state_dict(adapters.all, tensors, source="test")
+    trained = denoising_loss(model, run["pictures"], prompts, resolution=RES)
+    assert trained < 0.95 * base, (base, trained)
+
+
+def test_saved_lora_reproduces_the_trained_unet(run):
+    trained_unet = run["loop"].unet
+    model = _model(run["models"])
+    adapters = attach_lora(model, run["params"])
+    tensors, metadata = read_lora(run["result"].lora_path)
+    load_lora_state_dict(adapters.all, tensors, source="test")
+    torch.testing.assert_close(unet_output(model.unet), unet_output(trained_unet), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(unet_output(model.unet), unet_output(_model(run["models"]).unet))
+
+
+def test_only_adapters_change(run, created_sd1):
+    trained = dict(run["loop"].unet.named_parameters())
+    base = dict(_model(created_sd1).unet.named_parameters())
+    lora_keys = {k for k in trained if ".lora_" in k}
+    assert lora_keys and all(not trained[k].requires_grad for k in trained if k not in lora_keys)
+    for key, value in trained.items():
+        if key not in lora_keys:
+            assert torch.equal(value.detach(), base[key.replace(".base.", ".")]), key
+    assert any(trained[k].abs().sum() > 0 for k in lora_keys if "lora_up" in k)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert _sha(run["models"].model_dir("tiny") / part) == _sha(created_sd1.model_dir("tiny") / part)
+
+
+def test_files_names_and_model_info(run):
+    models, result = run["models"], run["result"]
+    folder = models.model_dir("tiny")
+    assert result.lora_path == models.lora / "tiny_8.safetensors" and (models.lora / "tiny_4.safetensors").is_file()
+    assert (result.steps, result.lifetime_steps, result.revision, result.cancelled) == (8, 8, 1, False)
+    info = ModelInfo.load(folder / "model_info.json")
+    assert (info.revision, info.lifetime_steps, info.latest_lora) == (1, 8, "tiny_8.safetensors")
+    assert info.lifetime_epochs == 8  # 3 pictures, batches of 3: one step per epoch
+    assert TrainingParams.load(folder / "params.json") == run["params"]
+    assert json.loads((folder / "concepts_list.json").read_text())[0]["instance_prompt"] == "scs thing"
+    assert json.loads((folder / "resume" / "state.json").read_text())["lifetime_steps"] == 8
+    tensors, metadata = read_lora(result.lora_path)
+    names = {k.rsplit(".", 2)[0] if "weight" in k else k.rsplit(".", 1)[0] for k in tensors}
+    assert any(n.startswith("lora_unet_") for n in names) and any(n.startswith("lora_te_text_model_") for n in names)
+    assert all(f"{n}.{leaf}" in tensors for n in names for leaf in ("lora_down.weight", "lora_up.weight", "alpha"))
+    assert metadata["ss_output_name"] == "tiny_8" and metadata["ss_steps"] == "8"
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_progress_reports_every_step(run):
+    steps = [p for p in run["reports"] if p.job == "train" and p.loss is not None]
+    assert [p.step for p in steps] == list(range(1, 9))
+    assert all(p.total_steps == 8 and p.lr == pytest.approx(5e-2) and p.it_per_s > 0 for p in steps)
+    assert [p.loss for p in steps] == pytest.approx(run["result"].losses)
+    assert steps[-1].lifetime_steps == 8 and steps[-1].memory_mb is None  # no CUDA here
+
+
+def test_prior_loss_weight_matches_a_hand_computation():
+    prediction = torch.tensor([[1.0, 1.0], [0.0, 2.0], [3.0, 0.0], [1.0, 1.0]]).reshape(4, 2, 1, 1)
+    target = torch.zeros(4, 2, 1, 1)
+    is_class = torch.tensor([False, False, True, True])
+    loss = dreambooth_loss(prediction, target, is_class, prior_loss_weight=0.25)
+    instance, prior = (1.0 + 2.0) / 2, (4.5 + 1.0) / 2  # per-row means of squares, then over rows
+    assert loss.instance.item() == pytest.approx(instance) and loss.prior.item() == pytest.approx(prior)
+    assert loss.total.item() == pytest.approx(instance + 0.25 * prior)
+    alone = dreambooth_loss(prediction[:2], target[:2], is_class[:2], prior_loss_weight=0.25)
+    assert alone.total.item() == pytest.approx(instance) and alone.prior.item() == 0.0
+
+
+def test_v_prediction_target_and_min_snr(created_sd1, tmp_path):
+    from diffusers import DDPMScheduler
+
+    models = private_models(created_sd1, tmp_path / "models")
+    info_path = models.model_dir("tiny") / "model_info.json"
+    info = ModelInfo.load(info_path)
+    info.prediction_type = "v_prediction"
+    info.save(info_path)
+    scheduler = _model(models).noise_scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    latents, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    timesteps = torch.tensor([1, 400, 999])
+    alpha = scheduler.alphas_cumprod[timesteps].reshape(3, 1, 1, 1)
+    expected = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+    torch.testing.assert_close(training_target(scheduler, latents, noise, timesteps), expected)
+    snr = alpha.flatten() / (1 - alpha.flatten())
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0), torch.clamp(snr, max=5.0) / (snr + 1))
+    epsilon = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert torch.equal(training_target(epsilon, latents, noise, timesteps), noise)
+    torch.testing.assert_close(min_snr_weights(epsilon, timesteps, 5.0), torch.clamp(snr, max=5.0) / snr)
+    assert torch.equal(min_snr_weights(epsilon, timesteps, 0.0), torch.ones(3))
+
+
+CPU = Hardware(torch.device("cpu"), bf16=True, xformers=True, bitsandbytes=True, sdpa=True)
+GPU = Hardware(torch.device("cuda"), bf16=True, xformers=True, bitsandbytes=True, sdpa=True, name="GPU")
+OLD_GPU = Hardware(torch.device("cuda"), bf16=False, xformers=False, bitsandbytes=False, sdpa=True, name="GTX 1070")
+
+
+@pytest.mark.parametrize("options, hardware, names", [
+    (dict(mixed_precision="fp16"), CPU, ("Mixed Precision", "--device cpu")),
+    (dict(mixed_precision="bf16"), OLD_GPU, ("Mixed Precision", "GTX 1070")),
+    (dict(attention="xformers"), GPU, ("Memory Attention", "Mixed Precision")),
+    (dict(attention="xformers", mixed_precision="fp16"), OLD_GPU, ("Memory Attention", "xformers package")),
+    (dict(attention="xformers", mixed_precision="bf16"), CPU, ("Memory Attention", "--device cpu")),
+    (dict(use_8bit_adam=True), CPU, ("Use 8bit Adam", "--device cpu")),
+    (dict(use_8bit_adam=True, mixed_precision="fp16"), OLD_GPU, ("Use 8bit Adam", "bitsandbytes")),
+])
+def test_option_pairs_refused(options, hardware, names):
+    with pytest.raises(ConfigError) as refused:
+        check_options(TrainingParams(**options), hardware)
+    message = str(refused.value)
+    assert "\n" not in message and all(name in message for name in names), message
+
+
+def test_good_option_sets_pass():
+    check_options(TrainingParams(mixed_precision="fp16", attention="xformers", use_8bit_adam=True,
+                                 gradient_checkpointing=True), GPU)
+    check_options(TrainingParams(mixed_precision="bf16", attention="flash_attention"), CPU)
+
+
+def test_refused_before_any_weight_is_loaded(created_sd1, tmp_path, monkeypatch):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded weights before checking the options")
+
+    monkeypatch.setattr(train_module, "load_working_model", must_not_run)
+    monkeypatch.setattr(train_module, "generate_class_images", must_not_run)
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs")
+    for options, names in ((dict(mixed_precision="fp16"), ("Mixed Precision", "--device cpu")),
+                           (dict(attention="xformers"), ("Memory Attention", "Mixed Precision")),
+                           (dict(use_8bit_adam=True), ("Use 8bit Adam", "--device cpu"))):
+        with pytest.raises(ConfigError) as refused:
+            train(models, "tiny", TrainingParams(**options), [concept], device="cpu")
+        assert all(name in str(refused.value) for name in names)
+    with pytest.raises(ConfigError, match="Dataset Directory"):
+        train(models, "tiny", TrainingParams(), [Concept(instance_data_dir=str(tmp_path / "missing"))], device="cpu")
+    assert not (models.model_dir("tiny") / "params.json").exists()
+
+
+def test_names_never_overwrite(tmp_path):
+    taken = tmp_path / "tiny_10.safetensors"
+    taken.write_bytes(b"old")
+    assert free_path(tmp_path / "tiny_20.safetensors") == tmp_path / "tiny_20.safetensors"
+    assert free_path(taken) == tmp_path / "tiny_10-2.safetensors"
+    (tmp_path / "tiny_10-2.safetensors").write_bytes(b"old")
+    assert free_path(taken) == tmp_path / "tiny_10-3.safetensors" and taken.read_bytes() == b"old"
+    info = ModelInfo(model_name="tiny")
+    assert output_name(info, TrainingParams()) == "tiny"
+    assert output_name(info, TrainingParams(custom_model_name=" mascot ")) == "mascot"
+    with pytest.raises(ConfigError, match="Custom Model Name"):
+        output_name(info, TrainingParams(custom_model_name="../x"))
+
+
+def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
+    models = private_models(created_sd1, tmp_path / "models")
+    pictures = instance_pictures(tmp_path / "pictures")
+    concept = Concept(instance_data_dir=str(pictures), instance_prompt="scs thing")
+    params = TrainingParams(max_train_steps=5, train_batch_size=2, use_lifetime_steps=True, **FAST)
+    cancel = threading.Event()
+
+    def press_cancel_at_step_2(progress):
+        if progress.job == "train" and progress.step == 2 and progress.loss is not None:
+            cancel.set()
+
+    result = train(models, "tiny", params, [concept], report=press_cancel_at_step_2, cancel=cancel, device="cpu")
+    assert result.cancelled and (result.steps, result.lifetime_steps, result.revision) == (2, 2, 1)
+    assert result.lora_path == models.lora / "tiny_2.safetensors" and result.lora_path.is_file()
+    folder = models.model_dir("tiny")
+    assert torch.load(folder / "resume" / "optimizer.pt", weights_only=True)["state"][0]["step"] == 2
+
+    capsys.readouterr()
+    code = main(["train", "--models-dir", str(models.working.parent), "--model", "tiny", "--max_train_steps", "3",
+                 "--device", "cpu"])  # concepts and parameters: those the model folder saved
+    assert code == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == str(models.lora / "tiny_5.safetensors")
+    info = ModelInfo.load(folder / "model_info.json")
+    assert (info.revision, info.lifetime_steps, info.latest_lora) == (2, 5, "tiny_5.safetensors")
+    assert torch.load(folder / "resume" / "optimizer.pt", weights_only=True)["state"][0]["step"] == 5
+    first, _ = read_lora(models.lora / "tiny_2.safetensors")
+    second, _ = read_lora(models.lora / "tiny_5.safetensors")
+    up = next(k for k in first if k.endswith("lora_up.weight"))
+    assert first[up].abs().sum() > 0 and not torch.equal(first[up], second[up])
+
+
+def test_full_finetune_writes_a_model_create_exports(created_sd1, tmp_path):
+    from safetensors import safe_open
+
+    from lora_trainer.checkpoint import export_checkpoint
+
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(use_lora=False, max_train_steps=2, train_batch_size=3, learning_rate=1e-3, **FAST)
+    result = train(models, "tiny", params, [concept], device="cpu")
+    assert result.lora_path is None and (result.lifetime_steps, result.revision) == (2, 1)
+    assert not models.lora.exists() or not list(models.lora.iterdir())
+    out = export_checkpoint(models.model_dir("tiny"), tmp_path / "out.safetensors")
+    source = next(models.checkpoints.glob("*.safetensors"))
+    with safe_open(str(out), "pt") as new, safe_open(str(source), "pt") as old:
+        assert set(new.keys()) == set(old.keys())
+        unet_key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+        text_key = next(k for k in old.keys() if k.endswith("self_attn.q_proj.weight"))
+        assert not torch.equal(new.get_tensor(unet_key), old.get_tensor(unet_key))
+        assert not torch.equal(new.get_tensor(text_key), old.get_tensor(text_key))
+        vae_key = next(k for k in old.keys() if k.startswith("first_stage_model."))
+        assert torch.equal(new.get_tensor(vae_key), old.get_tensor(vae_key))
+
+
+def test_demo_runs_the_whole_path(tmp_path, capsys):
+    assert main(["demo", "--models-dir", str(tmp_path / "models"), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    lora = next(line for line in printed if "/Lora/" in line)
+    merged = next(line for line in printed if line.endswith("_lora.safetensors"))
+    picture = printed[-1]
+    assert lora.endswith("tiny-demo_2.safetensors") and merged.endswith("tiny-demo_2_lora.safetensors")
+    assert all(p and __import__("pathlib").Path(p).is_file() for p in (lora, merged, picture))
+    classes = tmp_path / "models" / "lora_trainer" / "tiny-demo" / "classifiers_0"
+    assert len(list(classes.glob("*.png"))) == 4
+
+
+def test_memory_options_together_on_the_cpu(created_sd1, tmp_path):
+    """bf16 autocast, SDPA, gradient checkpointing, buckets, accumulation, a schedule, min-SNR and noise offset."""
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(mixed_precision="bf16", attention="flash_attention", gradient_checkpointing=True,
+                            use_buckets=True, cache_latents=False, gradient_accumulation_steps=2,
+                            lr_scheduler="cosine_with_restarts", lr_warmup_steps=1, snr_gamma=5.0, noise_offset=0.1,
+                            max_train_steps=2, train_batch_size=1, resolution=RES, seed=3)
+    result = train(models, "tiny", params, [concept], device="cpu")
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors, _ = read_lora(result.lora_path)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    for prefix in ("lora_unet_", "lora_te_"):  # gradients reach the adapters through checkpointed blocks
+        ups = [t for k, t in tensors.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
+        assert ups and all(t.abs().sum() > 0 for t in ups), prefix
+
+
+def test_cached_flips_and_buckets_with_class_pictures_and_run_step_names(created_sd1, tmp_path):
+    from helpers_data import BLUE, solid
+
+    models = private_models(created_sd1, tmp_path / "models")
+    classes = tmp_path / "classes"
+    for i in range(3):
+        solid(classes / f"c{i}.png", BLUE, size=(64, 40), caption="thing")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing",
+                      class_data_dir=str(classes), class_prompt="thing", num_class_images=3)
+    params = TrainingParams(use_buckets=True, hflip=True, cache_latents=True, use_lifetime_steps=False,
+                            max_train_steps=2, train_batch_size=2, resolution=RES, seed=1, train_text_encoder=False)
+    first = train(models, "tiny", params, [concept], device="cpu")
+    second = train(models, "tiny", params, [concept], device="cpu")
+    assert first.lora_path.name == "tiny_2.safetensors" and second.lora_path.name == "tiny_2-2.safetensors"
+    assert (second.lifetime_steps, second.revision) == (4, 2)
+    tensors, metadata = read_lora(second.lora_path)
+    assert not any(k.startswith("lora_te") for k in tensors) and metadata["ss_network_train_unet_only"] == "True"
