@@ -44,10 +44,9 @@ def message_tab(message):
 
 def trainer_tab():
     try:
-        from lora_trainer.ui import build_ui
-        from lora_trainer.ui.webui_host import WebUIHost
+        from lora_trainer.ui.webui_host import build_webui_tab
 
-        blocks = build_ui(WebUIHost.from_modules())
+        blocks = build_webui_tab()
     except Exception as exc:  # noqa: BLE001 - show it in the tab, not only in the console
         log.exception("LoRA Trainer: building the tab failed")
         blocks = message_tab(f"Building the tab failed: {exc}. The console has the details.")

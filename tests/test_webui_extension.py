@@ -104,7 +104,7 @@ def test_tab_is_built_with_the_web_ui_host(webui, monkeypatch):
 
     seen = []
 
-    def fake_build_ui(host):
+    def fake_build_ui(host, **kwargs):
         seen.append(host)
         with gr.Blocks() as blocks:
             gr.Markdown("tab")
@@ -146,7 +146,7 @@ def test_unsupported_host_gets_a_tab_with_the_reason_and_no_traceback(webui, mon
 def test_a_tab_that_fails_to_build_shows_the_error_in_the_tab(webui, monkeypatch):
     import lora_trainer.ui
 
-    def broken_build_ui(host):
+    def broken_build_ui(host, **kwargs):
         raise RuntimeError("gradio said no")
 
     monkeypatch.setattr(lora_trainer.ui, "build_ui", broken_build_ui, raising=False)
@@ -155,6 +155,33 @@ def test_a_tab_that_fails_to_build_shows_the_error_in_the_tab(webui, monkeypatch
     assert [(title, tab_id) for _b, title, tab_id in tabs] == [(TITLE, TAB_ID)]
     assert any("gradio said no" in text for text in _markdown_texts(tabs[0][0]))
     assert webui.errors() == []
+
+
+def test_a_rebuilt_tab_shares_the_one_job_runner(webui, monkeypatch):
+    """"Reload UI" builds the tab again: the job running in the old tab is still the one job."""
+    import threading
+
+    import lora_trainer.ui
+    from lora_trainer.jobs import JobBusy
+    from lora_trainer.ui import webui_host as glue
+
+    controllers = []
+    monkeypatch.setattr(lora_trainer.ui, "build_ui", lambda host, controller=None, **kw: controllers.append(controller))
+    glue.build_webui_tab()
+    release = threading.Event()
+    controllers[0].runner.start("train", "train 'tiny'", lambda report, cancel: release.wait(30))
+    try:
+        glue.build_webui_tab()
+        assert controllers[1].runner is controllers[0].runner
+        assert controllers[1].host is not controllers[0].host
+        assert controllers[1].runner.host is controllers[0].host  # not swapped under a running job
+        with pytest.raises(JobBusy, match="train 'tiny'"):
+            controllers[1].runner.start("merge", "generate ckpt", lambda report, cancel: None)
+    finally:
+        release.set()
+    assert controllers[0].runner.wait(30)
+    glue.build_webui_tab()
+    assert controllers[2].runner.host is controllers[2].host
 
 
 # --- folders ------------------------------------------------------------------
@@ -241,6 +268,27 @@ def test_a_checkpoint_switched_during_the_job_is_left_alone(webui):
         new = webui.sd_models.load_model(old.sd_checkpoint_info)
     assert old.device == "cpu" and new.device == "cuda"
     assert "sd_models.send_model_to_device" not in webui.calls.names()
+
+
+def test_the_checkpoint_is_not_moved_while_a_generation_holds_the_queue_lock(webui):
+    import threading
+
+    from modules import call_queue
+
+    model = webui.load_model()
+    host = webui_host(webui)
+    call_queue.queue_lock.acquire()  # a txt2img is running
+    try:
+        mover = threading.Thread(target=host.release_gpu)
+        mover.start()
+        mover.join(0.5)
+        assert mover.is_alive() and model.device == "cuda"
+    finally:
+        call_queue.queue_lock.release()
+    mover.join(10)
+    assert not mover.is_alive() and model.device == "cpu"
+    host.restore_gpu()
+    assert model.device == "cuda" and not call_queue.queue_lock.locked()
 
 
 def test_forge_frees_memory_through_its_memory_manager(tmp_path, monkeypatch):

@@ -11,17 +11,23 @@ was loaded yet, and freeing memory must never start by filling it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..host import ModelsDir
 from ..hosts import Host
 from .settings import KEEP_HOST_MODEL, REFRESH_HOST_LISTS, WORKING_DIR, setting
+
+if TYPE_CHECKING:
+    import gradio as gr
+
+    from ..jobs import JobRunner
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,12 @@ class WebUIHost(Host):
     name = "webui"
 
     def __init__(self, models: ModelsDir, *, shared: ModuleType, sd_models: ModuleType,
-                 forge_memory: Optional[ModuleType] = None):
+                 forge_memory: Optional[ModuleType] = None, call_queue: Optional[ModuleType] = None):
         super().__init__(models)
         self._shared = shared
         self._sd_models = sd_models
         self._forge_memory = forge_memory
+        self._call_queue = call_queue
         self._released: Any = None
         if forge_memory is not None:
             self.name = "forge"
@@ -75,10 +82,17 @@ class WebUIHost(Host):
     @classmethod
     def from_modules(cls) -> "WebUIHost":
         """Build the host from the running web UI's `modules` package."""
-        from modules import paths, sd_models, shared
+        from modules import call_queue, paths, sd_models, shared
 
         models = host_models_dir(paths.models_path, shared.cmd_opts, shared.opts)
-        return cls(models, shared=shared, sd_models=sd_models, forge_memory=forge_memory_manager())
+        return cls(models, shared=shared, sd_models=sd_models, forge_memory=forge_memory_manager(),
+                   call_queue=call_queue)
+
+    def _model_lock(self):
+        """The web UI's queue lock: held by txt2img/img2img while they run and by its own checkpoint
+        switches, so the model is never moved under a running generation. Held only while moving."""
+        lock = getattr(self._call_queue, "queue_lock", None)
+        return lock if lock is not None else contextlib.nullcontext()
 
     # --- GPU memory -------------------------------------------------------
 
@@ -86,15 +100,16 @@ class WebUIHost(Host):
         """Move the web UI's loaded checkpoint to the CPU (Forge: unload all its models)."""
         if setting(self._shared.opts, KEEP_HOST_MODEL, False):
             return
-        if self._forge_memory is not None:
-            self._forge_memory.unload_all_models()
-            self._forge_memory.soft_empty_cache()
-            return
-        model = self._sd_models.model_data.sd_model
-        if model is None:
-            return
-        self._sd_models.unload_model_weights(model)
-        self._released = model
+        with self._model_lock():
+            if self._forge_memory is not None:
+                self._forge_memory.unload_all_models()
+                self._forge_memory.soft_empty_cache()
+                return
+            model = self._sd_models.model_data.sd_model
+            if model is None:
+                return
+            self._sd_models.unload_model_weights(model)
+            self._released = model
         log.info("LoRA Trainer: moved the web UI's checkpoint to the CPU for the job")
 
     def restore_gpu(self) -> None:
@@ -104,17 +119,20 @@ class WebUIHost(Host):
         If the user switched checkpoints meanwhile, the new one is where the web UI put it.
         """
         model, self._released = self._released, None
-        if model is None or self._sd_models.model_data.sd_model is not model:
+        if model is None:
             return
-        try:
-            self._sd_models.send_model_to_device(model)
-        except Exception as exc:  # noqa: BLE001 - fall back to the web UI's own reload
-            log.warning("LoRA Trainer: moving the checkpoint back to the GPU failed (%s); reloading it", exc)
+        with self._model_lock():
+            if self._sd_models.model_data.sd_model is not model:
+                return
             try:
-                self._sd_models.reload_model_weights(forced_reload=True)
-            except Exception:  # noqa: BLE001
-                log.exception("LoRA Trainer: reloading the web UI's checkpoint failed; "
-                              "choose it again in 'Stable Diffusion checkpoint'")
+                self._sd_models.send_model_to_device(model)
+            except Exception as exc:  # noqa: BLE001 - fall back to the web UI's own reload
+                log.warning("LoRA Trainer: moving the checkpoint back to the GPU failed (%s); reloading it", exc)
+                try:
+                    self._sd_models.reload_model_weights(forced_reload=True)
+                except Exception:  # noqa: BLE001
+                    log.exception("LoRA Trainer: reloading the web UI's checkpoint failed; "
+                                  "choose it again in 'Stable Diffusion checkpoint'")
 
     # --- lists ------------------------------------------------------------
 
@@ -162,3 +180,32 @@ def _lora_list_refresh():
         return networks.list_available_networks
     return None
 
+
+_runner: Optional["JobRunner"] = None
+
+
+def shared_job_runner(host: Host) -> "JobRunner":
+    """The web UI process's one JobRunner.
+
+    "Reload UI" runs the script and builds the tab again, but this module stays
+    imported: the runner, and a job it is running, outlive the old tab, so the
+    new tab shows that job's progress and refuses a second job beside it.
+    The host is replaced only while nothing runs (the folders may have changed).
+    """
+    global _runner
+    from ..jobs import JobRunner
+
+    if _runner is None:
+        _runner = JobRunner(host)
+    elif not _runner.running:
+        _runner.host = host
+    return _runner
+
+
+def build_webui_tab() -> "gr.Blocks":
+    """The "LoRA Trainer" tab for the running web UI (called from its on_ui_tabs callback)."""
+    from . import build_ui
+    from .controller import Controller
+
+    host = WebUIHost.from_modules()
+    return build_ui(host, controller=Controller(host, runner=shared_job_runner(host)))
