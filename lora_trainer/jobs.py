@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import threading
 import time
 import traceback
@@ -88,8 +89,28 @@ class JobState:
             return f"{'Cancelling' if self.cancelling else 'Running'} {self.name}: {what}"
         if self.error:
             return f"{self.name} failed: {self.error}"
-        cancelled = isinstance(self.result, TrainResult) and self.result.cancelled
-        return f"{self.name} {'cancelled' if cancelled or self.cancelling else 'finished'}: {self.progress.message}".rstrip(": ")
+        return f"{self.name} {'cancelled' if self.cancelled else 'finished'}: {self.outcome}".rstrip(": ")
+
+    @property
+    def cancelled(self) -> bool:
+        return (isinstance(self.result, TrainResult) and self.result.cancelled) or self.cancelling
+
+    @property
+    def outcome(self) -> str:
+        """What the ended job made, in a few words."""
+        r = self.result
+        if isinstance(r, TrainResult):
+            made = f"; LoRA {Path(r.lora_path).name}" if r.lora_path else ""
+            return f"{r.steps} steps, total lifetime steps {r.lifetime_steps}{made}"
+        if isinstance(r, Path):
+            return f"wrote {r}"
+        if isinstance(r, list) and all(isinstance(n, int) for n in r):
+            return f"{sum(r)} class images generated"
+        return self.progress.message
+
+
+def _shape(message: str) -> str:
+    return re.sub(r"\d+", "#", message)
 
 
 class _LogCollector(logging.Handler):
@@ -168,8 +189,8 @@ class JobRunner:
     def report(self, progress: Progress) -> None:
         with self._lock:
             s = self._state
-            if progress.message and progress.message != s.progress.message:
-                self._append_log(progress.message)
+            if progress.message and _shape(progress.message) != _shape(s.progress.message):
+                self._append_log(progress.message)  # "Training step 5/500" is not logged after "... 4/500"
             if progress.loss is not None and (not s.losses or s.losses[-1][0] != progress.step):
                 s.losses.append((progress.step, float(progress.loss)))
             for sample in progress.samples:

@@ -51,8 +51,16 @@ def save_settings(models: ModelsDir, model_name: str, params: TrainingParams, co
     """"Save Params": write params.json and concepts_list.json into the model folder; return the folder."""
     model_dir = models.existing_model_dir(model_name)
     params.save(model_dir / PARAMS_FILE)
-    save_concepts(concepts, model_dir / CONCEPTS_FILE)
+    save_concepts(without_empty_tail(concepts), model_dir / CONCEPTS_FILE)
     return model_dir
+
+
+def without_empty_tail(concepts: list[Concept]) -> list[Concept]:
+    """The UI's concept slots up to the last one that holds anything (slot numbers are kept)."""
+    concepts = list(concepts)
+    while concepts and concepts[-1] == Concept():
+        concepts.pop()
+    return concepts
 
 
 def load_settings(models: ModelsDir, model_name: str) -> tuple[TrainingParams | None, list[Concept] | None]:
@@ -95,8 +103,14 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 
 
 def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *, device=None):
-    """"Generate Class Images": the job that makes the missing class pictures of every concept."""
-    concepts = used_concepts(concepts)
+    """"Generate Class Images": the job that makes the missing class pictures of every concept.
+
+    A concept needs no Dataset Directory here when its class prompt and total say what to make.
+    """
+    concepts = [c for c in concepts if c.is_set or (c.class_prompt.strip() and c.with_prior_preservation)]
+    if not concepts:
+        raise ConfigError("Concepts: Concept 1 needs a Class Prompt and a Total Number of Class/Reg Images "
+                          "(or a Dataset Directory) to generate class images")
 
     def job(report: Report, cancel: CancelFlag) -> list[int]:
         from .classimages import generate_class_images

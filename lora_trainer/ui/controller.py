@@ -177,7 +177,7 @@ class Controller:
     def save_concepts(self, named: dict[str, Any]) -> str:
         try:
             path = self.concepts_path(named)
-            concepts = [c for c in concepts_from_named(named) if c.is_set]
+            concepts = tasks.without_empty_tail(concepts_from_named(named))
             save_concepts(concepts, path)
         except LoraTrainerError as e:
             return f"Error: {e}"

@@ -71,7 +71,7 @@ def poll(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, sec
         timer = gr.Timer(seconds)
         timer.tick(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(timer.tick))
     else:
-        demo.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds)
+        demo.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds, **_quiet(demo.load))
 
 
 def _quiet(listener: Callable) -> dict:

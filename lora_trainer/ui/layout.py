@@ -165,7 +165,7 @@ def _train_tab(w: Widgets, ctl: Controller) -> None:
                                             value=render.loss_plot(state.losses), elem_id=eid("loss_plot")))
         w.add("samples", compat.component(gr.Gallery, label="Samples", columns=4, height=260,
                                           value=compat.gallery_value(state.samples) or None, elem_id=eid("samples")))
-    w.add("log", compat.component(gr.Textbox, label="Log", lines=12, max_lines=12, interactive=False,
+    w.add("log", compat.component(gr.Textbox, label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True,
                                   value="\n".join(state.log[-LOG_LINES_SHOWN:]), elem_id=eid("log")))
     # Pressed by javascript/lora_trainer.js when the tab is shown again (hidden by style.css).
     w.add("progress_refresh", compat.component(gr.Button, value="Refresh", elem_id=eid("progress_refresh"),

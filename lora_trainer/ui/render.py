@@ -30,8 +30,9 @@ def progress_figures(state: JobState) -> list[str]:
     figures = []
     if p.total_steps:
         figures.append(f"Step {p.step}/{p.total_steps}" if p.job == "train" else f"{100 * p.fraction:.0f}%")
-    if p.loss is not None:
-        figures.append(f"loss {p.loss:.4f}")
+    loss = p.loss if p.loss is not None else (state.losses[-1][1] if state.losses else None)
+    if loss is not None:
+        figures.append(f"loss {loss:.4f}")
     if p.it_per_s is not None:
         figures.append(f"{p.it_per_s:.2f} it/s")
     if p.memory_mb is not None:
@@ -45,9 +46,9 @@ def progress_figures(state: JobState) -> list[str]:
 
 def progress_html(state: JobState) -> str:
     """The progress bar with its figures; inline styles so it needs no stylesheet."""
-    fraction = state.progress.fraction if state.running or state.progress.total_steps else 0.0
-    if not state.running and state.name and not state.error and state.progress.total_steps:
-        fraction = state.progress.fraction
+    fraction = state.progress.fraction
+    if not state.running and state.name and not state.error and not state.cancelled:
+        fraction = 1.0  # finished
     figures = " · ".join(progress_figures(state)) or ("Idle" if not state.running else "Starting")
     percent = f"{100 * fraction:.1f}"
     return (f'<div id="lora_trainer_progress_box" data-running="{str(state.running).lower()}" data-step="{state.progress.step}">'
@@ -67,7 +68,7 @@ def loss_plot(losses: list[tuple[int, float]], size: tuple[int, int] = PLOT_SIZE
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 48, width - 10, 10, height - 22
+    left, right, top, bottom = 48, width - 10, 28, height - 22
     draw.rectangle([left, top, right, bottom], outline="#999999")
     points = [(s, l) for s, l in losses if math.isfinite(l)]
     if not points:
