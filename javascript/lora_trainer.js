@@ -6,6 +6,9 @@
 //  2. Keep the progress view current: when the LoRA Trainer tab is shown again,
 //     or the browser tab becomes visible again, press the (hidden) refresh button
 //     so the view shows the running job at once instead of at the next poll.
+//     On gradio 3 (the web UI's) the page is the poll: the refresh button is
+//     pressed every second while the tab is on screen, because gradio 3's own
+//     `every=` loop runs on the server and keeps "Reload UI" from finishing.
 // The web UI injects every file of javascript/ into its page; the standalone
 // app does the same. Everything here is keyed on ids starting with
 // "lora_trainer_", so nothing touches the host's own elements.
@@ -26,6 +29,8 @@
     ];
     var PROGRESS_VIEW = "lora_trainer_status";
     var PROGRESS_REFRESH = "lora_trainer_progress_refresh";
+    var TAB_CONTENT = "lora_trainer_main";
+    var POLL_MS = 1000;
 
     function root() {
         if (typeof gradioApp === "function") {
@@ -101,6 +106,30 @@
             }
         }
     }, true);
+
+    function gradioMajorVersion() {
+        var config = window.gradio_config;
+        return config && config.version ? parseInt(config.version, 10) : NaN;
+    }
+
+    function pollIsOurs() {
+        return gradioMajorVersion() < 4;  // gradio 4.40 and later poll with gr.Timer in the page itself
+    }
+
+    function lastPollPending() {
+        // gradio 3 marks the outputs of an event that has not answered yet; do not queue another
+        return !!root().querySelector("#" + TAB_CONTENT + " .generating");
+    }
+
+    window.setInterval(function () {
+        if (document.hidden || !pollIsOurs()) {
+            return;
+        }
+        var button = byId(PROGRESS_REFRESH);
+        if (button && isShown(byId(TAB_CONTENT)) && !lastPollPending()) {
+            button.click();
+        }
+    }, POLL_MS);
 
     document.addEventListener("visibilitychange", function () {
         if (!document.hidden) {

@@ -481,3 +481,23 @@ def test_every_id_the_javascript_looks_for_is_in_the_tab(webui):
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
     wanted = js_ids((ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8"))
     assert wanted and sorted(wanted - ids) == []
+
+
+def _server_side_polls(blocks) -> list:
+    return [d for d in blocks.get_config_file()["dependencies"] if d.get("every")]
+
+
+def test_the_web_ui_tab_leaves_polling_to_the_page(webui):
+    """Gradio 3's `every=` loop keeps the web UI's "Reload UI" from finishing: inside the web UI the
+    page presses the progress refresh instead (javascript/lora_trainer.js); standalone keeps `every=`."""
+    import gradio as gr
+
+    from lora_trainer.hosts import Host
+    from lora_trainer.ui import build_ui
+    from lora_trainer.ui.webui_host import build_webui_tab
+
+    tab = build_webui_tab()
+    assert _server_side_polls(tab) == []
+    standalone = build_ui(Host.at(Path(webui.paths.models_path)))
+    assert bool(_server_side_polls(standalone)) == (not hasattr(gr, "Timer"))
+    assert "lora_trainer_progress_refresh" in {getattr(b, "elem_id", None) for b in tab.blocks.values()}

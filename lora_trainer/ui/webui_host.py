@@ -208,4 +208,4 @@ def build_webui_tab() -> "gr.Blocks":
     from .controller import Controller
 
     host = WebUIHost.from_modules()
-    return build_ui(host, controller=Controller(host, runner=shared_job_runner(host)))
+    return build_ui(host, controller=Controller(host, runner=shared_job_runner(host)), page_polls=True)
