@@ -299,7 +299,8 @@ def test_diffusers_load_lora_weights_reads_the_file_the_same(model_dir, tmp_path
     path = save_lora(tmp_path / "for_diffusers.safetensors", lora_state_dict(unet_lora, text_lora), metadata_for(model_dir))
     pipe = load_pipeline(model_dir)
     base, base_text = unet_output(pipe.unet), text_output(pipe.text_encoder)
-    pipe.load_lora_weights(str(path))
+    # Folder + weight_name: diffusers 0.31 refuses a bare file path when offline.
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     for have, want, was in ((unet_output(pipe.unet), unet_output(unet), base),
                             (text_output(pipe.text_encoder), text_output(text), base_text)):
         assert (want - was).abs().max() > 1e-2
