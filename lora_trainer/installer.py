@@ -31,14 +31,12 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 try:
-    from packaging.requirements import Requirement
     from packaging.specifiers import SpecifierSet
     from packaging.version import InvalidVersion, Version
 except ImportError:  # pragma: no cover - every host has packaging, at worst pip's copy
-    from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.specifiers import SpecifierSet
     from pip._vendor.packaging.version import InvalidVersion, Version
 
@@ -173,17 +171,17 @@ def cuda_torch_version(installed: Mapping[str, str], torch_dir: Path | None = No
 
 
 def optional_wanted(setting: str, cuda: str | None) -> tuple[set[str], str]:
-    """Which optional packages to try, and why: LORA_TRAINER_OPTIONAL is "auto" (default), "none" or names."""
+    """Which optional packages to try, and why the others are not: LORA_TRAINER_OPTIONAL is "auto", "none" or names."""
     setting = (setting or "auto").strip().lower()
     names = {canonical_name(n.name) for n in OPTIONAL}
     if setting == "auto":
         if cuda:
             return names, f"torch is built for CUDA {cuda}"
-        return set(), "torch is a CPU build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
+        return set(), "torch is not a CUDA build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
     if setting == "none":
         return set(), f"{OPTIONAL_ENV}=none"
     wanted = {canonical_name(n) for n in setting.split(",") if n.strip()}
-    return wanted & names, f"named in {OPTIONAL_ENV}"
+    return wanted & names, f"not named in {OPTIONAL_ENV}"
 
 
 def plan(installed: Mapping[str, str], *, is_installed: Callable[[str], bool], optional_setting: str = "auto",
@@ -307,7 +305,3 @@ def run(launch, state_path: Path, *, environ: Mapping[str, str] = os.environ,
                 state.forget(canonical_name(step.need.name))
     return steps
 
-
-def requirement_lines(needs: Iterable[Need]) -> list[str]:
-    """The requirements.txt lines for `needs`, in order."""
-    return [need.requirement for need in needs]

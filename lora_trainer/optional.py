@@ -24,7 +24,7 @@ def _cuda_reason() -> str | None:
     if torch.cuda.is_available():
         return None
     if torch.version.cuda is None:
-        return f"torch {torch.__version__} is a CPU build: training runs on the CPU, without half precision"
+        return f"torch {torch.__version__} is not a CUDA build: training runs on the CPU, without half precision"
     return f"torch {torch.__version__} finds no CUDA GPU: training runs on the CPU, without half precision"
 
 
