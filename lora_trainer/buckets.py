@@ -60,6 +60,8 @@ class BucketBatchSampler:
             raise ValueError("batch_size must be at least 1")
         self.buckets = list(buckets)
         self.batch_size = batch_size
+        # No per-index sampler behind the batches; accelerate 0.21 reads this attribute when sharding them.
+        self.sampler = None
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
