@@ -62,15 +62,20 @@ def queue(demo: gr.Blocks) -> gr.Blocks:
     return demo.queue()
 
 
-def poll(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float) -> None:
+def poll(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence, seconds: float, *,
+         page_polls: bool = False) -> None:
     """Call `fn(*inputs)` every `seconds` while the page is open, setting `outputs`.
 
+    `page_polls`: the page presses the tab's hidden refresh button itself
+    (javascript/lora_trainer.js does on gradio 3). Then gradio 3 gets no
+    `every=`: that loop runs on the server for as long as a page is open, and
+    inside the web UI it keeps "Reload UI" from ever finishing (seen on 1.10.1).
     Must be called inside `with demo:`.
     """
     if hasattr(gr, "Timer"):
         timer = gr.Timer(seconds)
         timer.tick(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(timer.tick))
-    else:
+    elif not page_polls:
         demo.load(fn, inputs=list(inputs), outputs=list(outputs), every=seconds, **_quiet(demo.load))
 
 

@@ -30,8 +30,12 @@ def eid(name: str) -> str:
 
 
 def build_ui(host: Host, *, controller: Controller | None = None, theme=None, css: str | None = None,
-             head: str | None = None) -> gr.Blocks:
-    """The whole tab for `host`. `theme`/`css`/`head` are for the standalone app (the web UI brings its own)."""
+             head: str | None = None, page_polls: bool = False) -> gr.Blocks:
+    """The whole tab for `host`. `theme`/`css`/`head` are for the standalone app (the web UI brings its own).
+
+    `page_polls`: the host's page runs javascript/lora_trainer.js, which presses the hidden progress
+    refresh instead of a server-side poll on gradio 3 (see `gradio_compat.poll`).
+    """
     ctl = controller or Controller(host)
     w = Widgets()
     disabled = disabled_options(unavailable_features())
@@ -49,7 +53,7 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
                         _concepts_tab(w)
                     with gr.Tab("Train", elem_id=eid("train_tab")):
                         _train_tab(w, ctl)
-        _wire(demo, w, ctl, disabled)
+        _wire(demo, w, ctl, disabled, page_polls)
     return demo
 
 
@@ -186,7 +190,7 @@ def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_
     compat.click(button, handler, w.components(in_keys), w.components(out_keys))
 
 
-def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict) -> None:
+def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_polls: bool = False) -> None:
     param_keys = w.keys("params.") + ["custom_model_name"]
     concept_keys = [k for slot in range(1, CONCEPT_SLOTS + 1) for k in w.keys(concept_key(slot, ""))]
     settings = ["model"] + param_keys + concept_keys
@@ -246,13 +250,10 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict) -> None:
         values = _poll(ctl, seen or {}, model)
         return [values.get(k, compat.no_change()) for k in poll_out]
 
-    compat.poll(demo, poll, [w["seen"], w["model"]], w.components(poll_out), POLL_SECONDS)
-
-    def refresh_now(model):
-        values = _poll(ctl, {}, model)  # everything, as on a page's first look
-        return [values.get(k, compat.no_change()) for k in poll_out]
-
-    compat.click(w["progress_refresh"], refresh_now, [w["model"]], w.components(poll_out))
+    compat.poll(demo, poll, [w["seen"], w["model"]], w.components(poll_out), POLL_SECONDS, page_polls=page_polls)
+    # Pressed by the page's script: on return to the tab, and every second where the page polls.
+    # Only what changed since this page last looked is sent, as by the poll itself.
+    compat.click(w["progress_refresh"], poll, [w["seen"], w["model"]], w.components(poll_out))
 
 
 def _poll(ctl: Controller, seen: dict, model: str | None) -> dict[str, Any]:
