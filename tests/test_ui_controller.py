@@ -135,3 +135,39 @@ def test_a_blank_concepts_file_means_the_models_own(ctl):
     assert (ctl.models.model_dir("cat") / "concepts_list.json").is_file()
     message, values = ctl.load_concepts({"model": "cat", "concepts_file": ""}, keys)
     assert values == {"concept1.instance_prompt": "p"}, message
+
+
+def test_a_preset_leaves_out_what_cannot_run_here(ctl):
+    from lora_trainer.config import TrainingParams
+    from lora_trainer.ui.fields import named_from_params, param_specs, params_from_named, params_key
+    from lora_trainer.ui.widgets import disabled_options
+
+    keys = [params_key(n) for n in param_specs()] + ["custom_model_name"]
+    named = named_from_params(TrainingParams(num_train_epochs=9), keys)
+    disabled = disabled_options({"cuda": "no CUDA GPU", "bitsandbytes": "not installed"})
+    message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled, cuda=False)
+    params = params_from_named(values)
+    assert (params.mixed_precision, params.use_8bit_adam, params.gradient_checkpointing) == ("bf16", False, True)
+    assert params.num_train_epochs == 9
+    assert message.startswith("Applied preset '8 GB GPU'")
+
+    # With CUDA but without bitsandbytes the 8-bit Adam box stays off and the message says why.
+    message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled_options({"bitsandbytes": "not installed"}))
+    params = params_from_named(values)
+    assert (params.mixed_precision, params.use_8bit_adam) == ("fp16", False)
+    assert "bitsandbytes unavailable: not installed" in message
+
+
+def test_options_that_cannot_run_are_disabled_with_the_reason():
+    from lora_trainer.ui.fields import param_specs
+    from lora_trainer.ui.widgets import disabled_options, field_widget
+
+    gr = pytest.importorskip("gradio")
+    disabled = disabled_options({"xformers": "xformers is not installed", "bitsandbytes": "not installed"})
+    with gr.Blocks():
+        attention = field_widget(param_specs()["attention"], "a", disabled=disabled.get("attention"))
+        adam = field_widget(param_specs()["use_8bit_adam"], "b", value=True, disabled=disabled.get("use_8bit_adam"))
+    shown = [c[1] if isinstance(c, (tuple, list)) else c for c in attention.choices]
+    assert "xformers" not in shown and "flash_attention" in shown
+    assert "xformers unavailable: xformers is not installed" in attention.info
+    assert adam.value is False and adam.interactive is False and "not installed" in adam.info
