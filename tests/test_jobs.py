@@ -184,3 +184,21 @@ def test_snapshots_are_copies(host):
     first.progress.message = "changed"
     assert "changed by the reader" not in runner.snapshot().log
     assert runner.snapshot().progress.message == "Saving"
+
+
+def test_a_rebuilt_tab_shares_the_running_job(host, models_dir):
+    from lora_trainer.jobs import process_runner
+
+    first = process_runner(host)
+    release = threading.Event()
+    first.start("train", "train 'cat'", lambda report, cancel: release.wait(10))
+    try:
+        newer_host = RecordingHost(models_dir)  # the web UI rebuilt the tab with a new host object
+        again = process_runner(newer_host)
+        assert again is first and again.host is host  # the running job keeps its host
+        with pytest.raises(JobBusy, match="train 'cat'"):
+            again.start("merge", "generate ckpt", lambda report, cancel: None)
+    finally:
+        release.set()
+        wait_done(first)
+    assert process_runner(newer_host).host is newer_host

@@ -13,6 +13,7 @@ import gradio as gr
 from .. import presets
 from ..config import Concept, ModelInfo, TrainingParams, field_meta
 from ..hosts import Host
+from ..jobs import process_runner
 from ..merge import MergeOptions
 from . import gradio_compat as compat
 from . import render
@@ -36,7 +37,7 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
     `page_polls`: the host's page runs javascript/lora_trainer.js, which presses the hidden progress
     refresh instead of a server-side poll on gradio 3 (see `gradio_compat.poll`).
     """
-    ctl = controller or Controller(host)
+    ctl = controller or Controller(host, process_runner(host))
     w = Widgets()
     unavailable = unavailable_features()
     disabled = disabled_options(unavailable)
