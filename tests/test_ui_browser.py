@@ -242,7 +242,8 @@ def test_train_cancel_and_train_again(page, app):
     click(page, "lora_trainer_train")
     wait_message(page, "Started train 'cat'")
     page.wait_for_function("() => { const e = document.querySelector('#lora_trainer_progress_box');"
-                           " return e && Number(e.dataset.step) >= 2; }", timeout=JOB_TIMEOUT_MS)
+                           " return e && e.dataset.job === 'train' && e.dataset.running === 'true'"
+                           " && Number(e.dataset.step) >= 2; }", timeout=JOB_TIMEOUT_MS)
     running = page.locator("#lora_trainer_progress_box")
     first_step = int(running.get_attribute("data-step"))
     figures = running.inner_text()
