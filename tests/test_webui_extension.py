@@ -53,8 +53,13 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
         sys.path = syspath
         script_callbacks.ui_settings_callback()
         tabs = script_callbacks.ui_tabs_callback()
-        import gradio as gr, webui_standin_calls
+        import gradio as gr, importlib, threading, webui_standin_calls
+        late = {{}}
+        worker = threading.Thread(target=lambda: late.update(ok=bool(importlib.import_module("lora_trainer.merge"))))
+        worker.start(); worker.join()
         print(json.dumps({{
+            "late_import": late.get("ok", False),
+            "root_last": sys.path.index({str(REPO)!r}) == len(sys.path) - 1,
             "tabs": [[isinstance(b, gr.Blocks), title, tab_id] for b, title, tab_id in tabs],
             "unavailable": [getattr(x, "value", None) for b, _t, _i in tabs for x in b.blocks.values()
                             if getattr(x, "elem_id", None) == "lora_trainer_not_loaded"],
@@ -67,6 +72,7 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == []
+    assert result["late_import"] and result["root_last"]
     assert result["unavailable"] == []
     assert result["tabs"] == [[True, TITLE, TAB_ID]]
     assert result["settings"] and all(s == ["lora_trainer", "LoRA Trainer"] for s in result["settings"].values())
