@@ -3,7 +3,8 @@
 A preset changes only the fields it names; everything else keeps the value the
 user has. "8 GB GPU" is what the reference material recommends for an 8 GB
 NVIDIA card: LoRA, fp16, 8-bit Adam, memory-efficient attention, gradient
-checkpointing, cached latents, batch 1, rank 4.
+checkpointing, cached latents, batch 1, rank 4. On a CPU the GPU-only parts
+(fp16, 8-bit Adam) become bf16 and plain AdamW, so a preset can be tried anywhere.
 """
 from __future__ import annotations
 
@@ -46,8 +47,16 @@ def preset_names() -> list[str]:
     return list(PRESETS)
 
 
-def apply_preset(params: TrainingParams, name: str) -> TrainingParams:
-    """`params` with the fields of preset `name` changed. Raises ConfigError for an unknown name."""
+def apply_preset(params: TrainingParams, name: str, *, cuda: bool = True) -> TrainingParams:
+    """`params` with the fields of preset `name` changed (without `cuda`, GPU-only choices swapped).
+
+    Raises ConfigError for an unknown name.
+    """
     if name not in PRESETS:
         raise ConfigError(f"Preset: {name!r} is not one of {', '.join(PRESETS)}")
-    return dataclasses.replace(params, **PRESETS[name])
+    values = dict(PRESETS[name])
+    if not cuda and values.get("mixed_precision") == "fp16":
+        values["mixed_precision"] = "bf16"
+    if not cuda and values.get("use_8bit_adam"):
+        values["use_8bit_adam"] = False
+    return dataclasses.replace(params, **values)

@@ -9,6 +9,7 @@ It runs under `accelerate launch` on several GPUs unchanged (data parallel).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 
@@ -25,14 +26,14 @@ from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
-from .training.hardware import Hardware, check_options, probe_hardware
+from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
 from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, frozen_dtype,
                              load_working_model, place, set_attention)
 from .training.resume import load_resume_state, restore_optimizer
-from .training.samples import draw_samples, pick_seed, sample_prompts
+from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     name = output_name(info, params)
     check_concepts(concepts, model_dir)
     accelerator = make_accelerator(params, hardware)
+    check_parallel(params, accelerator.num_processes)
     if accelerator.is_main_process:
         params.save(model_dir / PARAMS_FILE)
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
@@ -66,10 +68,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
-    seed = pick_seed(params.seed)
-    from accelerate.utils import set_seed
-
-    set_seed(seed)
+    seed = run_seed(params, accelerator)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info)
     adapters = prepare_model(model, params, accelerator.device)
@@ -112,11 +111,24 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
 
 
 def make_accelerator(params: TrainingParams, hardware: Hardware):
+    """The accelerate.Accelerator of the run: mixed precision, accumulation, the device (several under a launcher)."""
     if hardware.cuda and hardware.device.index is not None:
         torch.cuda.set_device(hardware.device)
     return new_accelerator(mixed_precision=params.mixed_precision,
                            gradient_accumulation_steps=params.gradient_accumulation_steps,
                            cpu=not hardware.cuda)
+
+
+def run_seed(params: TrainingParams, accelerator) -> int:
+    """Seed every random generator with the run's seed (-1: one picked at random, the same on every
+    process: they must shuffle the batches alike to share them out)."""
+    from accelerate.utils import broadcast_object_list, set_seed
+
+    seed = [random.randrange(2**31) if params.seed < 0 else params.seed]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    set_seed(seed[0])
+    return seed[0]
 
 
 def make_class_pictures(models: ModelsDir, model_name: str, concepts: list[Concept], device: torch.device,
@@ -206,12 +218,14 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
 
 
 def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, step: int, epochs: int) -> None:
+    """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
                    text_encoder=unwrap(run.text_encoder))
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:
+    """The checkpoint the model was created from, when it is still there (its hash goes into the LoRA's metadata)."""
     path = models.checkpoints / info.source_checkpoint if info.source_checkpoint else None
     return path if path is not None and path.is_file() else None
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 from helpers_data import BLUE, RED, halves, solid
 
-from lora_trainer.data import collect_examples
 from lora_trainer.host import ModelsDir
 from lora_trainer.images import load_image, resize_to, to_tensor
 

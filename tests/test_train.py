@@ -15,7 +15,7 @@ from lora_trainer import train as train_module
 from lora_trainer.cli import main
 from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ConfigError
-from lora_trainer.lora import LoRALinear, load_lora_state_dict, read_lora
+from lora_trainer.lora import load_lora_state_dict, read_lora
 from lora_trainer.train import train
 from lora_trainer.training.adapters import attach_lora
 from lora_trainer.training.hardware import Hardware, check_options
@@ -223,6 +223,15 @@ def test_option_pairs_refused(options, hardware, names):
     assert "\n" not in message and all(name in message for name in names), message
 
 
+def test_buckets_with_batches_refused_on_several_gpus():
+    from lora_trainer.training.hardware import check_parallel
+
+    check_parallel(TrainingParams(use_buckets=True, train_batch_size=2), 1)
+    check_parallel(TrainingParams(use_buckets=True, train_batch_size=1), 4)
+    with pytest.raises(ConfigError, match="Aspect Ratio Bucketing.*Batch Size"):
+        check_parallel(TrainingParams(use_buckets=True, train_batch_size=2), 2)
+
+
 def test_good_option_sets_pass():
     check_options(TrainingParams(mixed_precision="fp16", attention="xformers", use_8bit_adam=True,
                                  gradient_checkpointing=True), GPU)
@@ -363,3 +372,79 @@ def test_cached_flips_and_buckets_with_class_pictures_and_run_step_names(created
     assert (second.lifetime_steps, second.revision) == (4, 2)
     tensors, metadata = read_lora(second.lora_path)
     assert not any(k.startswith("lora_te") for k in tensors) and metadata["ss_network_train_unet_only"] == "True"
+
+
+def test_sd2_v_model_trains_with_its_own_target(tiny_sd2v, tmp_path, monkeypatch):
+    import shutil
+
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.host import ModelsDir
+    from lora_trainer.training import loop as loop_module
+
+    models = ModelsDir.at(tmp_path / "models")
+    models.checkpoints.mkdir(parents=True)
+    for path in (tiny_sd2v, tiny_sd2v.with_suffix(".yaml")):
+        shutil.copy(path, models.checkpoints / path.name)
+    create_model(models, tiny_sd2v.name, "tinyv")
+    kinds = []
+    real_target = loop_module.training_target
+
+    def watch(scheduler, latents, noise, timesteps):
+        kinds.append(scheduler.config.prediction_type)
+        return real_target(scheduler, latents, noise, timesteps)
+
+    monkeypatch.setattr(loop_module, "training_target", watch)
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    result = train(models, "tinyv", TrainingParams(max_train_steps=2, train_batch_size=3, **FAST), [concept],
+                   device="cpu")
+    assert kinds == ["v_prediction", "v_prediction"]
+    tensors, metadata = read_lora(result.lora_path)
+    assert metadata["ss_v2"] == "True" and metadata["ss_base_model_version"] == "sd_v2_768_v"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for k in tensors)
+
+
+def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
+    """Data parallel on two CPU processes (gloo), as `accelerate launch` runs it: one result, saved once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    models = private_models(created_sd1, tmp_path / "models")
+    pictures = instance_pictures(tmp_path / "pictures")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lora_trainer",
+         "train", "--models-dir", str(models.working.parent), "--model", "tiny", "--instance_data_dir", str(pictures),
+         "--instance_prompt", "scs thing", "--max_train_steps", "3", "--train_batch_size", "1",
+         "--resolution", str(RES), "--seed", "-1", "--device", "cpu"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == [str(models.lora / "tiny_3.safetensors")]
+    assert done.stderr.count("Training finished. Total lifetime steps: 3") == 1
+    info = ModelInfo.load(models.model_dir("tiny") / "model_info.json")
+    assert (info.revision, info.lifetime_steps) == (1, 3)
+    assert sorted(p.name for p in models.lora.iterdir()) == ["tiny_3.safetensors"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the 8 GB options are GPU-only)")
+def test_8gb_preset_on_cuda(created_sd1, tmp_path):
+    """fp16 with a gradient scaler, 8-bit AdamW (when bitsandbytes is installed), SDPA, checkpointing, cached latents."""
+    import importlib.util
+
+    from lora_trainer.presets import apply_preset
+
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = apply_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), "8 GB GPU")
+    params.use_8bit_adam = importlib.util.find_spec("bitsandbytes") is not None
+    reports = []
+    result = train(models, "tiny", params, [concept], report=reports.append, device="cuda")
+    assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    tensors, _ = read_lora(result.lora_path)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert all(t.abs().sum() > 0 for t in ups)
+    assert all(p.memory_mb > 0 for p in reports if p.job == "train" and p.loss is not None)
+    assert len(result.samples) == 1 and result.samples[0].is_file()

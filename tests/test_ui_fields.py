@@ -223,3 +223,9 @@ def test_save_params_without_a_model_says_what_to_do(created):
 
     message = Controller(Host(created)).save_params({"model": ""})
     assert message.startswith("Error: Model: choose a model")
+
+
+def test_on_a_cpu_a_preset_swaps_only_what_needs_a_gpu():
+    p = presets.apply_preset(TrainingParams(), "8 GB GPU", cuda=False)
+    assert (p.mixed_precision, p.use_8bit_adam, p.gradient_checkpointing) == ("bf16", False, True)
+    assert presets.apply_preset(TrainingParams(), "CPU / test", cuda=False).mixed_precision == "no"

@@ -71,6 +71,7 @@ class LatentDataset(DreamBoothDataset):
 
 def make_dataset(instance: list[Example], class_: list[Example], params, tokenizer, *, cached: bool,
                  seed: int) -> DreamBoothDataset:
+    """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills."""
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
                 use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed)

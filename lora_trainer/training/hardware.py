@@ -86,3 +86,11 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
             raise ConfigError(f"{ADAM8} needs bitsandbytes on a CUDA GPU, but {where}; untick Use 8bit Adam")
         if not hw.bitsandbytes:
             raise ConfigError(f"{ADAM8}: the bitsandbytes package is not installed; untick Use 8bit Adam or install bitsandbytes")
+
+
+def check_parallel(params: TrainingParams, num_processes: int) -> None:
+    """Under `accelerate launch` on several GPUs: accelerate evens out the last batches with
+    pictures of other batches, which cannot be stacked when they come from other aspect buckets."""
+    if num_processes > 1 and params.use_buckets and params.train_batch_size > 1:
+        raise ConfigError(f"Aspect Ratio Bucketing ('use_buckets') with Batch Size ('train_batch_size') "
+                          f"{params.train_batch_size} cannot run on {num_processes} GPUs; use Batch Size 1 or no buckets")

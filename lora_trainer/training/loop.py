@@ -88,6 +88,7 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
 
 
 def cancelled(loop: Loop) -> bool:
+    """Whether Cancel was pressed (on any process: they all stop at the same step)."""
     wanted = loop.cancel is not None and loop.cancel.is_set()
     accelerator = loop.accelerator
     if accelerator.num_processes > 1:  # every process must stop at the same step

@@ -24,6 +24,7 @@ def sample_noise(latents: torch.Tensor, offset: float = 0.0) -> torch.Tensor:
 
 
 def sample_timesteps(scheduler, batch: int, device: torch.device) -> torch.Tensor:
+    """One random training timestep per picture."""
     return torch.randint(0, scheduler.config.num_train_timesteps, (batch,), device=device).long()
 
 

@@ -52,6 +52,7 @@ def free_path(path: Path) -> Path:
 
 
 def lora_file_path(lora_dir: Path, name: str, steps: int) -> Path:
+    """`<lora_dir>/<name>_<steps>.safetensors`, or a free variant of it."""
     return free_path(Path(lora_dir) / f"{name}_{steps}.safetensors")
 
 
@@ -79,6 +80,7 @@ def info_after(start: ModelInfo, *, run_steps: int, run_epochs: int) -> ModelInf
 
 
 def save_info(model_dir: Path, info: ModelInfo) -> None:
+    """Write model_info.json atomically."""
     info.save(Path(model_dir) / MODEL_INFO_FILE)
 
 

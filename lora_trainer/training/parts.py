@@ -101,5 +101,6 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def free_device_memory(device: torch.device) -> None:
+    """Give cached CUDA memory back (for the host's model, or the next part of the run)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,7 +8,6 @@ as `samples/<name>_<steps>_c<concept>_<n>.png` in the model folder.
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 
 import torch
@@ -73,7 +72,3 @@ def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int
     log.info("Saved %d sample pictures in %s", len(paths), Path(folder) / SAMPLES_DIR)
     return paths
 
-
-def pick_seed(seed: int) -> int:
-    """The run's seed: `seed`, or a random one for -1."""
-    return random.randrange(2**31) if seed < 0 else seed
