@@ -483,8 +483,12 @@ def test_every_id_the_javascript_looks_for_is_in_the_tab(webui):
     from lora_trainer.ui import build_ui
     from test_extension_files import REPO as ROOT, js_ids
 
+    import re
+
     blocks = build_ui(webui_host(webui))
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    for b in blocks.blocks.values():  # ids inside the HTML the tab renders, e.g. the status line
+        ids |= set(re.findall(r'id="([^"]+)"', str(getattr(b, "value", "") or "")))
     wanted = js_ids((ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8"))
     assert wanted and sorted(wanted - ids) == []
 
