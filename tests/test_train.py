@@ -302,6 +302,16 @@ def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
     up = next(k for k in first if k.endswith("lora_up.weight"))
     assert first[up].abs().sum() > 0 and not torch.equal(first[up], second[up])
 
+    base = ["train", "--models-dir", str(models.working.parent), "--model", "tiny", "--device", "cpu"]
+    for flags, names in ((["--rank", "8"], ("Lora UNET Rank", "trained with 4")),
+                         (["--no-train_text_encoder"], ("Train Text Encoder", "was on")),
+                         (["--text_encoder_alpha", "2"], ("Lora Text Encoder Alpha", "trained with 4"))):
+        capsys.readouterr()
+        assert main(base + flags) == 2
+        error = capsys.readouterr().err
+        assert all(name in error for name in names) and "create a new model" in error, error
+    assert ModelInfo.load(folder / "model_info.json").lifetime_steps == 5  # nothing ran
+
 
 def test_full_finetune_writes_a_model_create_exports(created_sd1, tmp_path):
     from safetensors import safe_open
