@@ -28,8 +28,8 @@ OPTION_SETS = {
     "fp32, nothing saved": dict(mixed_precision="no", gradient_checkpointing=False, cache_latents=False),
     "+ gradient checkpointing": dict(mixed_precision="no", gradient_checkpointing=True, cache_latents=False),
     "+ cache latents": dict(mixed_precision="no", gradient_checkpointing=True, cache_latents=True),
-    "8 GB preset": "PRESET_8GB",
-    "8 GB preset, no text encoder": "PRESET_8GB_NO_TEXT",
+    "8 GB preset": "8 GB GPU",
+    "8 GB preset, no text encoder": "Low memory (6 GB, no text encoder)",
 }
 
 
@@ -40,7 +40,7 @@ def run_one(root: Path, name: str, steps: int, resolution: int) -> None:
     from lora_trainer.config import Concept, TrainingParams
     from lora_trainer.host import ModelsDir
     from lora_trainer.train import train
-    from lora_trainer.training import presets
+    from lora_trainer.presets import apply_preset
 
     cuda = torch.cuda.is_available()
     models = ModelsDir.at(root)
@@ -48,7 +48,7 @@ def run_one(root: Path, name: str, steps: int, resolution: int) -> None:
     shutil.copytree(models.model_dir("mid"), models.model_dir(model))
     params = TrainingParams(resolution=resolution, max_train_steps=steps, seed=0, save_every_n_steps=0)
     options = OPTION_SETS[name]
-    params = presets.with_preset(params, getattr(presets, options), cuda=cuda) if isinstance(options, str) \
+    params = apply_preset(params, options, cuda=cuda) if isinstance(options, str) \
         else TrainingParams.from_dict({**params.to_dict(), **options})
     if params.use_8bit_adam and not _has("bitsandbytes"):
         params.use_8bit_adam = False

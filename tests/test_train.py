@@ -443,11 +443,11 @@ def test_8gb_preset_on_cuda(created_sd1, tmp_path):
     """fp16 with a gradient scaler, 8-bit AdamW (when bitsandbytes is installed), SDPA, checkpointing, cached latents."""
     import importlib.util
 
-    from lora_trainer.training.presets import PRESET_8GB, with_preset
+    from lora_trainer.presets import apply_preset
 
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    params = with_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), PRESET_8GB)
+    params = apply_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), "8 GB GPU")
     params.use_8bit_adam = importlib.util.find_spec("bitsandbytes") is not None
     reports = []
     result = train(models, "tiny", params, [concept], report=reports.append, device="cuda")

@@ -1,0 +1,167 @@
+"""The four things the buttons do, as jobs for `JobRunner`: each takes `(report, cancel)`.
+
+"Create", "Train", "Generate Class Images" and "Generate Ckpt" call the core
+with settings already turned into config objects; the steps that report a
+`(message, fraction)` pair are translated into `Progress` reports here. No
+gradio, no web UI: the UI builds the configs and starts these.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
+from .errors import ConfigError, ModelError
+from .fileio import atomic_write_text
+from .host import ModelsDir
+from .progress import CancelFlag, Progress, Report, TrainResult
+
+log = logging.getLogger(__name__)
+
+STEPS = 1000  # the resolution of a fraction-only progress bar
+
+
+def fraction_reporter(report: Report, job: str) -> Callable[[str, float], None]:
+    """A `progress(message, fraction)` callback of the core that reports `Progress` with time left."""
+    started = time.monotonic()
+
+    def progress(message: str, fraction: float) -> None:
+        fraction = max(0.0, min(1.0, float(fraction)))
+        elapsed = time.monotonic() - started
+        left = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+        report(Progress(job=job, message=message, step=round(fraction * STEPS), total_steps=STEPS, seconds_left=left))
+
+    return progress
+
+
+def create(models: ModelsDir, source: str, name: str, *, extract_ema: bool = False, overwrite: bool = False):
+    """"Create": the job that converts `source` into the working model `name`."""
+    from .checkpoint import create_model
+
+    def job(report: Report, cancel: CancelFlag) -> Path:
+        return create_model(models, source, name, extract_ema=extract_ema, overwrite=overwrite,
+                            progress=fraction_reporter(report, "create"))
+
+    return job
+
+
+def save_settings(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept]) -> Path:
+    """"Save Params": write params.json and concepts_list.json into the model folder; return the folder."""
+    model_dir = models.existing_model_dir(model_name)
+    params.save(model_dir / PARAMS_FILE)
+    save_concepts(without_empty_tail(concepts), model_dir / CONCEPTS_FILE)
+    return model_dir
+
+
+def without_empty_tail(concepts: list[Concept]) -> list[Concept]:
+    """The UI's concept slots up to the last one that holds anything (slot numbers are kept)."""
+    concepts = list(concepts)
+    while concepts and concepts[-1] == Concept():
+        concepts.pop()
+    return concepts
+
+
+def load_settings(models: ModelsDir, model_name: str) -> tuple[TrainingParams | None, list[Concept] | None]:
+    """"Load Params": what the model folder holds (None for a file that is not there).
+
+    Raises ModelError for a missing model, ConfigError for a broken file.
+    """
+    from .config import load_concepts
+
+    model_dir = models.existing_model_dir(model_name)
+    params = TrainingParams.load(model_dir / PARAMS_FILE) if (model_dir / PARAMS_FILE).is_file() else None
+    concepts = load_concepts(model_dir / CONCEPTS_FILE) if (model_dir / CONCEPTS_FILE).is_file() else None
+    return params, concepts
+
+
+def used_concepts(concepts: list[Concept]) -> list[Concept]:
+    """The UI's concept slots that are filled in. Raises ConfigError when none is."""
+    filled = [c for c in concepts if c.is_set]
+    if not filled:
+        raise ConfigError("Concepts: Concept 1 needs a Dataset Directory (the folder with the pictures to teach)")
+    return filled
+
+
+def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *, device=None):
+    """"Train": the job that saves the settings beside the model, then trains it."""
+    concepts = used_concepts(concepts)
+
+    def job(report: Report, cancel: CancelFlag) -> TrainResult:
+        try:
+            from .train import train as train_model
+        except ImportError as e:
+            raise ModelError(f"Train: the training module cannot be loaded ({e})") from None
+        save_settings(models, model_name, params, concepts)
+        result = train_model(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
+        if result.cancelled:
+            log.info("Training cancelled after %d steps. Total lifetime steps: %d", result.steps, result.lifetime_steps)
+        return result
+
+    return job
+
+
+def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *, device=None):
+    """"Generate Class Images": the job that makes the missing class pictures of every concept.
+
+    A concept needs no Dataset Directory here when its class prompt and total say what to make.
+    """
+    concepts = [c for c in concepts if c.is_set or (c.class_prompt.strip() and c.with_prior_preservation)]
+    if not concepts:
+        raise ConfigError("Concepts: Concept 1 needs a Class Prompt and a Total Number of Class/Reg Images "
+                          "(or a Dataset Directory) to generate class images")
+
+    def job(report: Report, cancel: CancelFlag) -> list[int]:
+        from .classimages import generate_class_images
+
+        counts = generate_class_images(models, model_name, concepts, device=device, cancel=cancel,
+                                       progress=fraction_reporter(report, "class images"))
+        report(Progress(job="class images", message=f"Generated {sum(counts)} class images", step=1, total_steps=1))
+        return counts
+
+    return job
+
+
+def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: bool = False, subdir: bool = False,
+                  custom_name: str = "", overwrite: bool = False):
+    """"Generate Ckpt": merge `lora` into the model; with no LoRA chosen, write the model itself as a checkpoint."""
+
+    def job(report: Report, cancel: CancelFlag) -> Path:
+        progress = fraction_reporter(report, "merge")
+        if lora.strip():
+            from .merge import merge_lora
+
+            return merge_lora(models, model_name, lora=lora, half=half, subdir=subdir,
+                              custom_name=custom_name or None, overwrite=overwrite, progress=progress)
+        return export_model(models, model_name, half=half, subdir=subdir, custom_name=custom_name,
+                            overwrite=overwrite, progress=progress)
+
+    return job
+
+
+def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subdir: bool = False, custom_name: str = "",
+                 overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
+    """The working model as one checkpoint `[<name>/]<name>_<lifetime steps>.safetensors` in Stable-diffusion.
+
+    Raises ModelError for a missing model, ConfigError for a bad name and
+    FileExistsError when the file exists and `overwrite` is False.
+    """
+    from .checkpoint import export_checkpoint
+    from .merge import model_yaml, output_path
+
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    merged_name = output_path(models, info, custom_name=custom_name, subdir=subdir)
+    out_path = merged_name.with_name(merged_name.name.replace("_lora.", "."))
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"{out_path} already exists; choose another Custom Model Name or tick Overwrite")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps)}
+    export_checkpoint(model_dir, out_path, half=half, metadata=metadata, overwrite=overwrite,
+                      progress=progress or (lambda m, f: None))
+    yaml_text = model_yaml(model_dir, info)
+    if yaml_text is not None:
+        atomic_write_text(out_path.with_suffix(".yaml"), yaml_text)
+    log.info("Wrote %s", out_path)
+    return out_path

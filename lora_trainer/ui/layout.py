@@ -1,0 +1,288 @@
+"""The "LoRA Trainer" tab: left column, sub-tabs, and the wiring of every event.
+
+`build_ui(host)` returns a `gr.Blocks`; the web UI's script hands it to
+`on_ui_tabs`, the standalone app launches it. Every element id starts with
+`lora_trainer_`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import gradio as gr
+
+from .. import presets
+from ..config import Concept, ModelInfo, TrainingParams, field_meta
+from ..hosts import Host
+from ..merge import MergeOptions
+from . import gradio_compat as compat
+from . import render
+from .controller import INFO_FIELDS, Controller
+from .fields import CONCEPT_SLOTS, Widgets, concept_key, field_specs, param_specs, params_key
+from .widgets import disabled_options, field_widget, unavailable_features
+
+POLL_SECONDS = 1.0
+LOG_LINES_SHOWN = 400
+REFRESH = "\U0001f504"  # the web UI's refresh button glyph
+
+
+def eid(name: str) -> str:
+    return f"lora_trainer_{name}"
+
+
+def build_ui(host: Host, *, controller: Controller | None = None, theme=None, css: str | None = None,
+             head: str | None = None, page_polls: bool = False) -> gr.Blocks:
+    """The whole tab for `host`. `theme`/`css`/`head` are for the standalone app (the web UI brings its own).
+
+    `page_polls`: the host's page runs javascript/lora_trainer.js, which presses the hidden progress
+    refresh instead of a server-side poll on gradio 3 (see `gradio_compat.poll`).
+    """
+    ctl = controller or Controller(host)
+    w = Widgets()
+    disabled = disabled_options(unavailable_features())
+    with compat.blocks(analytics_enabled=False, theme=theme, css=css, head=head, title="LoRA Trainer") as demo:
+        with gr.Row(elem_id=eid("main")):
+            with gr.Column(scale=1, min_width=280, elem_id=eid("left")):
+                _left_column(w, ctl)
+            with gr.Column(scale=3, elem_id=eid("right")):
+                with gr.Tabs(elem_id=eid("tabs")):
+                    with gr.Tab("Create Model", elem_id=eid("create_tab")):
+                        _create_tab(w, ctl)
+                    with gr.Tab("Parameters", elem_id=eid("params_tab")):
+                        _parameters_tab(w, disabled)
+                    with gr.Tab("Concepts", elem_id=eid("concepts_tab")):
+                        _concepts_tab(w)
+                    with gr.Tab("Train", elem_id=eid("train_tab")):
+                        _train_tab(w, ctl)
+        _wire(demo, w, ctl, disabled, page_polls)
+    return demo
+
+
+# -- layout -------------------------------------------------------------------------
+def _left_column(w: Widgets, ctl: Controller) -> None:
+    with gr.Row():
+        models = ctl.model_choices()
+        w.add("model", compat.component(gr.Dropdown, label="Model", choices=models, value=models[0] if models else None,
+                                        allow_custom_value=True, elem_id=eid("model"), scale=4))
+        w.add("model_refresh", compat.component(gr.Button, value=REFRESH, elem_id=eid("model_refresh"), scale=0,
+                                                min_width=40, elem_classes=["lora_trainer_refresh"]))
+    first = models[0] if models else ""
+    w.add("lora", compat.component(gr.Dropdown, label=field_meta(MergeOptions, "lora")["label"],
+                                   info="LoRA to merge on Generate Ckpt; blank: write the model without a LoRA.",
+                                   choices=ctl.lora_choices(), value=ctl.latest_lora(first),
+                                   allow_custom_value=True, elem_id=eid("lora")))
+    meta = field_meta(TrainingParams, "custom_model_name")
+    w.add("custom_model_name", compat.component(gr.Textbox, label=meta["label"], info=meta["help"],
+                                                elem_id=eid("custom_model_name")))
+    for key in ("half", "subdir"):
+        meta = field_meta(MergeOptions, key)
+        w.add(key, compat.component(gr.Checkbox, label=meta["label"], info=meta["help"], value=False,
+                                    elem_id=eid(key)))
+    with gr.Group(elem_id=eid("model_info")):
+        info = ctl.info_values(first)
+        for name in INFO_FIELDS:
+            meta = field_meta(ModelInfo, name)
+            w.add(f"info.{name}", compat.component(gr.Textbox, label=meta["label"], value=info[f"info.{name}"],
+                                                   interactive=False, elem_id=eid(f"info_{name}")))
+    with gr.Row():
+        w.add("train_button", compat.component(gr.Button, value="Train", variant="primary", elem_id=eid("train")))
+        w.add("cancel_button", compat.component(gr.Button, value="Cancel", variant="stop", elem_id=eid("cancel")))
+    w.add("class_images_button", compat.component(gr.Button, value="Generate Class Images",
+                                                  elem_id=eid("generate_class_images")))
+    w.add("generate_ckpt_button", compat.component(gr.Button, value="Generate Ckpt",
+                                                   elem_id=eid("generate_ckpt_button")))
+    w.add("generate_ckpt.overwrite", compat.component(gr.Checkbox, label="Overwrite", value=False,
+                                                      info="Replace a checkpoint of the same name (asks first).",
+                                                      elem_id=eid("generate_ckpt_overwrite")))
+    with gr.Row():
+        w.add("save_params_button", compat.component(gr.Button, value="Save Params", elem_id=eid("save_params")))
+        w.add("load_params_button", compat.component(gr.Button, value="Load Params", elem_id=eid("load_params")))
+    w.add("message", compat.component(gr.Textbox, label="Message", interactive=False, lines=2,
+                                      elem_id=eid("message")))
+
+
+def _create_tab(w: Widgets, ctl: Controller) -> None:
+    with gr.Row():
+        sources = ctl.source_choices()
+        w.add("create.source", compat.component(gr.Dropdown, label="Source Checkpoint", choices=sources,
+                                                value=sources[0] if sources else None, allow_custom_value=True,
+                                                elem_id=eid("create_source"), scale=4))
+        w.add("source_refresh", compat.component(gr.Button, value=REFRESH, elem_id=eid("create_source_refresh"),
+                                                 scale=0, min_width=40, elem_classes=["lora_trainer_refresh"]))
+    w.add("create.name", compat.component(gr.Textbox, label="Name", elem_id=eid("create_name"),
+                                          info="Name of the new model (a folder under lora_trainer/)."))
+    w.add("create.extract_ema", compat.component(gr.Checkbox, label="Extract EMA Weights", value=False,
+                                                 info=field_meta(ModelInfo, "extracted_ema")["help"],
+                                                 elem_id=eid("create_extract_ema")))
+    w.add("create.overwrite", compat.component(gr.Checkbox, label="Overwrite", value=False,
+                                               info="Replace a model of the same name (asks first).",
+                                               elem_id=eid("create_overwrite")))
+    w.add("create_button", compat.component(gr.Button, value="Create", variant="primary",
+                                            elem_id=eid("create_button")))
+
+
+def _parameters_tab(w: Widgets, disabled: dict) -> None:
+    with gr.Row():
+        w.add("preset", compat.component(gr.Dropdown, label="Preset", choices=presets.preset_names(),
+                                         value="8 GB GPU", elem_id=eid("preset"), scale=4,
+                                         info="Sets the fields it names; the others keep their values."))
+        w.add("apply_preset_button", compat.component(gr.Button, value="Apply Preset", elem_id=eid("apply_preset"),
+                                                      scale=1))
+    notes = [reason for options in disabled.values() for reason in options.values()]
+    if notes:
+        compat.component(gr.Markdown, value="Unavailable here: " + "; ".join(notes), elem_id=eid("unavailable"))
+    specs = param_specs()
+    basic = [s for s in specs.values() if not s.advanced]
+    advanced = [s for s in specs.values() if s.advanced]
+    for spec in basic:
+        w.add(params_key(spec.name), field_widget(spec, eid(f"param_{spec.name}"), disabled=disabled.get(spec.name)))
+    with gr.Accordion("Advanced", open=False, elem_id=eid("params_advanced")):
+        for spec in advanced:
+            w.add(params_key(spec.name), field_widget(spec, eid(f"param_{spec.name}"),
+                                                      disabled=disabled.get(spec.name)))
+
+
+def _concepts_tab(w: Widgets) -> None:
+    with gr.Row():
+        w.add("concepts_file", compat.component(gr.Textbox, label="Concepts JSON", elem_id=eid("concepts_file"), scale=4,
+                                                info="File to load or save; blank: the model folder's concepts_list.json."))
+        w.add("load_concepts_button", compat.component(gr.Button, value="Load Concepts",
+                                                       elem_id=eid("load_concepts"), scale=1))
+        w.add("save_concepts_button", compat.component(gr.Button, value="Save Concepts",
+                                                       elem_id=eid("save_concepts"), scale=1))
+    specs = field_specs(Concept)
+    with gr.Tabs(elem_id=eid("concept_tabs")):
+        for slot in range(1, CONCEPT_SLOTS + 1):
+            with gr.Tab(f"Concept {slot}", elem_id=eid(f"concept{slot}_tab")):
+                for spec in (s for s in specs.values() if not s.advanced):
+                    w.add(concept_key(slot, spec.name), field_widget(spec, eid(f"concept{slot}_{spec.name}")))
+                with gr.Accordion("Advanced", open=False, elem_id=eid(f"concept{slot}_advanced")):
+                    for spec in (s for s in specs.values() if s.advanced):
+                        w.add(concept_key(slot, spec.name), field_widget(spec, eid(f"concept{slot}_{spec.name}")))
+
+
+def _train_tab(w: Widgets, ctl: Controller) -> None:
+    state = ctl.state()
+    w.add("status", compat.component(gr.HTML, value=render.status_html(state), elem_id=eid("status")))
+    w.add("progress", compat.component(gr.HTML, value=render.progress_html(state), elem_id=eid("progress")))
+    with gr.Row():
+        w.add("loss_plot", compat.component(gr.Image, label="Loss", type="pil", interactive=False,
+                                            value=render.loss_plot(state.losses), elem_id=eid("loss_plot")))
+        w.add("samples", compat.component(gr.Gallery, label="Samples", columns=4, height=260,
+                                          value=compat.gallery_value(state.samples) or None, elem_id=eid("samples")))
+    w.add("log", compat.component(gr.Textbox, label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True,
+                                  value="\n".join(state.log[-LOG_LINES_SHOWN:]), elem_id=eid("log")))
+    # Pressed by javascript/lora_trainer.js when the tab is shown again (hidden by style.css).
+    w.add("progress_refresh", compat.component(gr.Button, value="Refresh", elem_id=eid("progress_refresh"),
+                                               elem_classes=["lora_trainer_hidden"]))
+    w.add("seen", gr.State({}))
+
+
+# -- events ---------------------------------------------------------------------------
+def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_keys: Sequence[str]) -> None:
+    """Wire `button` so `fn(named_inputs)` returns a dict of new values by key (missing: unchanged)."""
+    in_keys, out_keys = list(in_keys), list(out_keys)
+
+    def handler(*values):
+        result = fn(Widgets.named(in_keys, values))
+        outs = [result.get(k, compat.no_change()) if isinstance(result, dict) else compat.no_change() for k in out_keys]
+        return outs[0] if len(outs) == 1 else outs
+
+    compat.click(button, handler, w.components(in_keys), w.components(out_keys))
+
+
+def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_polls: bool = False) -> None:
+    param_keys = w.keys("params.") + ["custom_model_name"]
+    concept_keys = [k for slot in range(1, CONCEPT_SLOTS + 1) for k in w.keys(concept_key(slot, ""))]
+    settings = ["model"] + param_keys + concept_keys
+    info_keys = [f"info.{n}" for n in INFO_FIELDS]
+    msg = ["message"]
+
+    _on(w["create_button"], lambda n: {"message": ctl.create(n)}, w, ["create.source", "create.name",
+                                                                      "create.extract_ema", "create.overwrite"], msg)
+    _on(w["train_button"], lambda n: {"message": ctl.train(n)}, w, settings, msg)
+    _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
+    _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
+    _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
+        ["model", "lora", "custom_model_name", "half", "subdir", "generate_ckpt.overwrite"], msg)
+    _on(w["save_params_button"], lambda n: {"message": ctl.save_params(n)}, w, settings, msg)
+
+    def load_params(n):
+        message, values = ctl.load_params(n, param_keys + concept_keys)
+        return {"message": message, **values}
+
+    _on(w["load_params_button"], load_params, w, ["model"], msg + param_keys + concept_keys)
+
+    def apply_preset(n):
+        message, values = ctl.apply_preset(n["preset"], n, param_keys, disabled)
+        return {"message": message, **values}
+
+    _on(w["apply_preset_button"], apply_preset, w, ["preset"] + param_keys, msg + param_keys)
+
+    def load_concepts(n):
+        message, values = ctl.load_concepts(n, concept_keys)
+        return {"message": message, **values}
+
+    _on(w["load_concepts_button"], load_concepts, w, ["concepts_file", "model"], msg + concept_keys)
+    _on(w["save_concepts_button"], lambda n: {"message": ctl.save_concepts(n)}, w,
+        ["concepts_file", "model"] + concept_keys, msg)
+
+    def refresh_models(n):
+        models = ctl.model_choices()
+        chosen = n["model"] if n["model"] in models else (models[0] if models else None)
+        return {"model": compat.update(choices=models, value=chosen),
+                "lora": compat.update(choices=ctl.lora_choices(), value=ctl.latest_lora(chosen or "")),
+                **ctl.info_values(chosen or "")}
+
+    _on(w["model_refresh"], refresh_models, w, ["model"], ["model", "lora"] + info_keys)
+    _on(w["source_refresh"], lambda n: {"create.source": compat.update(choices=ctl.source_choices())}, w,
+        [], ["create.source"])
+
+    def model_chosen(model):
+        values = {**ctl.info_values(model or ""), "lora": compat.update(choices=ctl.lora_choices(),
+                                                                         value=ctl.latest_lora(model or ""))}
+        return [values[k] for k in info_keys + ["lora"]]
+
+    compat.change(w["model"], model_chosen, [w["model"]], w.components(info_keys + ["lora"]))
+
+    poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source"] + info_keys
+
+    def poll(seen, model):
+        values = _poll(ctl, seen or {}, model)
+        return [values.get(k, compat.no_change()) for k in poll_out]
+
+    compat.poll(demo, poll, [w["seen"], w["model"]], w.components(poll_out), POLL_SECONDS, page_polls=page_polls)
+    # Pressed by the page's script: on return to the tab, and every second where the page polls.
+    # Only what changed since this page last looked is sent, as by the poll itself.
+    compat.click(w["progress_refresh"], poll, [w["seen"], w["model"]], w.components(poll_out))
+
+
+def _poll(ctl: Controller, seen: dict, model: str | None) -> dict[str, Any]:
+    """What changed since this page last looked: only those outputs are sent."""
+    state = ctl.state()
+    if seen.get("version") == state.version and seen.get("finished") == state.finished_jobs:
+        return {}
+    out: dict[str, Any] = {"status": render.status_html(state), "progress": render.progress_html(state)}
+    if seen.get("losses") != len(state.losses) or seen.get("job") != state.started:
+        out["loss_plot"] = render.loss_plot(state.losses)
+    if seen.get("samples") != len(state.samples) or seen.get("job") != state.started:
+        out["samples"] = compat.gallery_value(state.samples)
+    log_mark = (len(state.log), state.log[-1] if state.log else "")
+    if seen.get("log") != list(log_mark) or seen.get("job") != state.started:
+        out["log"] = "\n".join(state.log[-LOG_LINES_SHOWN:])
+    if seen.get("finished") != state.finished_jobs:  # also on a page's first look: lists may be newer than the page
+        out.update(_lists_after_job(ctl, state, model))
+    out["seen"] = {"version": state.version, "finished": state.finished_jobs, "losses": len(state.losses),
+                   "samples": len(state.samples), "log": list(log_mark), "job": state.started}
+    return out
+
+
+def _lists_after_job(ctl: Controller, state, model: str | None) -> dict[str, Any]:
+    """A job ended: new models, LoRAs or checkpoints show up in our dropdowns."""
+    pick = ctl.selection_after(state)
+    models = ctl.model_choices()
+    chosen = pick.get("model") or (model if model in models else (models[0] if models else None))
+    lora = pick.get("lora") or ctl.latest_lora(chosen or "")
+    return {"model": compat.update(choices=models, value=chosen),
+            "lora": compat.update(choices=ctl.lora_choices(), value=lora),
+            "create.source": compat.update(choices=ctl.source_choices()),
+            **ctl.info_values(chosen or "")}

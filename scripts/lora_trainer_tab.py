@@ -1,0 +1,68 @@
+"""Registers the "LoRA Trainer" tab and its settings with the web UI; everything else lives in lora_trainer/.
+
+The web UI loads this file by path (modules/script_loading.py) with the
+extension's folder on sys.path only while loading; the tab is built later and
+jobs import parts of the package from other threads, so the folder is put on
+sys.path for good before `import lora_trainer`.
+"""
+import logging
+import os
+import sys
+
+EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if EXTENSION_ROOT not in sys.path:
+    sys.path.insert(0, EXTENSION_ROOT)
+
+import lora_trainer  # noqa: E402,F401  (needs EXTENSION_ROOT on sys.path)
+from modules import script_callbacks  # noqa: E402
+
+TAB_TITLE = "LoRA Trainer"
+TAB_ID = "lora_trainer"
+
+log = logging.getLogger("lora_trainer")
+
+
+def unsupported_reason():
+    """Why the extension cannot run in this web UI, or None (the check itself lives in lora_trainer.hostcheck)."""
+    try:
+        from lora_trainer.hostcheck import unsupported_host_reason
+
+        return unsupported_host_reason()
+    except Exception as exc:  # noqa: BLE001 - a broken install must not take the web UI down
+        log.exception("LoRA Trainer: checking this web UI failed")
+        return f"LoRA Trainer could not check this web UI ({exc}); see the console, then restart the web UI."
+
+
+def message_tab(message):
+    """A tab that says why the extension is not available, instead of a traceback in the console only."""
+    import gradio as gr
+
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        gr.Markdown(f"**LoRA Trainer is not available here.**\n\n{message}", elem_id="lora_trainer_not_loaded")
+    return blocks
+
+
+def trainer_tab():
+    try:
+        from lora_trainer.ui.webui_host import build_webui_tab
+
+        blocks = build_webui_tab()
+    except Exception as exc:  # noqa: BLE001 - show it in the tab, not only in the console
+        log.exception("LoRA Trainer: building the tab failed")
+        blocks = message_tab(f"Building the tab failed: {exc}. The console has the details.")
+    return [(blocks, TAB_TITLE, TAB_ID)]
+
+
+def register_settings():
+    from lora_trainer.ui.settings import register_settings as register
+
+    register()
+
+
+REASON = unsupported_reason()
+if REASON:
+    log.warning("LoRA Trainer: %s", REASON)
+    script_callbacks.on_ui_tabs(lambda: [(message_tab(REASON), TAB_TITLE, TAB_ID)])
+else:
+    script_callbacks.on_ui_tabs(trainer_tab)
+    script_callbacks.on_ui_settings(register_settings)

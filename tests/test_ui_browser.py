@@ -1,0 +1,298 @@
+"""The standalone app end to end in Debian's headless chromium (Playwright's sync API, no browser download).
+
+`python -m lora_trainer ui` runs in a subprocess on 127.0.0.1 and a free port,
+with a fresh models folder. The browser creates a model from the built-in tiny
+checkpoint, sets parameters and a concept, trains a few steps and watches the
+progress move, cancels once and trains again, runs Generate Ckpt and the test
+finds the checkpoint on disk. Requests to anything but 127.0.0.1 are blocked
+and listed. A screenshot of each stage goes to test-artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = os.environ.get("LORA_TRAINER_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+JOB_TIMEOUT_MS = 120_000
+# gradio 3's own page template loads this from a CDN; the request is blocked and the page works without it.
+GRADIO_TEMPLATE_REQUESTS = ("iframeResizer.contentWindow.min.js",)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the app did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """The standalone app in a subprocess: (url, models folder)."""
+    root = tmp_path_factory.mktemp("ui-app")
+    models = root / "models"
+    port = free_port()
+    log = root / "app.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--models-dir", str(models),
+                                    "--port", str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for_server(url, process, log)
+        yield url, models, log
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    url, _, _ = app
+    blocked: list[str] = []
+
+    def only_this_machine(route):
+        target = route.request.url
+        if re.match(r"^(https?|wss?)://(127\.0\.0\.1|localhost)[:/]", target) or target.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            blocked.append(target)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.route("**/*", only_this_machine)
+        pg.set_default_timeout(30_000)
+        pg.goto(url)
+        pg.wait_for_selector("#lora_trainer_train")
+        pg.blocked = blocked
+        yield pg
+        browser.close()
+
+
+# -- driving gradio widgets by element id (the same on gradio 3, 4 and 6) --------------------
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input:not([type=checkbox]):not([type=range])").first
+
+
+def value(page, elem_id: str) -> str:
+    return field(page, elem_id).input_value()
+
+
+def type_into(page, elem_id: str, text: str) -> None:
+    box = field(page, elem_id)
+    box.fill(text)
+    box.press("Tab")  # gradio reads numbers and text on input/blur
+
+
+def tick(page, elem_id: str, on: bool = True) -> None:
+    box = page.locator(f"#{elem_id} input[type=checkbox]")
+    box.check() if on else box.uncheck()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    box = field(page, elem_id)
+    box.click()
+    quoted = option.replace('"', '\\"')
+    page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first.click()
+    page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }",
+                           arg=[elem_id, option])
+
+
+def open_tab(page, name: str) -> None:
+    page.locator("[role=tab], .tab-nav button").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$")).first.click()
+
+
+def click(page, elem_id: str) -> None:
+    page.locator(f"#{elem_id}").click()
+
+
+def wait_message(page, pattern: str) -> str:
+    page.wait_for_function("([id, p]) => { const e = document.querySelector('#' + id + ' textarea');"
+                           " return e && new RegExp(p).test(e.value); }", arg=["lora_trainer_message", pattern])
+    return value(page, "lora_trainer_message")
+
+
+def status(page) -> str:
+    return page.locator("#lora_trainer_status_line").inner_text()
+
+
+def wait_status(page, pattern: str, timeout: int = JOB_TIMEOUT_MS) -> str:
+    """Wait on the Train tab (newer gradio renders a tab's contents only once it is shown)."""
+    open_tab(page, "Train")
+    page.wait_for_function("p => { const e = document.querySelector('#lora_trainer_status_line');"
+                           " return e && new RegExp(p).test(e.textContent); }", arg=pattern, timeout=timeout)
+    return status(page)
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
+
+
+# -- the user's journey ---------------------------------------------------------------
+def test_the_tab_shows_the_labels_users_know(page):
+    for label in ("Model", "Lora Model", "Custom Model Name", "Half Model", "Save Checkpoint to Subdirectory",
+                  "Loaded Model", "Model Revision", "Source Checkpoint"):
+        assert page.get_by_text(label, exact=True).count() >= 1, label
+    for button in ("Train", "Cancel", "Generate Class Images", "Generate Ckpt", "Save Params", "Load Params"):
+        assert page.get_by_role("button", name=button, exact=True).count() >= 1, button
+    assert value(page, "lora_trainer_create_source") == "tiny-sd1.safetensors"
+
+
+def test_create_model_from_the_tiny_checkpoint(page, app):
+    _, models, _ = app
+    open_tab(page, "Create Model")
+    type_into(page, "lora_trainer_create_name", "cat")
+    click(page, "lora_trainer_create_button")
+    wait_message(page, "Started create model 'cat'")
+    wait_status(page, "create model 'cat' finished")
+    assert (models / "lora_trainer" / "cat" / "model_info.json").is_file()
+    # The poll puts the new model into the dropdown and shows its info.
+    page.wait_for_function("() => document.querySelector('#lora_trainer_info_model_name textarea, "
+                           "#lora_trainer_info_model_name input').value === 'cat'")
+    assert value(page, "lora_trainer_model") == "cat"
+    assert value(page, "lora_trainer_info_model_type") == "sd1"
+    assert value(page, "lora_trainer_info_source_checkpoint") == "tiny-sd1.safetensors"
+    shot(page, "1-created")
+
+
+def test_set_parameters_and_a_concept(page, app, tmp_path_factory):
+    from PIL import Image
+
+    _, models, _ = app
+    pictures = tmp_path_factory.mktemp("pictures")
+    for i, colour in enumerate([(200, 40, 40), (40, 160, 220)]):
+        Image.new("RGB", (80, 64), colour).save(pictures / f"scs_{i}.png")
+
+    open_tab(page, "Parameters")
+    choose(page, "lora_trainer_preset", "CPU / test")
+    click(page, "lora_trainer_apply_preset")
+    wait_message(page, "Applied preset 'CPU / test'")
+    assert value(page, "lora_trainer_param_resolution") == "64"
+    type_into(page, "lora_trainer_param_max_train_steps", "3")
+    type_into(page, "lora_trainer_param_num_train_epochs", "2")
+
+    open_tab(page, "Concepts")
+    type_into(page, "lora_trainer_concept1_instance_data_dir", str(pictures))
+    type_into(page, "lora_trainer_concept1_instance_prompt", "chibi scs girl")
+
+    click(page, "lora_trainer_save_params")
+    wait_message(page, "Saved parameters")
+    from lora_trainer.config import TrainingParams, load_concepts
+
+    saved = TrainingParams.load(models / "lora_trainer" / "cat" / "params.json")
+    assert (saved.max_train_steps, saved.num_train_epochs, saved.resolution, saved.rank) == (3, 2, 64, 2)
+    concepts = load_concepts(models / "lora_trainer" / "cat" / "concepts_list.json")
+    assert [(c.instance_data_dir, c.instance_prompt) for c in concepts] == [(str(pictures), "chibi scs girl")]
+
+    # Load Params brings back what was saved after the widgets changed.
+    open_tab(page, "Parameters")
+    type_into(page, "lora_trainer_param_max_train_steps", "9")
+    click(page, "lora_trainer_load_params")
+    wait_message(page, "Loaded the parameters of 'cat'")
+    assert value(page, "lora_trainer_param_max_train_steps") == "3"
+    shot(page, "2-parameters")
+
+
+def test_train_cancel_and_train_again(page, app):
+    pytest.importorskip("lora_trainer.train")
+    _, models, _ = app
+    open_tab(page, "Train")
+    # A long run to cancel: many steps.
+    open_tab(page, "Parameters")
+    type_into(page, "lora_trainer_param_max_train_steps", "500")
+    type_into(page, "lora_trainer_param_num_train_epochs", "500")
+    open_tab(page, "Train")
+    click(page, "lora_trainer_train")
+    wait_message(page, "Started train 'cat'")
+    page.wait_for_function("() => { const e = document.querySelector('#lora_trainer_progress_box');"
+                           " return e && Number(e.dataset.step) >= 2; }", timeout=JOB_TIMEOUT_MS)
+    click(page, "lora_trainer_train")  # a second job is refused, naming the running one
+    wait_message(page, "A job is running: train 'cat'")
+    click(page, "lora_trainer_cancel")
+    wait_status(page, "train 'cat' cancelled")
+    shot(page, "3-cancelled")
+
+    open_tab(page, "Parameters")
+    type_into(page, "lora_trainer_param_max_train_steps", "3")
+    type_into(page, "lora_trainer_param_save_preview_every_n_steps", "3")
+    open_tab(page, "Train")
+    click(page, "lora_trainer_train")
+    wait_message(page, "Started train 'cat'")
+    wait_status(page, "train 'cat' finished")
+    figures = page.locator("#lora_trainer_progress_box").inner_text()
+    assert "Step 3/3" in figures and "loss" in figures
+    assert "Training finished" in value(page, "lora_trainer_log")
+    assert list((models / "Lora").glob("*.safetensors"))
+    page.wait_for_selector("#lora_trainer_samples img")  # the sample picture of step 3
+    page.wait_for_function("() => document.querySelector('#lora_trainer_lora input').value !== ''")
+    shot(page, "4-trained")
+
+
+def test_generate_ckpt_writes_the_checkpoint(page, app):
+    _, models, log = app
+    before = set(models.joinpath("Stable-diffusion").rglob("*.safetensors"))
+    type_into(page, "lora_trainer_custom_model_name", "scs")
+    tick(page, "lora_trainer_half")
+    click(page, "lora_trainer_generate_ckpt_button")
+    wait_message(page, "Started generate ckpt of 'cat'")
+    wait_status(page, "generate ckpt of 'cat' finished")
+    made = set(models.joinpath("Stable-diffusion").rglob("*.safetensors")) - before
+    assert len(made) == 1, made
+    merged = made.pop()
+    lora = value(page, "lora_trainer_lora")
+    assert re.fullmatch(r"scs_\d+_lora\.safetensors" if lora else r"scs_\d+\.safetensors", merged.name)
+    from safetensors import safe_open
+
+    with safe_open(str(merged), "pt") as f:
+        key = next(k for k in f.keys() if k.startswith("model.diffusion_model.") and k.endswith(".weight"))
+        assert str(f.get_tensor(key).dtype) == "torch.float16"  # "Half Model"
+    # Our dropdown lists the new checkpoint without a page reload.
+    page.wait_for_function("n => Array.from(document.querySelectorAll('#lora_trainer_create_source input'))"
+                           ".length > 0", arg=merged.name)
+    open_tab(page, "Create Model")
+    field(page, "lora_trainer_create_source").click()
+    listed = page.locator(f'li[aria-label="{merged.relative_to(models / "Stable-diffusion").as_posix()}"], '
+                          f'li[data-value="{merged.relative_to(models / "Stable-diffusion").as_posix()}"]')
+    assert listed.count() >= 1
+    page.keyboard.press("Escape")
+    open_tab(page, "Train")
+    shot(page, "5-generated")
+    ours = [u for u in page.blocked if not u.endswith(GRADIO_TEMPLATE_REQUESTS)]
+    assert ours == [], f"the page tried to reach other hosts: {ours}"

@@ -1,0 +1,137 @@
+"""What the buttons do, without a browser: class pictures, Generate Ckpt, concepts JSON, errors as messages."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from lora_trainer.config import Concept
+from lora_trainer.hosts import Host
+from lora_trainer.ui.fields import CONCEPT_SLOTS, concept_key, field_specs, values_from_config
+
+pytest.importorskip("gradio")
+
+
+class RecordingHost(Host):
+    def __init__(self, models):
+        super().__init__(models)
+        self.calls: list[str] = []
+
+    def release_gpu(self):
+        self.calls.append("release_gpu")
+
+    def restore_gpu(self):
+        self.calls.append("restore_gpu")
+
+    def checkpoints_changed(self):
+        self.calls.append("checkpoints_changed")
+
+    def loras_changed(self):
+        self.calls.append("loras_changed")
+
+
+@pytest.fixture
+def ctl(models_dir, tiny_sd1):
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.ui.controller import Controller
+
+    for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
+        shutil.copy(p, models_dir.checkpoints / p.name)
+    create_model(models_dir, tiny_sd1.name, "cat")
+    return Controller(RecordingHost(models_dir))
+
+
+def concept_values(*concepts: Concept) -> dict:
+    filled = list(concepts) + [Concept()] * (CONCEPT_SLOTS - len(concepts))
+    return {concept_key(slot, name): value for slot, concept in enumerate(filled, 1)
+            for name, value in values_from_config(concept).items()}
+
+
+def finish(ctl):
+    assert ctl.runner.wait(timeout=120)
+    return ctl.state()
+
+
+def test_generate_class_images_makes_the_missing_pictures_with_the_gpu_lent(ctl, tmp_path):
+    concept = Concept(class_prompt="chibi girl", num_class_images=2, class_data_dir=str(tmp_path / "class"),
+                      class_infer_steps=2)
+    message = ctl.class_images({"model": "cat", **concept_values(concept)})
+    assert message.startswith("Started generate class images for 'cat'"), message
+    state = finish(ctl)
+    assert state.error is None, state.error
+    assert state.result == [2]
+    assert len(list((tmp_path / "class").glob("*.png"))) == 2
+    assert "Concept requires 2 images." in state.log
+    assert ctl.host.calls == ["release_gpu", "restore_gpu"]
+
+
+def test_generate_ckpt_without_a_lora_writes_the_model_and_refreshes_the_hosts_list(ctl):
+    message = ctl.generate_ckpt({"model": "cat", "lora": "", "custom_model_name": "", "half": False, "subdir": True,
+                                 "generate_ckpt.overwrite": False})
+    assert message.startswith("Started generate ckpt of 'cat'")
+    state = finish(ctl)
+    assert state.error is None, state.error
+    written = ctl.models.checkpoints / "cat" / "cat_0.safetensors"
+    assert state.result == written and written.is_file()
+    assert ctl.host.calls == ["checkpoints_changed"]
+    assert "cat/cat_0.safetensors" in ctl.source_choices()
+
+    # The same again: the file is kept and the message says how to go on.
+    ctl.generate_ckpt({"model": "cat", "lora": "", "subdir": True})
+    state = finish(ctl)
+    assert "already exists" in state.error and "Overwrite" in state.error
+    assert ctl.host.calls == ["checkpoints_changed"]  # nothing new to list
+
+
+def test_generate_ckpt_with_a_missing_lora_fails_with_its_name(ctl):
+    ctl.generate_ckpt({"model": "cat", "lora": "nothere.safetensors"})
+    state = finish(ctl)
+    assert state.error.startswith("Lora Model: 'nothere.safetensors' not found")
+
+
+def test_buttons_without_a_model_or_concept_answer_with_what_to_do(ctl):
+    assert ctl.train({"model": "", **concept_values()}).startswith("Error: Model: choose a model")
+    message = ctl.train({"model": "cat", **concept_values()})
+    assert message.startswith("Error: Concepts: Concept 1 needs a Dataset Directory")
+    assert ctl.create({"create.source": "tiny-sd1.safetensors", "create.name": "../x"}).startswith("Error: Name:")
+    message = ctl.class_images({"model": "cat", **concept_values()})
+    assert message.startswith("Error: Concepts: Concept 1 needs a Class Prompt")
+    assert not ctl.runner.running
+
+
+def test_create_an_existing_model_needs_overwrite(ctl):
+    ctl.create({"create.source": "tiny-sd1.safetensors", "create.name": "cat"})
+    assert "already exists" in finish(ctl).error
+    ctl.create({"create.source": "tiny-sd1.safetensors", "create.name": "cat", "create.overwrite": True})
+    state = finish(ctl)
+    assert state.error is None and ctl.selection_after(state) == {"model": "cat"}
+
+
+def test_concepts_json_round_trip_and_the_dreambooth_extensions_keys(ctl, tmp_path):
+    keys = [concept_key(slot, n) for slot in range(1, CONCEPT_SLOTS + 1) for n in field_specs(Concept)]
+    first = Concept(instance_data_dir="/pics/a", instance_prompt="chibi scs girl", class_prompt="chibi girl",
+                    num_class_images=10)
+    second = Concept(instance_data_dir="/pics/b", instance_prompt="b")
+    path = tmp_path / "concepts.json"
+    message = ctl.save_concepts({"concepts_file": str(path), **concept_values(first, second)})
+    assert message == f"Saved 2 concept(s) to {path}"
+    message, values = ctl.load_concepts({"concepts_file": str(path)}, keys)
+    assert message.startswith("Loaded concepts")
+    assert values == concept_values(first, second)
+
+    theirs = tmp_path / "db_concepts.json"
+    theirs.write_text(json.dumps([{"instance_data_dir": "/pics/c", "class_images": 5, "num_class_images_per": 2}]))
+    _, values = ctl.load_concepts({"concepts_file": str(theirs)}, keys)
+    assert (values["concept1.num_class_images"], values["concept1.num_class_images_per_image"]) == (5, 2)
+
+    message, values = ctl.load_concepts({"concepts_file": str(tmp_path / "missing.json")}, keys)
+    assert message.startswith("Error:") and "not found" in message and values == {}
+
+
+def test_a_blank_concepts_file_means_the_models_own(ctl):
+    keys = [concept_key(1, "instance_prompt")]
+    ctl.save_concepts({"model": "cat", "concepts_file": "", **concept_values(Concept(instance_prompt="p"))})
+    assert (ctl.models.model_dir("cat") / "concepts_list.json").is_file()
+    message, values = ctl.load_concepts({"model": "cat", "concepts_file": ""}, keys)
+    assert values == {"concept1.instance_prompt": "p"}, message
