@@ -302,6 +302,16 @@ def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
     up = next(k for k in first if k.endswith("lora_up.weight"))
     assert first[up].abs().sum() > 0 and not torch.equal(first[up], second[up])
 
+    base = ["train", "--models-dir", str(models.working.parent), "--model", "tiny", "--device", "cpu"]
+    for flags, names in ((["--rank", "8"], ("Lora UNET Rank", "trained with 4")),
+                         (["--no-train_text_encoder"], ("Train Text Encoder", "was on")),
+                         (["--text_encoder_alpha", "2"], ("Lora Text Encoder Alpha", "trained with 4"))):
+        capsys.readouterr()
+        assert main(base + flags) == 2
+        error = capsys.readouterr().err
+        assert all(name in error for name in names) and "create a new model" in error, error
+    assert ModelInfo.load(folder / "model_info.json").lifetime_steps == 5  # nothing ran
+
 
 def test_full_finetune_writes_a_model_create_exports(created_sd1, tmp_path):
     from safetensors import safe_open
@@ -431,14 +441,17 @@ def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the 8 GB options are GPU-only)")
 def test_8gb_preset_on_cuda(created_sd1, tmp_path):
     """fp16 with a gradient scaler, 8-bit AdamW (when bitsandbytes is installed), SDPA, checkpointing, cached latents."""
+    import dataclasses
     import importlib.util
 
     from lora_trainer.presets import apply_preset
 
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    params = apply_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), "8 GB GPU")
-    params.use_8bit_adam = importlib.util.find_spec("bitsandbytes") is not None
+    params = dataclasses.replace(apply_preset(TrainingParams(), "8 GB GPU"), max_train_steps=4,
+                                 save_preview_every_n_steps=4, use_8bit_adam=importlib.util.find_spec("bitsandbytes") is not None,
+                                 **FAST)
+    assert (params.mixed_precision, params.attention, params.gradient_checkpointing) == ("fp16", "flash_attention", True)
     reports = []
     result = train(models, "tiny", params, [concept], report=reports.append, device="cuda")
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))
