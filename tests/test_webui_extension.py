@@ -53,6 +53,9 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
         sys.path = syspath
         script_callbacks.ui_settings_callback()
         tabs = script_callbacks.ui_tabs_callback()
+        script_callbacks.ui_tabs_callback()  # Reload UI builds the tab again
+        import logging
+        logging.getLogger("lora_trainer.train").info("Training finished. Total lifetime steps: 3")
         import gradio as gr, importlib, threading, webui_standin_calls
         late = {{}}
         worker = threading.Thread(target=lambda: late.update(ok=bool(importlib.import_module("lora_trainer.merge"))))
@@ -72,6 +75,8 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == []
+    # The web UI configures no logging without --loglevel: our console lines still show, once.
+    assert done.stderr.count("Training finished. Total lifetime steps: 3") == 1
     assert result["late_import"] and result["root_last"]
     assert result["unavailable"] == []
     assert result["tabs"] == [[True, TITLE, TAB_ID]]
