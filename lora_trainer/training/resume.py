@@ -1,8 +1,9 @@
 """The state a later run of the same model continues from, kept in the model folder.
 
 `<model>/resume/` holds the adapters in full precision (`lora.safetensors`,
-kohya keys), the optimizer's state (`optimizer.pt`: AdamW moments and step
-counts) and `state.json` (lifetime steps and the LoRA file it belongs to). It
+kohya keys), the optimizer's state (`optimizer.safetensors`: AdamW moments
+and step counts as tensors, the rest as JSON in its metadata; a pickle would
+be refused by the web UI's checked `torch.load` when written by a newer torch) and `state.json` (lifetime steps and the LoRA file it belongs to). It
 is rewritten, as a whole and atomically, whenever a LoRA is saved, so a crash
 or a Cancel loses at most the steps since the last save. Without it (deleted,
 or an older model) the model's latest LoRA file is the starting point, with
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ..checkpoint_io import save_checkpoint
 from ..config import ModelInfo, TrainingParams
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 RESUME_DIR = "resume"
 ADAPTERS_FILE = "lora.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 
 
@@ -49,7 +51,7 @@ def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimi
         save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
                         tmp / ADAPTERS_FILE, overwrite=True)
         if optimizer_state is not None:
-            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+            save_optimizer_state(optimizer_state, tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps({"lifetime_steps": lifetime_steps, "lora": lora_file}, indent=2),
                                       encoding="utf-8")
 
@@ -124,11 +126,35 @@ def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Resum
     return None
 
 
+def save_optimizer_state(state: dict, path: Path) -> None:
+    """An optimizer's `state_dict()` as safetensors: its tensors by `state.<index>.<name>`, the rest as JSON."""
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for index, entry in state["state"].items():
+        plain["state"][str(index)] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain["state"][str(index)][name] = value
+    save_file(tensors, str(path), metadata={"optimizer": json.dumps(plain)})
+
+
+def load_optimizer_state(path: Path) -> dict:
+    """The `state_dict()` that `save_optimizer_state` wrote."""
+    with safe_open(str(path), framework="pt") as f:
+        plain = json.loads(f.metadata()["optimizer"])
+        state = {int(index): dict(entry) for index, entry in plain["state"].items()}
+        for key in f.keys():
+            _, index, name = key.split(".", 2)
+            state[int(index)][name] = f.get_tensor(key)
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
 def _load_optimizer(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_optimizer_state(path)
     except Exception as e:  # a damaged or foreign file: the adapters still resume, the moments start again
         log.warning("Ignoring the optimizer state %s (%s); starting with new optimizer moments", path, e)
         return None
