@@ -60,10 +60,21 @@ def test_generate_class_images_makes_the_missing_pictures_with_the_gpu_lent(ctl,
     assert message.startswith("Started generate class images for 'cat'"), message
     state = finish(ctl)
     assert state.error is None, state.error
-    assert state.result == [2]
+    assert state.result == [2, 0, 0]  # per concept slot
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert "Concept requires 2 images." in state.log
     assert ctl.host.calls == ["release_gpu", "restore_gpu"]
+
+
+def test_class_images_of_concept_2_go_where_training_looks_for_them(ctl):
+    """Concept 1 left empty: Concept 2's blank Classification Dataset Directory is the model's classifiers_1."""
+    concept = Concept(class_prompt="chibi girl", num_class_images=1, class_infer_steps=2)
+    ctl.class_images({"model": "cat", **concept_values(Concept(), concept)})
+    state = finish(ctl)
+    assert state.error is None, state.error
+    folder = ctl.models.model_dir("cat")
+    assert len(list((folder / "classifiers_1").glob("*.png"))) == 1
+    assert not (folder / "classifiers_0").exists()
 
 
 def test_generate_ckpt_without_a_lora_writes_the_model_and_refreshes_the_hosts_list(ctl):
