@@ -7,37 +7,10 @@ import threading
 import pytest
 
 from lora_trainer.errors import ModelError
-from lora_trainer.hosts import Host
 from lora_trainer.jobs import JobBusy, JobRunner
 from lora_trainer.progress import Progress, TrainResult
 
-
-class RecordingHost(Host):
-    """A host that writes down every hook call, and whose Interrupt can be pressed."""
-
-    def __init__(self, models):
-        super().__init__(models)
-        self.calls: list[str] = []
-        self.interrupt = threading.Event()
-
-    def release_gpu(self):
-        self.calls.append("release_gpu")
-
-    def restore_gpu(self):
-        self.calls.append("restore_gpu")
-
-    def checkpoints_changed(self):
-        self.calls.append("checkpoints_changed")
-
-    def loras_changed(self):
-        self.calls.append("loras_changed")
-
-    def interrupted(self):
-        return self.interrupt.is_set()
-
-    def clear_interrupt(self):
-        self.calls.append("clear_interrupt")
-        self.interrupt.clear()
+from helpers_hosts import RecordingHost
 
 
 @pytest.fixture

@@ -6,29 +6,11 @@ import shutil
 
 import pytest
 
+from helpers_hosts import RecordingHost
 from lora_trainer.config import Concept
-from lora_trainer.hosts import Host
 from lora_trainer.ui.fields import CONCEPT_SLOTS, concept_key, field_specs, values_from_config
 
 pytest.importorskip("gradio")
-
-
-class RecordingHost(Host):
-    def __init__(self, models):
-        super().__init__(models)
-        self.calls: list[str] = []
-
-    def release_gpu(self):
-        self.calls.append("release_gpu")
-
-    def restore_gpu(self):
-        self.calls.append("restore_gpu")
-
-    def checkpoints_changed(self):
-        self.calls.append("checkpoints_changed")
-
-    def loras_changed(self):
-        self.calls.append("loras_changed")
 
 
 @pytest.fixture
@@ -63,7 +45,7 @@ def test_generate_class_images_makes_the_missing_pictures_with_the_gpu_lent(ctl,
     assert state.result == [2, 0, 0]  # per concept slot
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert "Concept requires 2 images." in state.log
-    assert ctl.host.calls == ["release_gpu", "restore_gpu"]
+    assert ctl.host.calls == ["clear_interrupt", "release_gpu", "restore_gpu"]
 
 
 def test_class_images_of_concept_2_go_where_training_looks_for_them(ctl):
@@ -85,14 +67,14 @@ def test_generate_ckpt_without_a_lora_writes_the_model_and_refreshes_the_hosts_l
     assert state.error is None, state.error
     written = ctl.models.checkpoints / "cat" / "cat_0.safetensors"
     assert state.result == written and written.is_file()
-    assert ctl.host.calls == ["checkpoints_changed"]
+    assert ctl.host.calls == ["clear_interrupt", "checkpoints_changed"]
     assert "cat/cat_0.safetensors" in ctl.source_choices()
 
     # The same again: the file is kept and the message says how to go on.
     ctl.generate_ckpt({"model": "cat", "lora": "", "subdir": True})
     state = finish(ctl)
     assert "already exists" in state.error and "Overwrite" in state.error
-    assert ctl.host.calls == ["checkpoints_changed"]  # nothing new to list
+    assert ctl.host.calls == ["clear_interrupt", "checkpoints_changed", "clear_interrupt"]  # nothing new to list
 
 
 def test_generate_ckpt_with_a_missing_lora_fails_with_its_name(ctl):
