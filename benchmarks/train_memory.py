@@ -11,6 +11,7 @@ warm-up step. Run: `python benchmarks/train_memory.py [--channels 320 --resoluti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -46,10 +47,12 @@ def run_one(root: Path, name: str, steps: int, resolution: int) -> None:
     models = ModelsDir.at(root)
     model = f"mid-{list(OPTION_SETS).index(name)}"  # a fresh copy per option set: no run continues another
     shutil.copytree(models.model_dir("mid"), models.model_dir(model))
-    params = TrainingParams(resolution=resolution, max_train_steps=steps, seed=0, save_every_n_steps=0)
     options = OPTION_SETS[name]
-    params = apply_preset(params, options, cuda=cuda) if isinstance(options, str) \
-        else TrainingParams.from_dict({**params.to_dict(), **options})
+    params = apply_preset(TrainingParams(), options, cuda=cuda) if isinstance(options, str) \
+        else TrainingParams.from_dict(options)
+    # The same pictures, size and length for every option set (presets name a resolution of their own).
+    params = dataclasses.replace(params, resolution=resolution, max_train_steps=steps, seed=0, save_every_n_steps=0,
+                                 save_preview_every_n_steps=0)
     if params.use_8bit_adam and not _has("bitsandbytes"):
         params.use_8bit_adam = False
     pictures = draw_pictures(root / "pictures", size=resolution)

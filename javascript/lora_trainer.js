@@ -7,8 +7,9 @@
 //     or the browser tab becomes visible again, press the (hidden) refresh button
 //     so the view shows the running job at once instead of at the next poll.
 //     On gradio 3 (the web UI's) the page is the poll: the refresh button is
-//     pressed every second while the tab is on screen, because gradio 3's own
-//     `every=` loop runs on the server and keeps "Reload UI" from finishing.
+//     pressed while the tab is on screen, every second while a job runs and
+//     every five seconds otherwise, because gradio 3's own `every=` loop runs
+//     on the server and keeps "Reload UI" from finishing.
 // The web UI injects every file of javascript/ into its page; the standalone
 // app does the same. Everything here is keyed on ids starting with
 // "lora_trainer_", so nothing touches the host's own elements.
@@ -30,7 +31,10 @@
     var PROGRESS_VIEW = "lora_trainer_status";
     var PROGRESS_REFRESH = "lora_trainer_progress_refresh";
     var TAB_CONTENT = "lora_trainer_main";
+    var STATUS_LINE = "lora_trainer_status_line";  // data-running="true" while a job runs
     var POLL_MS = 1000;
+    var IDLE_POLL_MS = 5000;
+    var lastPoll = 0;
 
     function root() {
         if (typeof gradioApp === "function") {
@@ -121,12 +125,22 @@
         return !!root().querySelector("#" + TAB_CONTENT + " .generating");
     }
 
+    function jobRunning() {
+        var line = byId(STATUS_LINE);
+        return !!(line && line.getAttribute("data-running") === "true");
+    }
+
     window.setInterval(function () {
         if (document.hidden || !pollIsOurs()) {
             return;
         }
         var button = byId(PROGRESS_REFRESH);
-        if (button && isShown(byId(TAB_CONTENT)) && !lastPollPending()) {
+        var now = Date.now();
+        if (!button || !isShown(byId(TAB_CONTENT)) || lastPollPending()) {
+            return;
+        }
+        if (jobRunning() || now - lastPoll >= IDLE_POLL_MS) {
+            lastPoll = now;
             button.click();
         }
     }, POLL_MS);

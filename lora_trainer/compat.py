@@ -73,3 +73,16 @@ def new_accelerator(**kwargs):
     if not distributed and hasattr(PartialState, "_reset_state"):
         PartialState._reset_state()
     return accelerate.Accelerator(**kwargs)
+
+
+def shardable_batch_sampler(batch_sampler):
+    """A custom batch sampler accelerate can share out among processes.
+
+    accelerate 0.21 reads `batch_sampler.sampler` (to synchronise its random
+    generator) when it shards batches; newer versions use getattr with a
+    default. A batch sampler that shuffles with its own seed has no such
+    sampler: it gets `sampler = None` (nothing to synchronise).
+    """
+    if not hasattr(batch_sampler, "sampler"):
+        batch_sampler.sampler = None
+    return batch_sampler

@@ -261,3 +261,20 @@ class JobRunner:
         except Exception as e:  # the host's refresh failing must not hide the job's outcome
             log.warning("Could not refresh the host's lists: %s", e)
             self.add_log(f"Warning: could not refresh the host's lists: {e}")
+
+
+_process_runner: Optional[JobRunner] = None
+_process_lock = threading.Lock()
+
+
+def process_runner(host: Host) -> JobRunner:
+    """The one runner of this process, so a rebuilt tab (the web UI's "Reload UI") still sees a running job
+    and cannot start a second one. While nothing runs, it takes the newest `host`.
+    """
+    global _process_runner
+    with _process_lock:
+        if _process_runner is None:
+            _process_runner = JobRunner(host)
+        elif not _process_runner.running:
+            _process_runner.host = host
+        return _process_runner

@@ -106,9 +106,9 @@ def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *,
     """"Generate Class Images": the job that makes the missing class pictures of every concept.
 
     A concept needs no Dataset Directory here when its class prompt and total say what to make.
+    Empty slots stay in the list, so Concept N uses the same `classifiers_<N-1>` folder as training.
     """
-    concepts = [c for c in concepts if c.is_set or (c.class_prompt.strip() and c.with_prior_preservation)]
-    if not concepts:
+    if not any(c.is_set or (c.class_prompt.strip() and c.with_prior_preservation) for c in concepts):
         raise ConfigError("Concepts: Concept 1 needs a Class Prompt and a Total Number of Class/Reg Images "
                           "(or a Dataset Directory) to generate class images")
 

@@ -32,7 +32,7 @@ from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, frozen_dtype,
                              load_working_model, place, set_attention)
-from .training.resume import load_resume_state, restore_optimizer
+from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
@@ -49,7 +49,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     `cancel.is_set()` is looked at every step: a cancelled run saves what it learned.
     Raises ConfigError for option pairs the machine cannot run (before any weight
     is loaded), bad concepts or running out of GPU memory; ModelError for a missing
-    or broken model or a previous LoRA that no longer fits the options.
+    or broken model, or when the model's last LoRA was trained with another rank,
+    alpha or Train Text Encoder (also before loading).
     """
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
@@ -57,6 +58,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     check_options(params, hardware)
     name = output_name(info, params)
     check_concepts(concepts, model_dir)
+    check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
     if accelerator.is_main_process:

@@ -1,18 +1,25 @@
 """Registers the "LoRA Trainer" tab and its settings with the web UI; everything else lives in lora_trainer/.
 
 The web UI loads this file by path (modules/script_loading.py) with the
-extension's folder on sys.path only while loading; the tab is built later and
-jobs import parts of the package from other threads, so the folder is put on
-sys.path for good before `import lora_trainer`.
+extension's folder on a copy of sys.path that it drops after loading; the
+package must stay importable by name afterwards (jobs import parts of it later,
+worker processes started by spawning import it afresh), so the folder is added
+again when the tab is built, to the restored sys.path. It goes at the end, so
+that our `scripts/` and `tests/` folders never stand in for another extension's.
 """
 import logging
 import os
 import sys
 
 EXTENSION_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if EXTENSION_ROOT not in sys.path:
-    sys.path.insert(0, EXTENSION_ROOT)
 
+
+def keep_importable():
+    if EXTENSION_ROOT not in sys.path:
+        sys.path.append(EXTENSION_ROOT)
+
+
+keep_importable()
 import lora_trainer  # noqa: E402,F401  (needs EXTENSION_ROOT on sys.path)
 from modules import script_callbacks  # noqa: E402
 
@@ -43,6 +50,7 @@ def message_tab(message):
 
 
 def trainer_tab():
+    keep_importable()
     try:
         from lora_trainer.ui.webui_host import build_webui_tab
 

@@ -7,37 +7,10 @@ import threading
 import pytest
 
 from lora_trainer.errors import ModelError
-from lora_trainer.hosts import Host
 from lora_trainer.jobs import JobBusy, JobRunner
 from lora_trainer.progress import Progress, TrainResult
 
-
-class RecordingHost(Host):
-    """A host that writes down every hook call, and whose Interrupt can be pressed."""
-
-    def __init__(self, models):
-        super().__init__(models)
-        self.calls: list[str] = []
-        self.interrupt = threading.Event()
-
-    def release_gpu(self):
-        self.calls.append("release_gpu")
-
-    def restore_gpu(self):
-        self.calls.append("restore_gpu")
-
-    def checkpoints_changed(self):
-        self.calls.append("checkpoints_changed")
-
-    def loras_changed(self):
-        self.calls.append("loras_changed")
-
-    def interrupted(self):
-        return self.interrupt.is_set()
-
-    def clear_interrupt(self):
-        self.calls.append("clear_interrupt")
-        self.interrupt.clear()
+from helpers_hosts import RecordingHost
 
 
 @pytest.fixture
@@ -184,3 +157,21 @@ def test_snapshots_are_copies(host):
     first.progress.message = "changed"
     assert "changed by the reader" not in runner.snapshot().log
     assert runner.snapshot().progress.message == "Saving"
+
+
+def test_a_rebuilt_tab_shares_the_running_job(host, models_dir):
+    from lora_trainer.jobs import process_runner
+
+    first = process_runner(host)
+    release = threading.Event()
+    first.start("train", "train 'cat'", lambda report, cancel: release.wait(10))
+    try:
+        newer_host = RecordingHost(models_dir)  # the web UI rebuilt the tab with a new host object
+        again = process_runner(newer_host)
+        assert again is first and again.host is host  # the running job keeps its host
+        with pytest.raises(JobBusy, match="train 'cat'"):
+            again.start("merge", "generate ckpt", lambda report, cancel: None)
+    finally:
+        release.set()
+        wait_done(first)
+    assert process_runner(newer_host).host is newer_host

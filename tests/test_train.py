@@ -21,6 +21,7 @@ from lora_trainer.training.adapters import attach_lora
 from lora_trainer.training.hardware import Hardware, check_options
 from lora_trainer.training.loss import dreambooth_loss, min_snr_weights, training_target
 from lora_trainer.training.outputs import free_path, output_name
+from lora_trainer.training.resume import load_optimizer_state
 from lora_trainer.training.parts import load_working_model
 
 RES = 32  # training resolution: latents of 4 x 4, fast on a CPU
@@ -286,7 +287,8 @@ def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
     assert result.cancelled and (result.steps, result.lifetime_steps, result.revision) == (2, 2, 1)
     assert result.lora_path == models.lora / "tiny_2.safetensors" and result.lora_path.is_file()
     folder = models.model_dir("tiny")
-    assert torch.load(folder / "resume" / "optimizer.pt", weights_only=True)["state"][0]["step"] == 2
+    assert load_optimizer_state(folder / "resume" / "optimizer.safetensors")["state"][0]["step"] == 2
+    assert not list((folder / "resume").glob("*.pt"))  # no pickle: the web UI's checked torch.load refuses newer ones
 
     capsys.readouterr()
     code = main(["train", "--models-dir", str(models.working.parent), "--model", "tiny", "--max_train_steps", "3",
@@ -296,11 +298,21 @@ def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
     assert printed == str(models.lora / "tiny_5.safetensors")
     info = ModelInfo.load(folder / "model_info.json")
     assert (info.revision, info.lifetime_steps, info.latest_lora) == (2, 5, "tiny_5.safetensors")
-    assert torch.load(folder / "resume" / "optimizer.pt", weights_only=True)["state"][0]["step"] == 5
+    assert load_optimizer_state(folder / "resume" / "optimizer.safetensors")["state"][0]["step"] == 5
     first, _ = read_lora(models.lora / "tiny_2.safetensors")
     second, _ = read_lora(models.lora / "tiny_5.safetensors")
     up = next(k for k in first if k.endswith("lora_up.weight"))
     assert first[up].abs().sum() > 0 and not torch.equal(first[up], second[up])
+
+    base = ["train", "--models-dir", str(models.working.parent), "--model", "tiny", "--device", "cpu"]
+    for flags, names in ((["--rank", "8"], ("Lora UNET Rank", "trained with 4")),
+                         (["--no-train_text_encoder"], ("Train Text Encoder", "was on")),
+                         (["--text_encoder_alpha", "2"], ("Lora Text Encoder Alpha", "trained with 4"))):
+        capsys.readouterr()
+        assert main(base + flags) == 2
+        error = capsys.readouterr().err
+        assert all(name in error for name in names) and "create a new model" in error, error
+    assert ModelInfo.load(folder / "model_info.json").lifetime_steps == 5  # nothing ran
 
 
 def test_full_finetune_writes_a_model_create_exports(created_sd1, tmp_path):
@@ -431,14 +443,17 @@ def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the 8 GB options are GPU-only)")
 def test_8gb_preset_on_cuda(created_sd1, tmp_path):
     """fp16 with a gradient scaler, 8-bit AdamW (when bitsandbytes is installed), SDPA, checkpointing, cached latents."""
+    import dataclasses
     import importlib.util
 
     from lora_trainer.presets import apply_preset
 
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    params = apply_preset(TrainingParams(max_train_steps=4, save_preview_every_n_steps=4, **FAST), "8 GB GPU")
-    params.use_8bit_adam = importlib.util.find_spec("bitsandbytes") is not None
+    params = dataclasses.replace(apply_preset(TrainingParams(), "8 GB GPU"), max_train_steps=4,
+                                 save_preview_every_n_steps=4, use_8bit_adam=importlib.util.find_spec("bitsandbytes") is not None,
+                                 **FAST)
+    assert (params.mixed_precision, params.attention, params.gradient_checkpointing) == ("fp16", "flash_attention", True)
     reports = []
     result = train(models, "tiny", params, [concept], report=reports.append, device="cuda")
     assert result.steps == 4 and all(torch.isfinite(torch.tensor(result.losses)))

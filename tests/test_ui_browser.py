@@ -242,7 +242,14 @@ def test_train_cancel_and_train_again(page, app):
     click(page, "lora_trainer_train")
     wait_message(page, "Started train 'cat'")
     page.wait_for_function("() => { const e = document.querySelector('#lora_trainer_progress_box');"
-                           " return e && Number(e.dataset.step) >= 2; }", timeout=JOB_TIMEOUT_MS)
+                           " return e && e.dataset.job === 'train' && e.dataset.running === 'true'"
+                           " && Number(e.dataset.step) >= 2; }", timeout=JOB_TIMEOUT_MS)
+    running = page.locator("#lora_trainer_progress_box")
+    first_step = int(running.get_attribute("data-step"))
+    figures = running.inner_text()
+    assert re.search(r"Step \d+/500", figures) and "it/s" in figures and "time left" in figures, figures
+    page.wait_for_function("s => Number(document.querySelector('#lora_trainer_progress_box').dataset.step) > s",
+                           arg=first_step, timeout=JOB_TIMEOUT_MS)  # the progress moves
     click(page, "lora_trainer_train")  # a second job is refused, naming the running one
     wait_message(page, "A job is running: train 'cat'")
     click(page, "lora_trainer_cancel")

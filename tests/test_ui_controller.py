@@ -6,29 +6,11 @@ import shutil
 
 import pytest
 
+from helpers_hosts import RecordingHost
 from lora_trainer.config import Concept
-from lora_trainer.hosts import Host
 from lora_trainer.ui.fields import CONCEPT_SLOTS, concept_key, field_specs, values_from_config
 
 pytest.importorskip("gradio")
-
-
-class RecordingHost(Host):
-    def __init__(self, models):
-        super().__init__(models)
-        self.calls: list[str] = []
-
-    def release_gpu(self):
-        self.calls.append("release_gpu")
-
-    def restore_gpu(self):
-        self.calls.append("restore_gpu")
-
-    def checkpoints_changed(self):
-        self.calls.append("checkpoints_changed")
-
-    def loras_changed(self):
-        self.calls.append("loras_changed")
 
 
 @pytest.fixture
@@ -60,10 +42,21 @@ def test_generate_class_images_makes_the_missing_pictures_with_the_gpu_lent(ctl,
     assert message.startswith("Started generate class images for 'cat'"), message
     state = finish(ctl)
     assert state.error is None, state.error
-    assert state.result == [2]
+    assert state.result == [2, 0, 0]  # per concept slot
     assert len(list((tmp_path / "class").glob("*.png"))) == 2
     assert "Concept requires 2 images." in state.log
-    assert ctl.host.calls == ["release_gpu", "restore_gpu"]
+    assert ctl.host.calls == ["clear_interrupt", "release_gpu", "restore_gpu"]
+
+
+def test_class_images_of_concept_2_go_where_training_looks_for_them(ctl):
+    """Concept 1 left empty: Concept 2's blank Classification Dataset Directory is the model's classifiers_1."""
+    concept = Concept(class_prompt="chibi girl", num_class_images=1, class_infer_steps=2)
+    ctl.class_images({"model": "cat", **concept_values(Concept(), concept)})
+    state = finish(ctl)
+    assert state.error is None, state.error
+    folder = ctl.models.model_dir("cat")
+    assert len(list((folder / "classifiers_1").glob("*.png"))) == 1
+    assert not (folder / "classifiers_0").exists()
 
 
 def test_generate_ckpt_without_a_lora_writes_the_model_and_refreshes_the_hosts_list(ctl):
@@ -74,14 +67,14 @@ def test_generate_ckpt_without_a_lora_writes_the_model_and_refreshes_the_hosts_l
     assert state.error is None, state.error
     written = ctl.models.checkpoints / "cat" / "cat_0.safetensors"
     assert state.result == written and written.is_file()
-    assert ctl.host.calls == ["checkpoints_changed"]
+    assert ctl.host.calls == ["clear_interrupt", "checkpoints_changed"]
     assert "cat/cat_0.safetensors" in ctl.source_choices()
 
     # The same again: the file is kept and the message says how to go on.
     ctl.generate_ckpt({"model": "cat", "lora": "", "subdir": True})
     state = finish(ctl)
     assert "already exists" in state.error and "Overwrite" in state.error
-    assert ctl.host.calls == ["checkpoints_changed"]  # nothing new to list
+    assert ctl.host.calls == ["clear_interrupt", "checkpoints_changed", "clear_interrupt"]  # nothing new to list
 
 
 def test_generate_ckpt_with_a_missing_lora_fails_with_its_name(ctl):
@@ -135,3 +128,39 @@ def test_a_blank_concepts_file_means_the_models_own(ctl):
     assert (ctl.models.model_dir("cat") / "concepts_list.json").is_file()
     message, values = ctl.load_concepts({"model": "cat", "concepts_file": ""}, keys)
     assert values == {"concept1.instance_prompt": "p"}, message
+
+
+def test_a_preset_leaves_out_what_cannot_run_here(ctl):
+    from lora_trainer.config import TrainingParams
+    from lora_trainer.ui.fields import named_from_params, param_specs, params_from_named, params_key
+    from lora_trainer.ui.widgets import disabled_options
+
+    keys = [params_key(n) for n in param_specs()] + ["custom_model_name"]
+    named = named_from_params(TrainingParams(num_train_epochs=9), keys)
+    disabled = disabled_options({"cuda": "no CUDA GPU", "bitsandbytes": "not installed"})
+    message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled, cuda=False)
+    params = params_from_named(values)
+    assert (params.mixed_precision, params.use_8bit_adam, params.gradient_checkpointing) == ("bf16", False, True)
+    assert params.num_train_epochs == 9
+    assert message.startswith("Applied preset '8 GB GPU'")
+
+    # With CUDA but without bitsandbytes the 8-bit Adam box stays off and the message says why.
+    message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled_options({"bitsandbytes": "not installed"}))
+    params = params_from_named(values)
+    assert (params.mixed_precision, params.use_8bit_adam) == ("fp16", False)
+    assert "bitsandbytes unavailable: not installed" in message
+
+
+def test_options_that_cannot_run_are_disabled_with_the_reason():
+    from lora_trainer.ui.fields import param_specs
+    from lora_trainer.ui.widgets import disabled_options, field_widget
+
+    gr = pytest.importorskip("gradio")
+    disabled = disabled_options({"xformers": "xformers is not installed", "bitsandbytes": "not installed"})
+    with gr.Blocks():
+        attention = field_widget(param_specs()["attention"], "a", disabled=disabled.get("attention"))
+        adam = field_widget(param_specs()["use_8bit_adam"], "b", value=True, disabled=disabled.get("use_8bit_adam"))
+    shown = [c[1] if isinstance(c, (tuple, list)) else c for c in attention.choices]
+    assert "xformers" not in shown and "flash_attention" in shown
+    assert "xformers unavailable: xformers is not installed" in attention.info
+    assert adam.value is False and adam.interactive is False and "not installed" in adam.info

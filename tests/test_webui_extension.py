@@ -53,8 +53,16 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
         sys.path = syspath
         script_callbacks.ui_settings_callback()
         tabs = script_callbacks.ui_tabs_callback()
-        import gradio as gr, webui_standin_calls
+        script_callbacks.ui_tabs_callback()  # Reload UI builds the tab again
+        import logging
+        logging.getLogger("lora_trainer.train").info("Training finished. Total lifetime steps: 3")
+        import gradio as gr, importlib, threading, webui_standin_calls
+        late = {{}}
+        worker = threading.Thread(target=lambda: late.update(ok=bool(importlib.import_module("lora_trainer.merge"))))
+        worker.start(); worker.join()
         print(json.dumps({{
+            "late_import": late.get("ok", False),
+            "root_last": sys.path.index({str(REPO)!r}) == len(sys.path) - 1,
             "tabs": [[isinstance(b, gr.Blocks), title, tab_id] for b, title, tab_id in tabs],
             "unavailable": [getattr(x, "value", None) for b, _t, _i in tabs for x in b.blocks.values()
                             if getattr(x, "elem_id", None) == "lora_trainer_not_loaded"],
@@ -67,6 +75,9 @@ def test_script_loads_by_path_from_another_folder_and_registers_the_tab(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["errors"] == []
+    # The web UI configures no logging without --loglevel: our console lines still show, once.
+    assert done.stderr.count("Training finished. Total lifetime steps: 3") == 1
+    assert result["late_import"] and result["root_last"]
     assert result["unavailable"] == []
     assert result["tabs"] == [[True, TITLE, TAB_ID]]
     assert result["settings"] and all(s == ["lora_trainer", "LoRA Trainer"] for s in result["settings"].values())
@@ -477,8 +488,12 @@ def test_every_id_the_javascript_looks_for_is_in_the_tab(webui):
     from lora_trainer.ui import build_ui
     from test_extension_files import REPO as ROOT, js_ids
 
+    import re
+
     blocks = build_ui(webui_host(webui))
     ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    for b in blocks.blocks.values():  # ids inside the HTML the tab renders, e.g. the status line
+        ids |= set(re.findall(r'id="([^"]+)"', str(getattr(b, "value", "") or "")))
     wanted = js_ids((ROOT / "javascript" / "lora_trainer.js").read_text(encoding="utf-8"))
     assert wanted and sorted(wanted - ids) == []
 

@@ -43,6 +43,7 @@ def build_page():
         with gr.Tabs():
             with gr.Tab("Train"):
                 with gr.Column(elem_id="lora_trainer_main"):
+                    gr.HTML('<div id="lora_trainer_status_line" data-running="true">Running train</div>')
                     status = gr.Textbox(value="0", label="Status", elem_id="lora_trainer_status")
                     refresh = gr.Button("refresh", elem_id="lora_trainer_progress_refresh",
                                         elem_classes=["lora_trainer_hidden"])
@@ -173,7 +174,8 @@ def test_returning_to_the_tab_refreshes_the_progress_view(page):
 
 
 def test_on_gradio_3_the_page_polls_while_the_tab_is_shown_and_only_then(page):
-    """Gradio 3 gets no server-side poll in the web UI (it blocks Reload UI): the script presses refresh."""
+    """Gradio 3 gets no server-side poll in the web UI (it blocks Reload UI): the script presses refresh,
+    every second while a job runs (the status line says data-running="true")."""
     gradio_3 = int(gr.__version__.split(".")[0]) < 4
     tab_button(page, "Train").click()
     page.wait_for_timeout(500)

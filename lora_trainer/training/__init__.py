@@ -12,5 +12,4 @@ samples    preview pictures drawn with the model being trained
 outputs    LoRA file names, saving, the model's info (revision, lifetime steps)
 snapshots  saving during and at the end of a run, in a safe order
 resume     the state a later run continues from, kept in the model folder
-presets    named option sets (the 8 GB preset)
 """

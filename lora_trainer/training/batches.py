@@ -14,6 +14,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ..compat import shardable_batch_sampler
 from ..data import DreamBoothDataset, Example, bucket_batch_sampler, collate_examples
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def make_dataset(instance: list[Example], class_: list[Example], params, tokeniz
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):
     """Shuffled batches of one size each (aspect buckets when on; otherwise every picture has the same size)."""
-    sampler = bucket_batch_sampler(dataset, batch_size, shuffle=True, seed=seed)
+    sampler = shardable_batch_sampler(bucket_batch_sampler(dataset, batch_size, shuffle=True, seed=seed))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=0)
     return loader, sampler
 

@@ -151,9 +151,10 @@ class Controller:
         return f"Loaded the parameters of {named.get('model')!r}", values
 
     def apply_preset(self, preset: str, named: dict[str, Any], keys: list[str],
-                     disabled: dict[str, dict[Any, str]]) -> tuple[str, dict[str, Any]]:
+                     disabled: dict[str, dict[Any, str]], *, cuda: bool = True) -> tuple[str, dict[str, Any]]:
+        """The params widgets with preset `preset` applied; options that cannot run here are left out."""
         try:
-            params = presets.apply_preset(params_from_named(named), preset)
+            params = presets.apply_preset(params_from_named(named), preset, cuda=cuda)
         except LoraTrainerError as e:
             return f"Error: {e}", {}
         params, notes = _without_disabled(params, disabled)

@@ -13,6 +13,7 @@ import gradio as gr
 from .. import presets
 from ..config import Concept, ModelInfo, TrainingParams, field_meta
 from ..hosts import Host
+from ..jobs import process_runner
 from ..merge import MergeOptions
 from . import gradio_compat as compat
 from . import render
@@ -36,9 +37,10 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
     `page_polls`: the host's page runs javascript/lora_trainer.js, which presses the hidden progress
     refresh instead of a server-side poll on gradio 3 (see `gradio_compat.poll`).
     """
-    ctl = controller or Controller(host)
+    ctl = controller or Controller(host, process_runner(host))
     w = Widgets()
-    disabled = disabled_options(unavailable_features())
+    unavailable = unavailable_features()
+    disabled = disabled_options(unavailable)
     with compat.blocks(analytics_enabled=False, theme=theme, css=css, head=head, title="LoRA Trainer") as demo:
         with gr.Row(elem_id=eid("main")):
             with gr.Column(scale=1, min_width=280, elem_id=eid("left")):
@@ -53,7 +55,7 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
                         _concepts_tab(w)
                     with gr.Tab("Train", elem_id=eid("train_tab")):
                         _train_tab(w, ctl)
-        _wire(demo, w, ctl, disabled, page_polls)
+        _wire(demo, w, ctl, disabled, page_polls, cuda="cuda" not in unavailable)
     return demo
 
 
@@ -190,7 +192,8 @@ def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_
     compat.click(button, handler, w.components(in_keys), w.components(out_keys))
 
 
-def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_polls: bool = False) -> None:
+def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_polls: bool = False, *,
+          cuda: bool = True) -> None:
     param_keys = w.keys("params.") + ["custom_model_name"]
     concept_keys = [k for slot in range(1, CONCEPT_SLOTS + 1) for k in w.keys(concept_key(slot, ""))]
     settings = ["model"] + param_keys + concept_keys
@@ -213,7 +216,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     _on(w["load_params_button"], load_params, w, ["model"], msg + param_keys + concept_keys)
 
     def apply_preset(n):
-        message, values = ctl.apply_preset(n["preset"], n, param_keys, disabled)
+        message, values = ctl.apply_preset(n["preset"], n, param_keys, disabled, cuda=cuda)
         return {"message": message, **values}
 
     _on(w["apply_preset_button"], apply_preset, w, ["preset"] + param_keys, msg + param_keys)

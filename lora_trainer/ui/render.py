@@ -51,7 +51,8 @@ def progress_html(state: JobState) -> str:
         fraction = 1.0  # finished
     figures = " · ".join(progress_figures(state)) or ("Idle" if not state.running else "Starting")
     percent = f"{100 * fraction:.1f}"
-    return (f'<div id="lora_trainer_progress_box" data-running="{str(state.running).lower()}" data-step="{state.progress.step}">'
+    return (f'<div id="lora_trainer_progress_box" data-job="{html.escape(state.kind)}" '
+            f'data-running="{str(state.running).lower()}" data-step="{state.progress.step}">'
             f'<div class="lora_trainer_bar" style="width:100%;height:14px;border-radius:7px;background:#8884;overflow:hidden">'
             f'<div class="lora_trainer_bar_fill" style="width:{percent}%;height:100%;background:#f97316;'
             f'transition:width .3s"></div></div>'

@@ -208,4 +208,22 @@ def build_webui_tab() -> "gr.Blocks":
     from .controller import Controller
 
     host = WebUIHost.from_modules()
+    show_console_lines()
     return build_ui(host, controller=Controller(host, runner=shared_job_runner(host)), page_polls=True)
+
+
+def show_console_lines() -> None:
+    """Print our INFO lines (`Concept requires N images.`, `Training finished. ...`) on the web UI's console.
+
+    The web UI configures logging only when started with --loglevel; without it
+    nothing below WARNING would reach the console. Our own handler is added only
+    then, and once, so lines are never printed twice.
+    """
+    logger = logging.getLogger("lora_trainer")
+    if logging.getLogger().handlers or any(getattr(h, "_lora_trainer_console", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._lora_trainer_console = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
