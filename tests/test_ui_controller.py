@@ -164,3 +164,22 @@ def test_options_that_cannot_run_are_disabled_with_the_reason():
     assert "xformers" not in shown and "flash_attention" in shown
     assert "xformers unavailable: xformers is not installed" in attention.info
     assert adam.value is False and adam.interactive is False and "not installed" in adam.info
+
+
+def test_after_a_job_the_users_lora_choice_stays_unless_the_job_made_one(ctl):
+    from lora_trainer.config import ModelInfo
+    from lora_trainer.progress import TrainResult
+    from lora_trainer.ui.layout import _lists_after_job
+
+    ctl.models.lora.mkdir(parents=True, exist_ok=True)
+    for name in ("cat_1.safetensors", "cat_2.safetensors"):
+        (ctl.models.lora / name).write_bytes(b"")
+    info_path = ctl.models.model_dir("cat") / "model_info.json"
+    info = ModelInfo.load(info_path)
+    info.latest_lora = "cat_2.safetensors"
+    info.save(info_path)
+    finished = ctl.state()  # no job: nothing of its own to select
+    assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_1.safetensors"
+    assert _lists_after_job(ctl, finished, "cat", "gone.safetensors")["lora"]["value"] == "cat_2.safetensors"
+    finished.kind, finished.result = "train", TrainResult(ctl.models.lora / "cat_2.safetensors", 2, 1, 2)
+    assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_2.safetensors"

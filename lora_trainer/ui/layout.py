@@ -249,17 +249,18 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
 
     poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source"] + info_keys
 
-    def poll(seen, model):
-        values = _poll(ctl, seen or {}, model)
+    def poll(seen, model, lora):
+        values = _poll(ctl, seen or {}, model, lora)
         return [values.get(k, compat.no_change()) for k in poll_out]
 
-    compat.poll(demo, poll, [w["seen"], w["model"]], w.components(poll_out), POLL_SECONDS, page_polls=page_polls)
+    poll_in = [w["seen"], w["model"], w["lora"]]
+    compat.poll(demo, poll, poll_in, w.components(poll_out), POLL_SECONDS, page_polls=page_polls)
     # Pressed by the page's script: on return to the tab, and every second where the page polls.
     # Only what changed since this page last looked is sent, as by the poll itself.
-    compat.click(w["progress_refresh"], poll, [w["seen"], w["model"]], w.components(poll_out))
+    compat.click(w["progress_refresh"], poll, poll_in, w.components(poll_out))
 
 
-def _poll(ctl: Controller, seen: dict, model: str | None) -> dict[str, Any]:
+def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = None) -> dict[str, Any]:
     """What changed since this page last looked: only those outputs are sent."""
     state = ctl.state()
     if seen.get("version") == state.version and seen.get("finished") == state.finished_jobs:
@@ -273,19 +274,26 @@ def _poll(ctl: Controller, seen: dict, model: str | None) -> dict[str, Any]:
     if seen.get("log") != list(log_mark) or seen.get("job") != state.started:
         out["log"] = "\n".join(state.log[-LOG_LINES_SHOWN:])
     if seen.get("finished") != state.finished_jobs:  # also on a page's first look: lists may be newer than the page
-        out.update(_lists_after_job(ctl, state, model))
+        out.update(_lists_after_job(ctl, state, model, lora))
     out["seen"] = {"version": state.version, "finished": state.finished_jobs, "losses": len(state.losses),
                    "samples": len(state.samples), "log": list(log_mark), "job": state.started}
     return out
 
 
-def _lists_after_job(ctl: Controller, state, model: str | None) -> dict[str, Any]:
-    """A job ended: new models, LoRAs or checkpoints show up in our dropdowns."""
+def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None = None) -> dict[str, Any]:
+    """A job ended: new models, LoRAs or checkpoints show up in our dropdowns.
+
+    The job's own result (a new model, a new LoRA) is selected; otherwise the user's choices stay.
+    """
     pick = ctl.selection_after(state)
     models = ctl.model_choices()
     chosen = pick.get("model") or (model if model in models else (models[0] if models else None))
-    lora = pick.get("lora") or ctl.latest_lora(chosen or "")
+    loras = ctl.lora_choices()
+    if pick.get("lora"):
+        lora = pick["lora"]
+    elif not (lora in loras and chosen == model):
+        lora = ctl.latest_lora(chosen or "")
     return {"model": compat.update(choices=models, value=chosen),
-            "lora": compat.update(choices=ctl.lora_choices(), value=lora),
+            "lora": compat.update(choices=loras, value=lora),
             "create.source": compat.update(choices=ctl.source_choices()),
             **ctl.info_values(chosen or "")}
