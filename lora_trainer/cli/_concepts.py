@@ -29,7 +29,7 @@ def add_concept_args(parser: argparse.ArgumentParser) -> None:
         meta = field_meta(Concept, name)
         kind = type(getattr(defaults, name))
         parser.add_argument(f"--{name}", type=kind, default=None, metavar=kind.__name__.upper(),
-                            help=f"{meta['label']}: {meta['help']}")
+                            help=f"{meta['label']}: {meta['help']}".replace("%", "%%"))  # argparse formats help with %
 
 
 def concepts_from_args(args: argparse.Namespace, model_dir: Path) -> list[Concept]:
