@@ -272,6 +272,51 @@ def test_names_never_overwrite(tmp_path):
         output_name(info, TrainingParams(custom_model_name="../x"))
 
 
+def _loss_not_a_number_at(monkeypatch, steps):
+    """Make the loss of the given micro-batches (1-based) NaN, as an fp16 overflow would."""
+    from lora_trainer.training import loop as loop_module
+
+    real, calls = loop_module.compute_loss, []
+
+    def compute_loss(loop, batch):
+        loss = real(loop, batch)
+        calls.append(1)
+        if len(calls) in steps:
+            loss.total = loss.total * float("nan")
+        return loss
+
+    monkeypatch.setattr(loop_module, "compute_loss", compute_loss)
+
+
+def test_a_step_whose_loss_is_not_a_number_changes_nothing(created_sd1, tmp_path, monkeypatch):
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(max_train_steps=2, unet_learning_rate=5e-2, **FAST)
+    _loss_not_a_number_at(monkeypatch, {2})
+    result = train(models, "tiny", params, [concept], device="cpu")
+    assert result.steps == 2 and torch.isnan(torch.tensor(result.losses[1]))
+    after_one, _ = read_lora(result.lora_path)
+    assert all(torch.isfinite(t).all() for t in after_one.values())
+
+    # The same run without the NaN step but stopped after step 1 has exactly these adapters.
+    monkeypatch.undo()
+    again = private_models(created_sd1, tmp_path / "again")
+    one = train(again, "tiny", TrainingParams(max_train_steps=1, unet_learning_rate=5e-2, **FAST), [concept],
+                device="cpu")
+    reference, _ = read_lora(one.lora_path)
+    assert all(torch.equal(after_one[k], reference[k]) for k in reference)
+
+
+def test_a_loss_that_stays_not_a_number_stops_the_run_and_saves_nothing(created_sd1, tmp_path, monkeypatch):
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    _loss_not_a_number_at(monkeypatch, set(range(1, 100)))
+    with pytest.raises(ConfigError, match=r"not a number .* for 3 steps in a row at step 3 .*'mixed_precision'"):
+        train(models, "tiny", TrainingParams(max_train_steps=10, **FAST), [concept], device="cpu")
+    assert not models.lora.exists() or not list(models.lora.iterdir())
+    assert ModelInfo.load(models.model_dir("tiny") / "model_info.json").lifetime_steps == 0
+
+
 def test_cancel_saves_and_the_command_resumes(created_sd1, tmp_path, capsys):
     models = private_models(created_sd1, tmp_path / "models")
     pictures = instance_pictures(tmp_path / "pictures")

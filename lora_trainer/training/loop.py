@@ -24,6 +24,10 @@ from .parts import WorkingModel
 log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
+MAX_NON_FINITE_STEPS = 3  # losses that are not numbers in a row before the run stops
+NOT_A_NUMBER = ("the loss was not a number (NaN/inf) for {count} steps in a row at step {step} with Mixed Precision "
+                "'{precision}': choose bf16 or 'no' ('mixed_precision') or lower the learning rates; "
+                "nothing of these steps was saved")
 OUT_OF_MEMORY = ("out of GPU memory at step {step}: tick Mixed Precision fp16, Use 8bit Adam, Gradient Checkpointing "
                  "and Cache Latents, untick Train Text Encoder, or lower Batch Size ('train_batch_size') or "
                  "Max Resolution ('resolution')")
@@ -98,8 +102,13 @@ def cancelled(loop: Loop) -> bool:
 
 
 def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
-    """Train until the step count is reached or the cancel flag is set."""
-    accelerator, step, micro_batches, pending = loop.accelerator, 0, 0, []
+    """Train until the step count is reached or the cancel flag is set.
+
+    A step whose loss is not a number updates nothing (see `optimizer_micro_step`);
+    after MAX_NON_FINITE_STEPS of them in a row the run stops with a ConfigError
+    instead of going on with a broken model (fp16's black pictures).
+    """
+    accelerator, step, micro_batches, pending, non_finite = loop.accelerator, 0, 0, [], 0
     batches_per_epoch = max(len(loop.loader), 1)
     epoch = 0
     while step < loop.total_steps:
@@ -116,6 +125,10 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
                 step += 1
                 loop.losses.append(sum(pending) / len(pending))
                 pending = []
+                non_finite = 0 if math.isfinite(loop.losses[-1]) else non_finite + 1
+                if non_finite >= MAX_NON_FINITE_STEPS:
+                    raise ConfigError(NOT_A_NUMBER.format(count=non_finite, step=step,
+                                                          precision=loop.params.mixed_precision))
                 display.step(step, loop.first_epoch + epoch, loop.losses[-1], loop.lr_scheduler.get_last_lr()[0])
                 loop.on_step(step, micro_batches // batches_per_epoch)
                 if step >= loop.total_steps:
@@ -125,14 +138,23 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
 
 
 def optimizer_micro_step(loop: Loop, batch: dict) -> float:
-    """Forward and backward of one batch; the optimizer steps when the accumulation is complete."""
+    """Forward and backward of one batch; the optimizer steps when the accumulation is complete.
+
+    Gradients that are not numbers never reach the weights: with fp16 the gradient
+    scaler skips such a step itself (and lowers its scale); otherwise the step is
+    skipped here. Gradients are averaged over the processes in backward, so every
+    process decides alike.
+    """
     accelerator = loop.accelerator
     with accelerator.accumulate(loop.unet):
         loss = compute_loss(loop, batch)
         accelerator.backward(loss.total)
+        finite = True
         if accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(loop.trainable, MAX_GRAD_NORM)
-        loop.optimizer.step()
+            norm = accelerator.clip_grad_norm_(loop.trainable, MAX_GRAD_NORM)
+            finite = norm is None or loop.params.mixed_precision == "fp16" or bool(torch.isfinite(norm))
+        if finite:
+            loop.optimizer.step()
         loop.lr_scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
     return float(loss.total.detach().item())
