@@ -84,6 +84,7 @@ def merge_lora(models: ModelsDir, model_name: str, *, lora: str | None = None, i
 
     progress(f"Reading {lora_path.name}", 0.0)
     kohya = read_kohya_lora(lora_path)
+    _refuse_no_op(kohya)
     log.info("Merging %s (%d modules) into %s", lora_path.name, len(kohya.modules), source.name if source else model_name)
     metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps),
                 "lora_trainer_lora": lora_path.name, "lora_trainer_lora_sha256": file_sha256(lora_path),
@@ -100,6 +101,13 @@ def merge_lora(models: ModelsDir, model_name: str, *, lora: str | None = None, i
     progress("Checkpoint written", 1.0)
     log.info("Wrote %s", out_path)
     return out_path
+
+
+def _refuse_no_op(lora: KohyaLora) -> None:
+    """A LoRA whose every up matrix is zero (never trained) would give back the base model unchanged."""
+    if lora.modules and all(not module.up.any() for module in lora.modules.values()):
+        raise ModelError(f"{lora.path.name}: every up weight is zero, so merging it changes nothing "
+                         "(a LoRA saved before any training step?); choose a trained Lora Model")
 
 
 def _check_options(fmt: str, unet_weight: float, text_weight: float) -> None:

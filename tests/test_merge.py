@@ -268,6 +268,14 @@ def test_lora_of_the_wrong_shapes_is_refused(sd1):
         merge_lora(sd1.models, "tiny", lora="wide")
 
 
+def test_an_untrained_lora_is_refused_instead_of_writing_the_base_unchanged(sd1):
+    state = {k: torch.zeros_like(v) if k.endswith("lora_up.weight") else v for k, v in sd1.lora.items()}
+    save_lora(sd1.models.lora / "untrained.safetensors", state)
+    with pytest.raises(ModelError, match=r"untrained\.safetensors: every up weight is zero, so merging it changes nothing"):
+        merge_lora(sd1.models, "tiny", lora="untrained")
+    assert not any(sd1.models.checkpoints.glob("*_lora.*"))
+
+
 def test_sd1_lora_into_an_sd2_model_is_refused_by_name(sd2v):
     save_lora(sd2v.models.lora / "sd1.safetensors", sd2v.lora, {"ss_base_model_version": "sd_v1", "ss_v2": "False"})
     with pytest.raises(ModelError, match=r"this LoRA is for SD 1\.x, the model 'tiny' is SD 2\.x"):
