@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .fileio import atomic_path, atomic_write_text
 from .host import ModelsDir
 from .prompts import build_prompt, caption_path, read_caption, tidy, uses_filewords
+from .pipeline import draw_pictures, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ def generate_class_images(models: ModelsDir, model_name: str, concepts: list[Con
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     resolution = ModelInfo.load(model_dir / MODEL_INFO_FILE).resolution
     log.info("Generating %d class images at %dx%d on %s", total, resolution, resolution, device)
-    from .pipeline import load_pipeline  # diffusers is heavy; only loaded when something is missing
-
     pipe = load_pipeline(model_dir, device=device, dtype=dtype)
     done = 0
     try:
@@ -149,9 +148,9 @@ def _generate_batch(pipe, job: ClassImageJob, numbers: list[int], seed: int, res
     # One CPU generator per picture: picture n looks the same whatever the batch size or device.
     generators = [torch.Generator("cpu").manual_seed(seed + n) for n in numbers]
     with torch.no_grad():
-        images = pipe(prompt=prompts, negative_prompt=[negative] * len(prompts) if negative else None,
-                      num_inference_steps=concept.class_infer_steps, guidance_scale=concept.class_guidance_scale,
-                      height=resolution, width=resolution, generator=generators).images
+        images = draw_pictures(pipe, prompt=prompts, negative_prompt=[negative] * len(prompts) if negative else None,
+                               num_inference_steps=concept.class_infer_steps, guidance_scale=concept.class_guidance_scale,
+                               height=resolution, width=resolution, generator=generators)
     for image, prompt, n in zip(images, prompts, numbers):
         parameters = (f"{prompt}\nNegative prompt: {negative}\nSteps: {concept.class_infer_steps}, "
                       f"CFG scale: {concept.class_guidance_scale}, Seed: {seed + n}, Size: {resolution}x{resolution}")

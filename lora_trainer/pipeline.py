@@ -1,11 +1,14 @@
 """Loading a working model as a diffusers pipeline, for pictures (class images, samples, demo)."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 
 def load_pipeline(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -48,3 +51,34 @@ def _fast_quiet(pipe):
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def draw_pictures(pipe, **kwargs) -> list:
+    """Run `pipe` with `kwargs` and return PIL pictures, never black ones from a half-precision VAE.
+
+    The latents are decoded here: when the VAE in fp16/bf16 (or under fp16
+    autocast) gives pixels that are not numbers, which a pipeline would save as
+    a black picture, they are decoded again in fp32. Raises ModelError when even
+    fp32 gives no numbers (the model's weights are broken).
+    """
+    latents = pipe(**kwargs, output_type="latent").images
+    vae = pipe.vae
+    latents = latents / vae.config.scaling_factor
+    with torch.no_grad():
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(pixels).all():
+            log.warning("The VAE gave pixels that are not numbers in %s; decoding again in fp32", vae.dtype)
+            pixels = _decode_in_fp32(vae, latents)
+    if not torch.isfinite(pixels).all():
+        raise ModelError("the model's VAE gives pixels that are not numbers even in fp32: its weights are broken")
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def _decode_in_fp32(vae, latents: torch.Tensor) -> torch.Tensor:
+    dtype = vae.dtype
+    vae.to(torch.float32)
+    try:
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            return vae.decode(latents.float(), return_dict=False)[0]
+    finally:
+        vae.to(dtype)

@@ -17,7 +17,7 @@ from .checkpoint import MODEL_INFO_FILE, create_model
 from .config import ModelInfo
 from .fileio import atomic_path
 from .host import ModelsDir
-from .pipeline import load_pipeline
+from .pipeline import draw_pictures, load_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,6 @@ def _draw(model_dir: Path, prompt: str, seed: int, steps: int, guidance_scale: f
     pipe = load_pipeline(model_dir, device=device, dtype=dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
-        result = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                      guidance_scale=guidance_scale, height=info.resolution, width=info.resolution, generator=generator)
-    return result.images[0]
+        return draw_pictures(pipe, prompt=prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
+                             guidance_scale=guidance_scale, height=info.resolution, width=info.resolution,
+                             generator=generator)[0]

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from helpers_data import BLUE, solid
 from PIL import Image
 
@@ -144,3 +145,34 @@ def test_command_refuses_mixed_concept_sources(tmp_path, models, capsys):
             "--class_prompt", "girl"]
     assert main(argv) == 2
     assert "--concepts_list and --class_prompt" in capsys.readouterr().err
+
+
+def _nan_when(pipe, broken):
+    """Make the pipeline's VAE give NaN pixels whenever `broken(vae)` says so (as fp16 VAEs do)."""
+    real = pipe.vae.decode
+
+    def decode(latents, **kwargs):
+        pixels = real(latents, **kwargs)
+        return (pixels[0] * float("nan"),) if broken(pipe.vae) else pixels
+
+    pipe.vae.decode = decode
+
+
+def test_a_half_precision_vae_that_gives_nan_is_decoded_again_in_fp32(created_sd1):
+    from lora_trainer.pipeline import draw_pictures, load_pipeline
+
+    pipe = load_pipeline(created_sd1.model_dir("tiny"), dtype=torch.bfloat16)
+    _nan_when(pipe, lambda vae: vae.dtype != torch.float32)
+    kwargs = dict(prompt="a thing", num_inference_steps=2, height=64, width=64)
+    picture = draw_pictures(pipe, generator=torch.Generator().manual_seed(0), **kwargs)[0]
+    assert pipe.vae.dtype == torch.bfloat16  # put back as it was
+    latents = pipe(generator=torch.Generator().manual_seed(0), output_type="latent", **kwargs).images
+    pipe.vae.to(torch.float32)
+    with torch.no_grad():
+        pixels = pipe.vae.decode((latents / pipe.vae.config.scaling_factor).float(), return_dict=False)[0]
+    expected = pipe.image_processor.postprocess(pixels, output_type="pil")[0]
+    assert np.asarray(picture).std() > 0 and np.array_equal(np.asarray(picture), np.asarray(expected))
+
+    _nan_when(pipe, lambda vae: True)
+    with pytest.raises(ModelError, match="not numbers even in fp32"):
+        draw_pictures(pipe, generator=torch.Generator().manual_seed(0), **kwargs)

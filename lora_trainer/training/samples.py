@@ -15,7 +15,7 @@ import torch
 from ..config import Concept
 from ..data import Example
 from ..fileio import atomic_path
-from ..pipeline import pipeline_from_parts
+from ..pipeline import draw_pictures, pipeline_from_parts
 from .outputs import free_path
 from .parts import WorkingModel
 
@@ -57,10 +57,11 @@ def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int
             for n in range(concept.n_save_sample):
                 generator = torch.Generator("cpu").manual_seed(base_seed + n)
                 with autocast():
-                    image = pipe(prompt, negative_prompt=concept.save_sample_negative_prompt.strip() or None,
-                                 num_inference_steps=concept.save_infer_steps,
-                                 guidance_scale=concept.save_guidance_scale, height=resolution, width=resolution,
-                                 generator=generator).images[0]
+                    image = draw_pictures(pipe, prompt=prompt,
+                                          negative_prompt=concept.save_sample_negative_prompt.strip() or None,
+                                          num_inference_steps=concept.save_infer_steps,
+                                          guidance_scale=concept.save_guidance_scale, height=resolution,
+                                          width=resolution, generator=generator)[0]
                 path = free_path(Path(folder) / SAMPLES_DIR / f"{stem}_c{index + 1}_{n}.png")
                 with atomic_path(path, overwrite=False) as tmp:
                     image.save(tmp, format="PNG")
