@@ -26,6 +26,7 @@ from .compat import canonical_clip_name
 from .config import ModelInfo, TrainingParams
 from .errors import ModelError
 from .kohya import read_kohya_lora
+from .modelspec import modelspec
 from .safetensors_stream import encode_header, tensor_bytes, write_safetensors
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -287,7 +288,8 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     its path, is given and exists) and `ss_new_sd_model_hash` its sha256;
     `ss_network_args` carries the text encoder's rank and alpha when they differ
     from the UNet's (kohya's own LoRA has one rank for both). `seed` is the seed
-    the run used (`params.seed` may be -1, "pick one"). The `lora_trainer_*`
+    the run used (`params.seed` may be -1, "pick one"). The `modelspec.*` keys
+    (architecture `stable-diffusion-v1/lora` etc.) are for ComfyUI and kohya's tools. The `lora_trainer_*`
     revision and lifetime steps are taken from `info`: update it first.
     """
     text_differs = params.train_text_encoder and (params.text_encoder_rank != params.rank
@@ -328,6 +330,8 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
         "lora_trainer_revision": str(info.revision),
         "lora_trainer_lifetime_steps": str(info.lifetime_steps),
         "lora_trainer_prediction_type": info.prediction_type,
+        **modelspec(info.model_type, params.resolution, info.prediction_type, output_name, lora=True,
+                    timestamp=finished_at),
     }
     if text_differs:
         meta["ss_network_args"] = json.dumps({"text_encoder_dim": str(params.text_encoder_rank),

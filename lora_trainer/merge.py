@@ -10,7 +10,6 @@ final name, and an existing file is never replaced unless asked.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import re
@@ -30,12 +29,12 @@ from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .host import ModelsDir, validate_model_name
 from .kohya import FAMILY_NAMES, KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .modelspec import modelspec
 from .safetensors_stream import Layout, read_layout, write_safetensors
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, float], None]
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
 
 
 @dataclass
@@ -212,16 +211,6 @@ def _family(model_type: str) -> str:
     return "sd1" if model_type == "sd1" else "sd2"
 
 
-def _base_metadata(model_type: str, resolution: int, prediction_type: str, title: str) -> dict[str, str]:
-    """The `modelspec.*` basics kohya and other tools read from checkpoints."""
-    return {"modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": ARCHITECTURES.get(model_type, "stable-diffusion-v2-512"),
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-            "modelspec.title": title, "modelspec.resolution": f"{resolution}x{resolution}",
-            "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
-            "modelspec.date": datetime.datetime.now().isoformat(timespec="seconds")}
-
-
 class Merger:
     """Adds the resolved LoRA modules to weights as they stream past, one tensor at a time."""
 
@@ -278,7 +267,7 @@ def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_pat
     targets = resolve(lora, target_table(spec), family=_family(info.model_type),
                       where=f"the model {info.model_name!r}")
     merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.9))
-    metadata = {**_base_metadata(info.model_type, info.resolution, info.prediction_type, out_path.stem),
+    metadata = {**modelspec(info.model_type, info.resolution, info.prediction_type, out_path.stem),
                 "lora_trainer_base": info.source_checkpoint, "lora_trainer_base_sha256": info.source_checkpoint_hash,
                 **metadata}
 
@@ -305,7 +294,7 @@ def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_p
         targets = resolve(lora, target_table(spec), family=family, where=source.name)
         _check_targets_in(reader, targets)
         progress(f"Hashing {source.name}", 0.02)
-        metadata = {**_base_metadata(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
+        metadata = {**modelspec(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
                     "lora_trainer_base": source.name, "lora_trainer_base_sha256": file_sha256(source), **metadata}
         merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.95))
         merged = ((key, merger.original_tensor(key, reader.get(key))) for key in reader.keys())

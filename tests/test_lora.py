@@ -13,7 +13,7 @@ from helpers_merge import load_checkpoint_parts, load_parts, make_model, text_ou
 from lora_trainer.checkpoint import load_model_spec
 from lora_trainer.config import ModelInfo, TrainingParams
 from lora_trainer.errors import ModelError
-from lora_trainer.kohya import read_kohya_lora, resolve, target_table
+from lora_trainer.kohya import family_from_metadata, read_kohya_lora, resolve, target_table
 from lora_trainer.lora import (TEXT_TARGETS, UNET_TARGETS, LoRALinear, inject_lora, load_lora_state_dict,
                                lora_parameters, lora_state_dict, read_lora, remove_lora, save_lora)
 
@@ -250,6 +250,14 @@ def test_metadata_is_what_the_web_ui_and_kohya_tools_read(model_dir, tmp_path):
     assert meta["lora_trainer_model"] == info.model_name
     assert meta["lora_trainer_lifetime_steps"] == str(info.lifetime_steps)
     assert meta["lora_trainer_prediction_type"] == info.prediction_type
+    # ModelSpec, as kohya writes it for a LoRA, which kohya.family_from_metadata reads back
+    architecture = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                    "sd2-v": "stable-diffusion-v2-768-v"}[info.model_type]
+    assert (meta["modelspec.architecture"], meta["modelspec.implementation"]) == (architecture + "/lora", "diffusers")
+    assert (meta["modelspec.title"], meta["modelspec.resolution"]) == ("tiny_30", "64x64")
+    assert meta["modelspec.prediction_type"] == ("v" if info.prediction_type == "v_prediction" else "epsilon")
+    assert family_from_metadata({"modelspec.architecture": meta["modelspec.architecture"]}) == \
+        ("sd1" if info.model_type == "sd1" else "sd2")
     same = metadata_for(model_dir, TrainingParams(rank=4, lora_alpha=4, text_encoder_rank=4, text_encoder_alpha=4))
     assert "ss_network_args" not in same and "ss_sd_model_hash" not in same
 
