@@ -124,25 +124,31 @@ def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *,
 
 
 def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: bool = False, subdir: bool = False,
-                  custom_name: str = "", overwrite: bool = False):
-    """"Generate Ckpt": merge `lora` into the model; with no LoRA chosen, write the model itself as a checkpoint."""
+                  custom_name: str = "", overwrite: bool = False, into: str = "", unet_weight: float = 1.0,
+                  text_weight: float = 1.0, fmt: str = "safetensors"):
+    """"Generate Ckpt": merge `lora` into the model (or into the checkpoint `into`) with the given
+    weights; with no LoRA chosen, write the model itself as a checkpoint."""
 
     def job(report: Report, cancel: CancelFlag) -> Path:
         progress = fraction_reporter(report, "merge")
         if lora.strip():
             from .merge import merge_lora
 
-            return merge_lora(models, model_name, lora=lora, half=half, subdir=subdir,
+            return merge_lora(models, model_name, lora=lora, into=into.strip() or None, unet_weight=unet_weight,
+                              text_weight=text_weight, half=half, subdir=subdir, fmt=fmt,
                               custom_name=custom_name or None, overwrite=overwrite, progress=progress)
-        return export_model(models, model_name, half=half, subdir=subdir, custom_name=custom_name,
+        if into.strip():
+            raise ConfigError("Merge Into: choose a Lora Model to merge into another checkpoint")
+        return export_model(models, model_name, half=half, subdir=subdir, custom_name=custom_name, fmt=fmt,
                             overwrite=overwrite, progress=progress)
 
     return job
 
 
 def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subdir: bool = False, custom_name: str = "",
-                 overwrite: bool = False, progress: Callable[[str, float], None] | None = None) -> Path:
-    """The working model as one checkpoint `[<name>/]<name>_<lifetime steps>.safetensors` in Stable-diffusion.
+                 fmt: str = "safetensors", overwrite: bool = False,
+                 progress: Callable[[str, float], None] | None = None) -> Path:
+    """The working model as one checkpoint `[<name>/]<name>_<lifetime steps>.<fmt>` in Stable-diffusion.
 
     Raises ModelError for a missing model, ConfigError for a bad name and
     FileExistsError when the file exists and `overwrite` is False.
@@ -152,13 +158,13 @@ def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subd
 
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    merged_name = output_path(models, info, custom_name=custom_name, subdir=subdir)
+    merged_name = output_path(models, info, custom_name=custom_name, subdir=subdir, fmt=fmt)
     out_path = merged_name.with_name(merged_name.name.replace("_lora.", "."))
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path} already exists; choose another Custom Model Name or tick Overwrite")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps)}
-    export_checkpoint(model_dir, out_path, half=half, metadata=metadata, overwrite=overwrite,
+    export_checkpoint(model_dir, out_path, fmt=fmt, half=half, metadata=metadata, overwrite=overwrite,
                       progress=progress or (lambda m, f: None))
     yaml_text = model_yaml(model_dir, info)
     if yaml_text is not None:

@@ -183,3 +183,31 @@ def test_after_a_job_the_users_lora_choice_stays_unless_the_job_made_one(ctl):
     assert _lists_after_job(ctl, finished, "cat", "gone.safetensors")["lora"]["value"] == "cat_2.safetensors"
     finished.kind, finished.result = "train", TrainResult(ctl.models.lora / "cat_2.safetensors", 2, 1, 2)
     assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_2.safetensors"
+
+
+def test_generate_ckpt_options_reach_the_merge(ctl, tiny_sd1):
+    """Lora Weight, Lora Text Weight, Merge Into and the format, as set in "Generate Ckpt Options"."""
+    from helpers_merge import load_parts, random_lora, save_lora
+
+    from lora_trainer.checkpoint_io import CheckpointReader
+
+    unet, text = load_parts(ctl.models.model_dir("cat"))
+    save_lora(ctl.models.lora / "cat_lora.safetensors", random_lora(unet, text))
+    shutil.copy(tiny_sd1, ctl.models.checkpoints / "other.safetensors")
+    shutil.copy(tiny_sd1.with_suffix(".yaml"), ctl.models.checkpoints / "other.yaml")
+    named = {"model": "cat", "lora": "cat_lora.safetensors", "custom_model_name": "", "half": False,
+             "subdir": False, "generate_ckpt.overwrite": False}
+    ctl.generate_ckpt({**named, "into": "other.safetensors", "unet_weight": 0.5, "text_weight": 0.25,
+                       "fmt": "safetensors"})
+    state = finish(ctl)
+    assert state.error is None, state.error
+    with CheckpointReader(state.result) as reader:
+        meta = reader.metadata
+    assert (meta["lora_trainer_base"], meta["lora_trainer_unet_weight"], meta["lora_trainer_text_weight"]) == \
+        ("other.safetensors", "0.5", "0.25")
+
+    ctl.generate_ckpt({**named, "custom_model_name": "old", "into": "", "fmt": "ckpt"})
+    state = finish(ctl)
+    assert state.error is None, state.error
+    assert state.result == ctl.models.checkpoints / "old_0_lora.ckpt" and state.result.is_file()
+    assert "old_0_lora.ckpt" in ctl.source_choices()

@@ -114,7 +114,9 @@ class Controller:
         return self._start("merge", f"generate ckpt of '{model}'", lambda: tasks.generate_ckpt(
             self.models, _existing(self.models, model), lora=named.get("lora") or NO_LORA,
             half=bool(named.get("half")), subdir=bool(named.get("subdir")),
-            custom_name=named.get("custom_model_name") or "", overwrite=bool(named.get("generate_ckpt.overwrite"))))
+            custom_name=named.get("custom_model_name") or "", overwrite=bool(named.get("generate_ckpt.overwrite")),
+            into=named.get("into") or "", unet_weight=_number(named, "unet_weight", 1.0),
+            text_weight=_number(named, "text_weight", 1.0), fmt=named.get("fmt") or "safetensors"))
 
     def cancel(self) -> str:
         return "Cancelling the running job." if self.runner.cancel() else "No job is running."
@@ -198,6 +200,11 @@ class Controller:
             except ValueError:
                 out["lora"] = str(state.result.lora_path)
         return out
+
+
+def _number(named: dict[str, Any], key: str, default: float) -> float:
+    value = named.get(key)
+    return default if value is None or value == "" else float(value)
 
 
 def _chosen_model(named: dict[str, Any]) -> str:

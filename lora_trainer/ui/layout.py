@@ -79,6 +79,8 @@ def _left_column(w: Widgets, ctl: Controller) -> None:
         meta = field_meta(MergeOptions, key)
         w.add(key, compat.component(gr.Checkbox, label=meta["label"], info=meta["help"], value=False,
                                     elem_id=eid(key)))
+    with gr.Accordion("Generate Ckpt Options", open=False, elem_id=eid("generate_ckpt_options")):
+        _merge_options(w, ctl)
     with gr.Group(elem_id=eid("model_info")):
         info = ctl.info_values(first)
         for name in INFO_FIELDS:
@@ -100,6 +102,21 @@ def _left_column(w: Widgets, ctl: Controller) -> None:
         w.add("load_params_button", compat.component(gr.Button, value="Load Params", elem_id=eid("load_params")))
     w.add("message", compat.component(gr.Textbox, label="Message", interactive=False, lines=2,
                                       elem_id=eid("message")))
+
+
+def _merge_options(w: Widgets, ctl: Controller) -> None:
+    """"Lora Weight", "Lora Text Weight", "Merge Into" another checkpoint and the file format."""
+    for key in ("unet_weight", "text_weight"):
+        meta = field_meta(MergeOptions, key)
+        w.add(key, compat.component(gr.Slider, label=meta["label"], info=meta["help"], minimum=0.0, maximum=2.0,
+                                    step=0.05, value=1.0, elem_id=eid(key)))
+    meta = field_meta(MergeOptions, "into")
+    w.add("into", compat.component(gr.Dropdown, label=meta["label"], info=meta["help"],
+                                   choices=[""] + ctl.source_choices(), value="", allow_custom_value=True,
+                                   elem_id=eid("merge_into")))
+    meta = field_meta(MergeOptions, "fmt")
+    w.add("fmt", compat.component(gr.Radio, label=meta["label"], info=meta["help"], choices=list(meta["choices"]),
+                                  value="safetensors", elem_id=eid("checkpoint_format")))
 
 
 def _create_tab(w: Widgets, ctl: Controller) -> None:
@@ -206,7 +223,8 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
     _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
     _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
-        ["model", "lora", "custom_model_name", "half", "subdir", "generate_ckpt.overwrite"], msg)
+        ["model", "lora", "custom_model_name", "half", "subdir", "generate_ckpt.overwrite", "into", "unet_weight",
+         "text_weight", "fmt"], msg)
     _on(w["save_params_button"], lambda n: {"message": ctl.save_params(n)}, w, settings, msg)
 
     def load_params(n):
@@ -237,8 +255,9 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
                 **ctl.info_values(chosen or "")}
 
     _on(w["model_refresh"], refresh_models, w, ["model"], ["model", "lora"] + info_keys)
-    _on(w["source_refresh"], lambda n: {"create.source": compat.update(choices=ctl.source_choices())}, w,
-        [], ["create.source"])
+    _on(w["source_refresh"], lambda n: {"create.source": compat.update(choices=ctl.source_choices()),
+                                        "into": compat.update(choices=[""] + ctl.source_choices())}, w,
+        [], ["create.source", "into"])
 
     def model_chosen(model):
         values = {**ctl.info_values(model or ""), "lora": compat.update(choices=ctl.lora_choices(),
@@ -247,7 +266,8 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
 
     compat.change(w["model"], model_chosen, [w["model"]], w.components(info_keys + ["lora"]))
 
-    poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source"] + info_keys
+    poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source",
+                "into"] + info_keys
 
     def poll(seen, model, lora):
         values = _poll(ctl, seen or {}, model, lora)
@@ -296,4 +316,5 @@ def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None
     return {"model": compat.update(choices=models, value=chosen),
             "lora": compat.update(choices=loras, value=lora),
             "create.source": compat.update(choices=ctl.source_choices()),
+            "into": compat.update(choices=[""] + ctl.source_choices()),
             **ctl.info_values(chosen or "")}
