@@ -17,7 +17,7 @@ import yaml
 from . import keymap
 from .architecture import spec_from_original_config
 from .checkpoint_io import save_checkpoint
-from .fileio import atomic_write_text
+from .fileio import atomic_dir, atomic_write_text
 
 TINY_NAME = "tiny-sd1.safetensors"
 TINY_V_NAME = "tiny-sd2-v.safetensors"
@@ -25,8 +25,12 @@ TEXT_WIDTH = 64  # one CLIP head of 64
 TEXT_LAYERS = 2
 
 
-def tiny_original_config(v2: bool = False) -> str:
-    """The original-layout yaml of the tiny model."""
+def tiny_original_config(v2: bool = False, clip_folder: Path | None = None) -> str:
+    """The original-layout yaml of the tiny model.
+
+    `clip_folder` (SD 1.x): a local folder with the tiny text encoder's config and tokenizer,
+    which the web UI's CLIP loader reads instead of `openai/clip-vit-large-patch14` from the hub.
+    """
     unet = {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
             "attention_resolutions": [1], "num_res_blocks": 2, "channel_mult": [1, 2],
             "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": TEXT_WIDTH,
@@ -38,6 +42,8 @@ def tiny_original_config(v2: bool = False) -> str:
     else:
         unet.update(num_heads=2)
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+        if clip_folder is not None:
+            cond["params"] = {"version": str(Path(clip_folder).resolve())}
     params = {"linear_start": 0.00085, "linear_end": 0.012, "num_timesteps_cond": 1, "timesteps": 1000,
               "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 8, "channels": 4,
               "cond_stage_trainable": False, "conditioning_key": "crossattn", "scale_factor": 0.18215,
@@ -59,9 +65,7 @@ def tiny_original_config(v2: bool = False) -> str:
 def tiny_state_dict(v2: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
     """Original-layout tensors of the tiny model, from a fixed seed."""
     spec = spec_from_original_config(tiny_original_config(v2))
-    spec.text = {"vocab_size": 49408, "hidden_size": TEXT_WIDTH, "intermediate_size": 4 * TEXT_WIDTH,
-                 "num_hidden_layers": TEXT_LAYERS, "num_attention_heads": 1, "max_position_embeddings": 77,
-                 "hidden_act": "gelu" if v2 else "quick_gelu", "projection_dim": TEXT_WIDTH}
+    spec.text = tiny_text_config(v2)
     generator = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
     for build, links in ((keymap.build_unet, keymap.unet_links), (keymap.build_vae, keymap.vae_links),
@@ -75,6 +79,25 @@ def tiny_state_dict(v2: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
         out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
     out.update(_ddpm_buffers())
     return out
+
+
+def tiny_text_config(v2: bool = False) -> dict:
+    """The tiny CLIP text encoder's `CLIPTextConfig` values."""
+    return {"vocab_size": 49408, "hidden_size": TEXT_WIDTH, "intermediate_size": 4 * TEXT_WIDTH,
+            "num_hidden_layers": TEXT_LAYERS, "num_attention_heads": 1, "max_position_embeddings": 77,
+            "hidden_act": "gelu" if v2 else "quick_gelu", "projection_dim": TEXT_WIDTH}
+
+
+def write_clip_folder(folder: Path) -> Path:
+    """The tiny text encoder's config.json and the CLIP tokenizer files, for the web UI's CLIP loader."""
+    from transformers import CLIPTextConfig
+
+    from .tokenizer import save_tokenizer
+
+    with atomic_dir(folder, overwrite=True) as tmp:
+        CLIPTextConfig(**tiny_text_config()).save_pretrained(str(tmp))
+        save_tokenizer(tmp)
+    return folder
 
 
 def _random_like(tensor: torch.Tensor, key: str, generator: torch.Generator) -> torch.Tensor:
@@ -119,14 +142,19 @@ def _ddpm_buffers(timesteps: int = 1000, start: float = 0.00085, end: float = 0.
 
 
 def write_tiny_checkpoint(folder: str | Path, *, v2: bool = False, seed: int = 0, fmt: str = "safetensors",
-                          half: bool = False, name: str | None = None) -> Path:
-    """Write the tiny checkpoint and its `.yaml` into `folder`; return the checkpoint path."""
+                          half: bool = False, name: str | None = None, for_webui: bool = False) -> Path:
+    """Write the tiny checkpoint and its `.yaml` into `folder`; return the checkpoint path.
+
+    `for_webui` (SD 1.x): also write `<name>-clip/` beside it and point the yaml at it, so
+    the web UI loads the checkpoint (and what is merged from it) offline.
+    """
     folder = Path(folder)
     stem = Path(name or (TINY_V_NAME if v2 else TINY_NAME)).stem
     path = folder / f"{stem}.{fmt}"
     tensors = tiny_state_dict(v2=v2, seed=seed)
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    atomic_write_text(path.with_suffix(".yaml"), tiny_original_config(v2))
+    clip_folder = write_clip_folder(folder / f"{stem}-clip") if for_webui and not v2 else None
+    atomic_write_text(path.with_suffix(".yaml"), tiny_original_config(v2, clip_folder))
     save_checkpoint(tensors, path, fmt=fmt, overwrite=True)
     return path

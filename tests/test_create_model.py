@@ -1,6 +1,7 @@
 """Create Model: conversion against diffusers' own loader, EMA, revision, names, failures."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +321,29 @@ def test_written_files_get_normal_permissions(models_dir, tiny_sd1):
     os.umask(mask)
     assert stat.S_IMODE((folder / "model_info.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+
+
+def test_tiny_checkpoint_for_the_web_ui_names_a_local_clip_folder(models_dir):
+    """The web UI builds SD 1.x's text encoder from `cond_stage_config.params.version` (a hub name by default):
+    the folder it names here holds a config and tokenizer that fit the checkpoint's text weights."""
+    import yaml
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_trainer.checkpoint_io import CheckpointReader
+    from lora_trainer.compat import installed_clip_name
+    from lora_trainer.tiny import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(models_dir.checkpoints, for_webui=True)
+    config = yaml.safe_load(path.with_suffix(".yaml").read_text())
+    folder = Path(config["model"]["params"]["cond_stage_config"]["params"]["version"])
+    assert folder == (models_dir.checkpoints / "tiny-sd1-clip").resolve()
+    assert len(CLIPTokenizer.from_pretrained(str(folder))) == 49408
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder)))  # the folder has no weights: the file brings them
+    prefix = "cond_stage_model.transformer."
+    with CheckpointReader(path) as reader:
+        weights = {installed_clip_name(k[len(prefix):]): reader.get(k) for k in reader.keys() if k.startswith(prefix)}
+    missing, unexpected = text.load_state_dict(weights, strict=False)
+    # position_ids is a stored buffer in transformers < 5 only
+    assert [k for k in missing + unexpected if not k.endswith("position_ids")] == []
+    assert create_model(models_dir, path.name, "m").is_dir()  # our own loader is not disturbed by the folder
+    assert models_dir.list_checkpoints() == ["tiny-sd1.safetensors"]

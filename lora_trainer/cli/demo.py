@@ -57,7 +57,7 @@ def draw_pictures(folder: Path, size: int = 64) -> Path:
 
 def run(args) -> int:
     models = ModelsDir.at(args.models_dir)
-    checkpoint = write_tiny_checkpoint(models.checkpoints)
+    checkpoint = write_tiny_checkpoint(models.checkpoints, for_webui=True)
     print(checkpoint)
     model_dir = create_model(models, checkpoint.name, DEMO_MODEL, overwrite=True)
     print(model_dir)

@@ -36,7 +36,7 @@ def ensure_tiny_checkpoint(host: Host) -> Path:
     """The built-in tiny checkpoint in Stable-diffusion/, written when absent (never replaced)."""
     path = host.models.checkpoints / TINY_NAME
     if not path.is_file():
-        path = write_tiny_checkpoint(host.models.checkpoints)
+        path = write_tiny_checkpoint(host.models.checkpoints, for_webui=True)
         log.info("Wrote the built-in tiny checkpoint %s", path)
     return path
 
