@@ -169,7 +169,8 @@ def shot(page, name: str) -> None:
 def test_the_tab_shows_the_labels_users_know(page):
     for label in ("Model", "Lora Model", "Custom Model Name", "Half Model", "Save Checkpoint to Subdirectory",
                   "Loaded Model", "Model Revision", "Source Checkpoint"):
-        assert page.get_by_text(label, exact=True).count() >= 1, label
+        # waits (and fails after the page's timeout) rather than reading the page mid-render
+        page.get_by_text(label, exact=True).first.wait_for(state="attached")
     for button in ("Train", "Cancel", "Generate Class Images", "Generate Ckpt", "Save Params", "Load Params"):
         assert page.get_by_role("button", name=button, exact=True).count() >= 1, button
     assert value(page, "lora_trainer_create_source") == "tiny-sd1.safetensors"
