@@ -10,7 +10,7 @@ from helpers_hosts import RecordingHost
 from lora_trainer.config import Concept
 from lora_trainer.ui.fields import CONCEPT_SLOTS, concept_key, field_specs, values_from_config
 
-pytest.importorskip("gradio")
+import gradio  # noqa: F401  (the UI needs it: requirements.txt)
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_options_that_cannot_run_are_disabled_with_the_reason():
     from lora_trainer.ui.fields import param_specs
     from lora_trainer.ui.widgets import disabled_options, field_widget
 
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     disabled = disabled_options({"xformers": "xformers is not installed", "bitsandbytes": "not installed"})
     with gr.Blocks():
         attention = field_widget(param_specs()["attention"], "a", disabled=disabled.get("attention"))

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
-gr = pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
+import gradio as gr
+from playwright import sync_api
 
 from lora_trainer.hosts import Host  # noqa: E402
 from lora_trainer.progress import Progress  # noqa: E402
@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def test_progress_reaches_the_page_when_the_tab_is_inside_the_hosts_page(models_dir):
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM}")
+        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}")
     from lora_trainer.ui import build_ui, gradio_compat
     from lora_trainer.ui.controller import Controller
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-gr = pytest.importorskip("gradio")
-sync_api = pytest.importorskip("playwright.sync_api")
+import gradio as gr
+from playwright import sync_api
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -60,7 +60,7 @@ def build_page():
 @pytest.fixture(scope="module")
 def page():
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed")
+        pytest.fail("Debian's chromium is not installed")
     demo = build_page()
     port = free_port()
     launch_kwargs, restore = {}, None
