@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,23 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers_browser import CHROMIUM, CHROMIUM_ARGS, free_port, open_tab, require_chromium
 from playwright import sync_api
 import gradio  # noqa: F401  (the UI needs it: requirements.txt)
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = os.environ.get("LORA_TRAINER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 JOB_TIMEOUT_MS = 120_000
 # gradio 3's own page template loads this from a CDN; the request is blocked and the page works without it.
 GRADIO_TEMPLATE_REQUESTS = ("iframeResizer.contentWindow.min.js",)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
@@ -80,8 +70,7 @@ def app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app):
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    require_chromium()
     url, _, _ = app
     blocked: list[str] = []
 
@@ -132,10 +121,6 @@ def choose(page, elem_id: str, option: str) -> None:
     page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first.click()
     page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }",
                            arg=[elem_id, option])
-
-
-def open_tab(page, name: str) -> None:
-    page.locator("[role=tab], .tab-nav button").filter(has_text=re.compile(rf"^\s*{re.escape(name)}\s*$")).first.click()
 
 
 def click(page, elem_id: str) -> None:

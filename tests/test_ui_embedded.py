@@ -2,32 +2,18 @@
 the polling still brings a running job's progress to the page, in Debian's headless chromium."""
 from __future__ import annotations
 
-import os
-import socket
 import threading
 
-import pytest
 
 import gradio as gr
+from helpers_browser import CHROMIUM, CHROMIUM_ARGS, free_port, open_tab, require_chromium
 from playwright import sync_api
 
 from lora_trainer.hosts import Host  # noqa: E402
 from lora_trainer.progress import Progress  # noqa: E402
 
-CHROMIUM = os.environ.get("LORA_TRAINER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_progress_reaches_the_page_when_the_tab_is_inside_the_hosts_page(models_dir):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"Debian's chromium is not installed at {CHROMIUM}")
+    require_chromium()
     from lora_trainer.ui import build_ui, gradio_compat
     from lora_trainer.ui.controller import Controller
 
@@ -57,8 +43,8 @@ def test_progress_reaches_the_page_when_the_tab_is_inside_the_hosts_page(models_
             page = browser.new_page()
             page.route("**/*", lambda r: r.continue_() if r.request.url.startswith("http://127.0.0.1") else r.abort())
             page.goto(f"http://127.0.0.1:{port}/")
-            page.locator("[role=tab], .tab-nav button").filter(has_text="LoRA Trainer").first.click()
-            page.locator("[role=tab], .tab-nav button").filter(has_text="Train").last.click()
+            open_tab(page, "LoRA Trainer")
+            open_tab(page, "Train")  # the progress box is drawn once its sub-tab is shown (gradio 5 and later)
             ctl.runner.start("train", "train 'cat'", job)
             assert step_reached.wait(30)
             page.wait_for_function("() => { const e = document.querySelector('#lora_trainer_progress_box');"

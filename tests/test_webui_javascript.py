@@ -8,23 +8,15 @@ progress refresh button.
 from __future__ import annotations
 
 import inspect
-import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 import gradio as gr
+from helpers_browser import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, tab_button
 from playwright import sync_api
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def head_html() -> str:
@@ -59,8 +51,7 @@ def build_page():
 
 @pytest.fixture(scope="module")
 def page():
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed")
+    require_chromium()
     demo = build_page()
     port = free_port()
     launch_kwargs, restore = {}, None
@@ -72,7 +63,7 @@ def page():
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_kwargs)
     try:
         with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             pg = browser.new_page()
             pg.goto(f"http://127.0.0.1:{port}/")
             pg.wait_for_selector("#lora_trainer_generate_ckpt_button", timeout=60000)
@@ -105,12 +96,6 @@ def inject_like_the_web_ui():
         gradio.routes.templates.TemplateResponse = original
 
     return restore
-
-
-def tab_button(page, name: str):
-    """A tab's button: role=tab from gradio 4 on, a plain button in .tab-nav in gradio 3."""
-    by_role = page.get_by_role("tab", name=name)
-    return by_role if by_role.count() else page.locator(".tab-nav button", has_text=name)
 
 
 def value(page, elem_id: str) -> str:
