@@ -9,10 +9,14 @@ from __future__ import annotations
 import functools
 import os
 import importlib
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
-from .installer import OPTIONAL, STATE_FILE, InstallState, canonical_name
+from .installer import OPTIONAL, STATE_FILE, InstallState, canonical_name, satisfies
+
+# bitsandbytes runs its 8-bit optimizers on the CPU from this release on (older ones need CUDA).
+BITSANDBYTES_ON_CPU = ">=0.50"
 
 # Beside install.py, in the extension folder (not resolved: the folder may be a link).
 STATE_PATH = Path(os.path.abspath(__file__)).parent.parent / STATE_FILE
@@ -28,14 +32,24 @@ def _cuda_reason() -> str | None:
     return f"torch {torch.__version__} finds no CUDA GPU: training runs on the CPU, without half precision"
 
 
+def bitsandbytes_runs_on_cpu() -> bool:
+    """Whether the installed bitsandbytes (if any) runs 8-bit AdamW on the CPU; imports nothing."""
+    try:
+        return satisfies(importlib.metadata.version("bitsandbytes"), BITSANDBYTES_ON_CPU)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def _package_reason(name: str, module: str, cuda_reason: str | None, state: InstallState) -> str | None:
     need = next(n for n in OPTIONAL if n.name == name)
     if importlib.util.find_spec(module.split(".")[0]) is None:
         failed = state.data.get("failed", {}).get(canonical_name(name))
         why = f"; install.py could not install it: {failed['reason']}" if failed else ""
         return f"{name} is not installed ({need.purpose} needs it){why}"
-    if cuda_reason is not None:
-        return f"{need.purpose} needs a CUDA GPU ({cuda_reason.split(':')[0]})"
+    if cuda_reason is not None and not (name == "bitsandbytes" and bitsandbytes_runs_on_cpu()):
+        also = (f", or bitsandbytes{BITSANDBYTES_ON_CPU} on the CPU (installed: {importlib.metadata.version(name)})"
+                if name == "bitsandbytes" else "")
+        return f"{need.purpose} needs a CUDA GPU{also} ({cuda_reason.split(':')[0]})"
     try:
         importlib.import_module(module)
     except Exception as error:  # a build that does not match this torch or driver

@@ -4,7 +4,8 @@ A preset changes only the fields it names; everything else keeps the value the
 user has. "8 GB GPU" is what the reference material recommends for an 8 GB
 NVIDIA card: LoRA, fp16, 8-bit Adam, memory-efficient attention, gradient
 checkpointing, cached latents, batch 1, rank 4. On a CPU the GPU-only parts
-(fp16, 8-bit Adam) become bf16 and plain AdamW, so a preset can be tried anywhere.
+become what runs there: fp16 becomes bf16, and 8-bit Adam plain AdamW unless the
+installed bitsandbytes runs on the CPU (>= 0.50), so a preset can be tried anywhere.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import dataclasses
 
 from .config import TrainingParams
 from .errors import ConfigError
+from .optional import bitsandbytes_runs_on_cpu
 
 PRESETS: dict[str, dict] = {
     "Defaults": {f.name: f.default for f in dataclasses.fields(TrainingParams) if f.name != "custom_model_name"},
@@ -57,6 +59,6 @@ def apply_preset(params: TrainingParams, name: str, *, cuda: bool = True) -> Tra
     values = dict(PRESETS[name])
     if not cuda and values.get("mixed_precision") == "fp16":
         values["mixed_precision"] = "bf16"
-    if not cuda and values.get("use_8bit_adam"):
+    if not cuda and values.get("use_8bit_adam") and not bitsandbytes_runs_on_cpu():
         values["use_8bit_adam"] = False
     return dataclasses.replace(params, **values)

@@ -16,6 +16,7 @@ from lora_trainer.cli import main
 from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ConfigError
 from lora_trainer.lora import load_lora_state_dict, read_lora
+from lora_trainer.optional import bitsandbytes_runs_on_cpu
 from lora_trainer.train import train
 from lora_trainer.training.adapters import attach_lora
 from lora_trainer.training.hardware import Hardware, check_options
@@ -205,6 +206,8 @@ def test_v_prediction_target_and_min_snr(created_sd1, tmp_path):
 
 CPU = Hardware(torch.device("cpu"), bf16=True, xformers=True, bitsandbytes=True, sdpa=True)
 GPU = Hardware(torch.device("cuda"), bf16=True, xformers=True, bitsandbytes=True, sdpa=True, name="GPU")
+NO_BITSANDBYTES_CPU = Hardware(torch.device("cpu"), bf16=True, xformers=False, bitsandbytes=False, sdpa=True,
+                               bitsandbytes_cpu=False)
 OLD_GPU = Hardware(torch.device("cuda"), bf16=False, xformers=False, bitsandbytes=False, sdpa=True, name="GTX 1070")
 
 
@@ -216,6 +219,7 @@ OLD_GPU = Hardware(torch.device("cuda"), bf16=False, xformers=False, bitsandbyte
     (dict(attention="xformers", mixed_precision="bf16"), CPU, ("Memory Attention", "--device cpu")),
     (dict(use_8bit_adam=True), CPU, ("Use 8bit Adam", "--device cpu")),
     (dict(use_8bit_adam=True, mixed_precision="fp16"), OLD_GPU, ("Use 8bit Adam", "bitsandbytes")),
+    (dict(use_8bit_adam=True), NO_BITSANDBYTES_CPU, ("Use 8bit Adam", "not installed")),
 ])
 def test_option_pairs_refused(options, hardware, names):
     with pytest.raises(ConfigError) as refused:
@@ -237,6 +241,9 @@ def test_good_option_sets_pass():
     check_options(TrainingParams(mixed_precision="fp16", attention="xformers", use_8bit_adam=True,
                                  gradient_checkpointing=True), GPU)
     check_options(TrainingParams(mixed_precision="bf16", attention="flash_attention"), CPU)
+    new_bitsandbytes_cpu = Hardware(torch.device("cpu"), bf16=True, xformers=False, bitsandbytes=True, sdpa=True,
+                                    bitsandbytes_cpu=True)  # bitsandbytes >= 0.50 runs 8-bit AdamW on the CPU
+    check_options(TrainingParams(mixed_precision="bf16", use_8bit_adam=True), new_bitsandbytes_cpu)
 
 
 def test_refused_before_any_weight_is_loaded(created_sd1, tmp_path, monkeypatch):
@@ -247,9 +254,11 @@ def test_refused_before_any_weight_is_loaded(created_sd1, tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "generate_class_images", must_not_run)
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs")
-    for options, names in ((dict(mixed_precision="fp16"), ("Mixed Precision", "--device cpu")),
-                           (dict(attention="xformers"), ("Memory Attention", "Mixed Precision")),
-                           (dict(use_8bit_adam=True), ("Use 8bit Adam", "--device cpu"))):
+    refused = [(dict(mixed_precision="fp16"), ("Mixed Precision", "--device cpu")),
+               (dict(attention="xformers"), ("Memory Attention", "Mixed Precision"))]
+    if not bitsandbytes_runs_on_cpu():
+        refused.append((dict(use_8bit_adam=True), ("Use 8bit Adam", "--device cpu")))
+    for options, names in refused:
         with pytest.raises(ConfigError) as refused:
             train(models, "tiny", TrainingParams(**options), [concept], device="cpu")
         assert all(name in str(refused.value) for name in names)
@@ -483,6 +492,64 @@ def test_two_processes_under_torchrun_train_as_one(created_sd1, tmp_path):
     info = ModelInfo.load(models.model_dir("tiny") / "model_info.json")
     assert (info.revision, info.lifetime_steps) == (1, 3)
     assert sorted(p.name for p in models.lora.iterdir()) == ["tiny_3.safetensors"]
+
+
+def test_optimizer_state_with_nested_and_shared_tensors_round_trips(tmp_path):
+    """8-bit AdamW's state as bitsandbytes writes it: moments nested in a dict, one quantile map shared by
+    every entry, a step count that is a plain int (checked here without bitsandbytes)."""
+    from lora_trainer.training.resume import save_optimizer_state
+
+    qmap = torch.linspace(-1, 1, 256)
+    state = {"state": {i: {"step": 3, "__bnb_optimizer_quant_state__": {
+                 "state1": torch.randint(0, 255, (64, 64), dtype=torch.uint8), "qmap1": qmap,
+                 "absmax1": torch.rand(16)}} for i in range(2)},
+             "param_groups": [{"lr": 1e-4, "betas": [0.9, 0.999], "t_alpha": None, "params": [0, 1]}]}
+    save_optimizer_state(state, tmp_path / "optimizer.safetensors")
+    loaded = load_optimizer_state(tmp_path / "optimizer.safetensors")
+    assert loaded["param_groups"] == state["param_groups"]
+    for index, entry in state["state"].items():
+        again = loaded["state"][index]
+        assert again["step"] == 3 and set(again) == set(entry)
+        for name, tensor in entry["__bnb_optimizer_quant_state__"].items():
+            assert torch.equal(again["__bnb_optimizer_quant_state__"][name], tensor), name
+
+
+def _moments(entry: dict) -> dict:
+    """An 8-bit AdamW state entry's moments (bitsandbytes >= 0.48 nests them; older ones do not)."""
+    return entry.get("__bnb_optimizer_quant_state__", entry)
+
+
+@pytest.mark.skipif(not bitsandbytes_runs_on_cpu(), reason="needs bitsandbytes >= 0.50 (CI's latest environment has it)")
+def test_8gb_preset_with_8bit_adam_on_the_cpu_resumes_its_8bit_state(created_sd1, tmp_path):
+    """The 8 GB preset as the CPU runs it: bf16, bitsandbytes' 8-bit AdamW, SDPA, checkpointing, cached latents.
+
+    Ranks are high enough that bitsandbytes keeps 8-bit moments (it does for tensors of 4096 values or more);
+    the second run continues from the saved 8-bit state (uint8 moments with their quantile maps and scales).
+    """
+    import dataclasses
+
+    from lora_trainer.presets import apply_preset
+
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = dataclasses.replace(apply_preset(TrainingParams(), "8 GB GPU", cuda=False), max_train_steps=2,
+                                 rank=64, lora_alpha=64.0, text_encoder_rank=64, text_encoder_alpha=64.0,
+                                 save_preview_every_n_steps=0, **FAST)
+    assert (params.mixed_precision, params.use_8bit_adam, params.attention) == ("bf16", True, "flash_attention")
+    first = train(models, "tiny", params, [concept], device="cpu")
+    saved = load_optimizer_state(models.model_dir("tiny") / "resume" / "optimizer.safetensors")["state"]
+    eight_bit = [index for index, entry in saved.items() if _moments(entry)["state1"].dtype == torch.uint8]
+    assert eight_bit and all(saved[i]["step"] == 2 and {"qmap1", "absmax1", "state2"} <= set(_moments(saved[i]))
+                             for i in eight_bit)
+
+    second = train(models, "tiny", params, [concept], device="cpu")
+    assert (first.lifetime_steps, second.lifetime_steps) == (2, 4)
+    assert all(torch.isfinite(torch.tensor(first.losses + second.losses)))
+    resumed = load_optimizer_state(models.model_dir("tiny") / "resume" / "optimizer.safetensors")["state"]
+    assert all(resumed[i]["step"] == 4 and _moments(resumed[i])["state1"].dtype == torch.uint8 for i in eight_bit)
+    tensors, _ = read_lora(second.lora_path)
+    ups = [t for k, t in tensors.items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in ups)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the 8 GB options are GPU-only)")

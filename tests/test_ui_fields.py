@@ -226,6 +226,9 @@ def test_save_params_without_a_model_says_what_to_do(created):
 
 
 def test_on_a_cpu_a_preset_swaps_only_what_needs_a_gpu():
+    from lora_trainer.optional import bitsandbytes_runs_on_cpu
+
     p = presets.apply_preset(TrainingParams(), "8 GB GPU", cuda=False)
-    assert (p.mixed_precision, p.use_8bit_adam, p.gradient_checkpointing) == ("bf16", False, True)
+    assert (p.mixed_precision, p.gradient_checkpointing) == ("bf16", True)
+    assert p.use_8bit_adam == bitsandbytes_runs_on_cpu()  # bitsandbytes >= 0.50 runs on the CPU
     assert presets.apply_preset(TrainingParams(), "CPU / test", cuda=False).mixed_precision == "no"

@@ -13,6 +13,7 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
+from ..optional import BITSANDBYTES_ON_CPU, bitsandbytes_runs_on_cpu
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Hardware:
     bitsandbytes: bool      # the bitsandbytes package is installed
     sdpa: bool              # torch has scaled_dot_product_attention (torch >= 2)
     name: str = ""          # the GPU's name, for messages
+    bitsandbytes_cpu: bool = False  # the installed bitsandbytes runs its 8-bit optimizers on the CPU
 
     @property
     def cuda(self) -> bool:
@@ -56,7 +58,8 @@ def probe_hardware(device: str | torch.device | None) -> Hardware:
                     xformers=importlib.util.find_spec("xformers") is not None,
                     bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
                     sdpa=hasattr(torch.nn.functional, "scaled_dot_product_attention"),
-                    name=torch.cuda.get_device_name(chosen) if cuda else "CPU")
+                    name=torch.cuda.get_device_name(chosen) if cuda else "CPU",
+                    bitsandbytes_cpu=bitsandbytes_runs_on_cpu())
 
 
 MP = "Mixed Precision ('mixed_precision')"
@@ -82,10 +85,11 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
     if params.attention == "flash_attention" and not hw.sdpa:
         raise ConfigError(f"{ATTN} flash_attention needs torch 2 (scaled_dot_product_attention); choose default or xformers")
     if params.use_8bit_adam:
-        if not hw.cuda:
-            raise ConfigError(f"{ADAM8} needs bitsandbytes on a CUDA GPU, but {where}; untick Use 8bit Adam")
         if not hw.bitsandbytes:
             raise ConfigError(f"{ADAM8}: the bitsandbytes package is not installed; untick Use 8bit Adam or install bitsandbytes")
+        if not hw.cuda and not hw.bitsandbytes_cpu:
+            raise ConfigError(f"{ADAM8} needs a CUDA GPU or bitsandbytes{BITSANDBYTES_ON_CPU}, but {where} with an older "
+                              f"bitsandbytes; untick Use 8bit Adam or upgrade bitsandbytes")
 
 
 def check_parallel(params: TrainingParams, num_processes: int) -> None:

@@ -2,7 +2,8 @@
 
 `<model>/resume/` holds the adapters in full precision (`lora.safetensors`,
 kohya keys), the optimizer's state (`optimizer.safetensors`: AdamW moments
-and step counts as tensors, the rest as JSON in its metadata; a pickle would
+and step counts, or 8-bit AdamW's moments with their quantile maps and scales,
+as tensors, the rest as JSON in its metadata; a pickle would
 be refused by the web UI's checked `torch.load` when written by a newer torch) and `state.json` (lifetime steps and the LoRA file it belongs to). It
 is rewritten, as a whole and atomically, whenever a LoRA is saved, so a crash
 or a Cancel loses at most the steps since the last save. Without it (deleted,
@@ -127,15 +128,21 @@ def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Resum
 
 
 def save_optimizer_state(state: dict, path: Path) -> None:
-    """An optimizer's `state_dict()` as safetensors: its tensors by `state.<index>.<name>`, the rest as JSON."""
-    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        plain["state"][str(index)] = {}
+    """An optimizer's `state_dict()` as safetensors: its tensors by their path (`state.<index>.<name>`, and
+    deeper for nested dicts such as bitsandbytes' `__bnb_optimizer_quant_state__`), the rest as JSON."""
+    tensors = {}
+
+    def without_tensors(entry: dict, key: str) -> dict:
+        plain = {}
         for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            if torch.is_tensor(value):  # a copy each: bitsandbytes' entries share their quantile maps
+                tensors[f"{key}.{name}"] = value.detach().cpu().clone()
             else:
-                plain["state"][str(index)][name] = value
+                plain[name] = without_tensors(value, f"{key}.{name}") if isinstance(value, dict) else value
+        return plain
+
+    plain = {"param_groups": state["param_groups"],
+             "state": {str(index): without_tensors(entry, f"state.{index}") for index, entry in state["state"].items()}}
     save_file(tensors, str(path), metadata={"optimizer": json.dumps(plain)})
 
 
@@ -143,10 +150,13 @@ def load_optimizer_state(path: Path) -> dict:
     """The `state_dict()` that `save_optimizer_state` wrote."""
     with safe_open(str(path), framework="pt") as f:
         plain = json.loads(f.metadata()["optimizer"])
-        state = {int(index): dict(entry) for index, entry in plain["state"].items()}
+        state = {int(index): entry for index, entry in plain["state"].items()}
         for key in f.keys():
-            _, index, name = key.split(".", 2)
-            state[int(index)][name] = f.get_tensor(key)
+            _, index, *names = key.split(".")
+            entry = state[int(index)]
+            for name in names[:-1]:
+                entry = entry.setdefault(name, {})
+            entry[names[-1]] = f.get_tensor(key)
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
