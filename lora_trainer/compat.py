@@ -4,10 +4,13 @@
   state-dict keys and module names start at `embeddings.` / `encoder.`. The
   files we write (original checkpoints, kohya LoRA keys) always use the
   canonical names with `text_model.`; these helpers translate at the edge.
+- `from_pretrained` takes `dtype` from diffusers 0.40 and transformers 4.56 on
+  and warns about `torch_dtype`, which older versions need.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import os
 
 CLIP_PREFIX = "text_model."
@@ -36,6 +39,18 @@ def installed_clip_name(name: str) -> str:
     if clip_has_text_model_level():
         return canonical_clip_name(name)
     return name[len(CLIP_PREFIX):] if name.startswith(CLIP_PREFIX) else name
+
+
+# The first releases whose from_pretrained takes `dtype` (and warn about `torch_dtype`).
+DTYPE_ARGUMENT_SINCE = {"diffusers": (0, 40), "transformers": (4, 56)}
+
+
+def dtype_argument(library: str, dtype) -> dict:
+    """`from_pretrained`'s keyword for the weights' dtype in the installed `library` ({} for None)."""
+    if dtype is None:
+        return {}
+    release = tuple(int(part) for part in importlib.metadata.version(library).split(".")[:2])
+    return {"dtype" if release >= DTYPE_ARGUMENT_SINCE[library] else "torch_dtype": dtype}
 
 
 def enable_text_encoder_checkpointing(text_encoder) -> None:

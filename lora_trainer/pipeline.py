@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import dtype_argument
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ def load_pipeline(model_dir: str | Path, *, device: str | torch.device = "cpu", 
     if not (model_dir / "model_index.json").is_file():
         raise ModelError(f"{model_dir}: not a working model (no model_index.json); create it first")
     extra = {k: v for k, v in (("text_encoder", text_encoder), ("unet", unet)) if v is not None}
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), **dtype_argument("diffusers", dtype),
+                                                   safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False,
                                                    local_files_only=True, **extra)
     return _fast_quiet(pipe).to(device)

@@ -30,8 +30,8 @@ from .training.hardware import Hardware, check_options, check_parallel, probe_ha
 from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
-from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, frozen_dtype,
-                             load_working_model, place, set_attention)
+from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
+                             part_dtypes, place, set_attention)
 from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
@@ -72,8 +72,9 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     instance, class_ = collect_examples(concepts, model_dir)
     seed = run_seed(params, accelerator)
     report(Progress(job="train", message=f"Loading {model_name}"))
-    model = load_working_model(model_dir, info)
-    adapters = prepare_model(model, params, accelerator.device)
+    dtypes = part_dtypes(params, accelerator.device)
+    model = load_working_model(model_dir, info, dtypes)
+    adapters = prepare_model(model, params, accelerator.device, dtypes)
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
     run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
     snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
@@ -142,14 +143,14 @@ def make_class_pictures(models: ModelsDir, model_name: str, concepts: list[Conce
     generate_class_images(models, model_name, concepts, device=device, progress=progress, cancel=cancel)
 
 
-def prepare_model(model: WorkingModel, params: TrainingParams, device: torch.device) -> Adapters | None:
+def prepare_model(model: WorkingModel, params: TrainingParams, device: torch.device,
+                  dtypes: dict[str, torch.dtype]) -> Adapters | None:
     """Place the parts, set attention and checkpointing, attach LoRA (or unfreeze for a full fine-tune)."""
-    full = not params.use_lora
-    place(model, device, frozen_dtype(params, device), train_unet=full, train_text=full and params.train_text_encoder)
+    place(model, device, dtypes)
     set_attention(model.unet, params.attention)
     if params.gradient_checkpointing:
         enable_checkpointing(model, text_encoder=params.train_text_encoder)
-    if full:
+    if not params.use_lora:
         unfreeze_for_full_finetune(model, params)
         return None
     return attach_lora(model, params)

@@ -217,9 +217,9 @@ OLD_GPU = Hardware(torch.device("cuda"), bf16=False, xformers=False, bitsandbyte
     (dict(attention="xformers"), GPU, ("Memory Attention", "Mixed Precision")),
     (dict(attention="xformers", mixed_precision="fp16"), OLD_GPU, ("Memory Attention", "xformers package")),
     (dict(attention="xformers", mixed_precision="bf16"), CPU, ("Memory Attention", "--device cpu")),
-    (dict(use_8bit_adam=True), CPU, ("Use 8bit Adam", "--device cpu")),
+    (dict(use_8bit_adam=True), CPU, ("Use 8bit Adam", "--device cpu", "an older bitsandbytes")),
     (dict(use_8bit_adam=True, mixed_precision="fp16"), OLD_GPU, ("Use 8bit Adam", "bitsandbytes")),
-    (dict(use_8bit_adam=True), NO_BITSANDBYTES_CPU, ("Use 8bit Adam", "not installed")),
+    (dict(use_8bit_adam=True), NO_BITSANDBYTES_CPU, ("Use 8bit Adam", "--device cpu", "with no bitsandbytes")),
 ])
 def test_option_pairs_refused(options, hardware, names):
     with pytest.raises(ConfigError) as refused:
@@ -254,11 +254,11 @@ def test_refused_before_any_weight_is_loaded(created_sd1, tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "generate_class_images", must_not_run)
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs")
-    refused = [(dict(mixed_precision="fp16"), ("Mixed Precision", "--device cpu")),
-               (dict(attention="xformers"), ("Memory Attention", "Mixed Precision"))]
+    cases = [(dict(mixed_precision="fp16"), ("Mixed Precision", "--device cpu")),
+             (dict(attention="xformers"), ("Memory Attention", "Mixed Precision"))]
     if not bitsandbytes_runs_on_cpu():
-        refused.append((dict(use_8bit_adam=True), ("Use 8bit Adam", "--device cpu")))
-    for options, names in refused:
+        cases.append((dict(use_8bit_adam=True), ("Use 8bit Adam", "--device cpu", "bitsandbytes>=0.50")))
+    for options, names in cases:
         with pytest.raises(ConfigError) as refused:
             train(models, "tiny", TrainingParams(**options), [concept], device="cpu")
         assert all(name in str(refused.value) for name in names)
@@ -419,6 +419,60 @@ def test_memory_options_together_on_the_cpu(created_sd1, tmp_path):
     for prefix in ("lora_unet_", "lora_te_"):  # gradients reach the adapters through checkpointed blocks
         ups = [t for k, t in tensors.items() if k.startswith(prefix) and k.endswith("lora_up.weight")]
         assert ups and all(t.abs().sum() > 0 for t in ups), prefix
+
+
+def test_the_fp16_recipe_of_a_gpu_on_the_cpus_half_kernels(created_sd1, tmp_path):
+    """What the 8 GB preset does on a GPU, with the CPU's fp16 kernels (no GPU in CI): the frozen parts read
+    in fp16 (not cast after loading), fp32 adapters on them, fp16 autocast, a gradient scaler, SDPA and
+    checkpointing; 8-bit AdamW where bitsandbytes runs on the CPU. The adapters learn; the base stays."""
+    from lora_trainer.presets import apply_preset
+    from lora_trainer.train import prepare_model
+    from lora_trainer.training.adapters import trainable_groups
+    from lora_trainer.training.loss import sample_noise, sample_timesteps
+    from lora_trainer.training.optim import make_optimizer
+    from lora_trainer.training.parts import part_dtypes
+
+    params = apply_preset(TrainingParams(), "8 GB GPU", cuda=True)
+    params.use_8bit_adam = bitsandbytes_runs_on_cpu()
+    dtypes = part_dtypes(params, torch.device("cuda"))
+    assert set(dtypes.values()) == {torch.float16}
+    folder = created_sd1.model_dir("tiny")
+    model = load_working_model(folder, ModelInfo.load(folder / "model_info.json"), dtypes)
+    assert {next(getattr(model, p).parameters()).dtype for p in dtypes} == {torch.float16}  # read as fp16
+    base_key, base = next((k, v.clone()) for k, v in model.unet.state_dict().items() if k.endswith("to_q.weight"))
+    adapters = prepare_model(model, params, torch.device("cpu"), dtypes)
+    groups = trainable_groups(model, adapters, params)
+    assert all(p.dtype == torch.float32 for group in groups for p in group["params"])
+    optimizer, scaler = make_optimizer(groups, params), torch.amp.GradScaler("cpu")
+    pictures = torch.rand(2, 3, RES, RES, dtype=torch.float16) * 2 - 1
+    with torch.no_grad():
+        latents = model.vae.encode(pictures).latent_dist.sample().float() * model.latent_scale
+    ids = model.tokenizer(["scs thing"] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    model.unet.train()
+    model.text_encoder.train()
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.float16):
+            noise = sample_noise(latents)
+            timesteps = sample_timesteps(model.noise_scheduler, 2, latents.device)
+            noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
+            prediction = model.unet(noisy, timesteps, model.text_encoder(ids)[0], return_dict=False)[0]
+            loss = dreambooth_loss(prediction, training_target(model.noise_scheduler, latents, noise, timesteps),
+                                   torch.zeros(2, dtype=torch.bool), prior_loss_weight=1.0).total
+        assert prediction.dtype == torch.float16
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses))) and scaler.get_scale() > 1
+    ups = [t for k, t in adapters.state_dict().items() if k.endswith("lora_up.weight")]
+    assert ups and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in ups)
+    assert any(k.startswith("lora_te_") for k in adapters.state_dict())
+    assert torch.equal(model.unet.state_dict()[base_key.replace("to_q.weight", "to_q.base.weight")], base)
 
 
 def test_cached_flips_and_buckets_with_class_pictures_and_run_step_names(created_sd1, tmp_path):

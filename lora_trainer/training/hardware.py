@@ -85,11 +85,12 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
     if params.attention == "flash_attention" and not hw.sdpa:
         raise ConfigError(f"{ATTN} flash_attention needs torch 2 (scaled_dot_product_attention); choose default or xformers")
     if params.use_8bit_adam:
+        if not hw.cuda and not hw.bitsandbytes_cpu:
+            which = "an older bitsandbytes" if hw.bitsandbytes else "no bitsandbytes"
+            raise ConfigError(f"{ADAM8} needs a CUDA GPU, or bitsandbytes{BITSANDBYTES_ON_CPU} on the CPU, but {where} "
+                              f"with {which}; untick Use 8bit Adam or install bitsandbytes{BITSANDBYTES_ON_CPU}")
         if not hw.bitsandbytes:
             raise ConfigError(f"{ADAM8}: the bitsandbytes package is not installed; untick Use 8bit Adam or install bitsandbytes")
-        if not hw.cuda and not hw.bitsandbytes_cpu:
-            raise ConfigError(f"{ADAM8} needs a CUDA GPU or bitsandbytes{BITSANDBYTES_ON_CPU}, but {where} with an older "
-                              f"bitsandbytes; untick Use 8bit Adam or upgrade bitsandbytes")
 
 
 def check_parallel(params: TrainingParams, num_processes: int) -> None:

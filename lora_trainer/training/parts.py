@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..compat import enable_text_encoder_checkpointing
+from ..compat import dtype_argument, enable_text_encoder_checkpointing
 from ..config import ModelInfo, TrainingParams
 from ..errors import ModelError
 
@@ -34,19 +34,26 @@ class WorkingModel:
         return float(self.vae.config.scaling_factor)
 
 
-def load_working_model(model_dir: Path, info: ModelInfo) -> WorkingModel:
+def load_working_model(model_dir: Path, info: ModelInfo, dtypes: dict[str, torch.dtype] | None = None) -> WorkingModel:
     """Load UNet, VAE, text encoder, tokenizer and the DDPM noise schedule of a working model.
 
-    Raises ModelError when a part is missing or cannot be read.
+    `dtypes` ("unet", "vae", "text_encoder"; see `part_dtypes`): each part is read in its
+    dtype (fp32 when not named) rather than cast afterwards. Raises ModelError when a part
+    is missing or cannot be read.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = str(model_dir)
+    folder, dtypes = str(model_dir), dtypes or {}
+
+    def read(cls, part: str, library: str = "diffusers"):
+        return cls.from_pretrained(folder, subfolder=part, local_files_only=True,
+                                   **dtype_argument(library, dtypes.get(part)))
+
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", local_files_only=True)
+        unet = read(UNet2DConditionModel, "unet")
+        vae = read(AutoencoderKL, "vae")
+        text_encoder = read(CLIPTextModel, "text_encoder", "transformers")
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)
         scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
     except (OSError, ValueError) as e:
@@ -58,12 +65,15 @@ def load_working_model(model_dir: Path, info: ModelInfo) -> WorkingModel:
     return WorkingModel(unet, vae, text_encoder, tokenizer, scheduler, info, Path(model_dir))
 
 
-def frozen_dtype(params: TrainingParams, device: torch.device) -> torch.dtype:
-    """dtype of the weights that are not trained: half on a GPU with mixed precision.
-
-    On the CPU they stay fp32 and autocast computes in bf16 where it helps.
-    """
-    return WEIGHT_DTYPES[params.mixed_precision] if device.type == "cuda" else torch.float32
+def part_dtypes(params: TrainingParams, device: torch.device) -> dict[str, torch.dtype]:
+    """dtype of each part: those that do not train in half on a GPU with mixed precision (on the
+    CPU they stay fp32 and autocast computes in bf16 where it helps); those a full fine-tune
+    trains in fp32 (a gradient scaler needs fp32 weights)."""
+    frozen = WEIGHT_DTYPES[params.mixed_precision] if device.type == "cuda" else torch.float32
+    full = not params.use_lora
+    return {"unet": torch.float32 if full else frozen,
+            "text_encoder": torch.float32 if full and params.train_text_encoder else frozen,
+            "vae": frozen}
 
 
 def set_attention(unet: torch.nn.Module, attention: str) -> None:
@@ -84,13 +94,10 @@ def enable_checkpointing(model: WorkingModel, *, text_encoder: bool) -> None:
         enable_text_encoder_checkpointing(model.text_encoder)
 
 
-def place(model: WorkingModel, device: torch.device, dtype: torch.dtype, *, train_unet: bool,
-          train_text: bool) -> None:
-    """Move the parts to `device`: frozen ones in `dtype`, fully trained ones in fp32
-    (a gradient scaler needs fp32 weights)."""
-    _move(model.unet, device, torch.float32 if train_unet else dtype)
-    _move(model.text_encoder, device, torch.float32 if train_text else dtype)
-    _move(model.vae, device, dtype)
+def place(model: WorkingModel, device: torch.device, dtypes: dict[str, torch.dtype]) -> None:
+    """Move the parts to `device`, each in its dtype of `part_dtypes`."""
+    for part in ("unet", "text_encoder", "vae"):
+        _move(getattr(model, part), device, dtypes[part])
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
