@@ -1,8 +1,6 @@
 """The optimizer (AdamW, or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..config import TrainingParams
@@ -19,8 +17,6 @@ def make_optimizer(groups: list[dict], params: TrainingParams) -> torch.optim.Op
     `hardware.check_options` before anything is loaded).
     """
     if params.use_8bit_adam:
-        # bitsandbytes' CPU backend warns at import about 4-bit kernels that training never uses
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
