@@ -247,7 +247,7 @@ class TrainingParams(JsonConfig):
     use_buckets: bool = param(False, "Aspect Ratio Bucketing", "Group pictures by aspect ratio and train each at its own shape instead of cropping.", advanced=True)
     mixed_precision: str = param("no", "Mixed Precision", "fp16 or bf16 halve memory on the GPU; xformers needs one of them.", choices=MIXED_PRECISION)
     attention: str = param("default", "Memory Attention", "flash_attention = PyTorch's scaled_dot_product_attention; xformers needs the xformers package and fp16/bf16.", choices=ATTENTION)
-    use_8bit_adam: bool = param(False, "Use 8bit Adam", "AdamW with 8-bit state from bitsandbytes: saves memory on NVIDIA GPUs.")
+    use_8bit_adam: bool = param(False, "Use 8bit Adam", "AdamW with 8-bit state from bitsandbytes: saves optimizer memory (NVIDIA GPUs; the CPU with bitsandbytes >= 0.50).")
     gradient_checkpointing: bool = param(False, "Gradient Checkpointing", "Recompute activations in the backward pass: much less memory, about 20% slower.")
     train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
     prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)
