@@ -38,7 +38,7 @@ def load_working_model(model_dir: Path, info: ModelInfo, dtypes: dict[str, torch
     """Load UNet, VAE, text encoder, tokenizer and the DDPM noise schedule of a working model.
 
     `dtypes` ("unet", "vae", "text_encoder"; see `part_dtypes`): each part is read in its
-    dtype (fp32 when not named) rather than cast afterwards. Raises ModelError when a part
+    dtype (the library's default when not named) rather than cast afterwards. Raises ModelError when a part
     is missing or cannot be read.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
