@@ -6,7 +6,9 @@ trains a few steps in a fresh process per option set on four drawn pictures.
 On CUDA it prints the peak of torch.cuda.max_memory_allocated (what the 8 GB
 question is about); on the CPU the peak memory the process owns (RssAnon)
 above its baseline after loading. Seconds per step are measured after a
-warm-up step. Run: `python benchmarks/train_memory.py [--channels 320 --resolution 512]`.
+warm-up step. Each line also gives what the option set holds on a GPU before any
+activation, counted from the model's file headers (lora_trainer/training/memory.py),
+wherever it runs. Run: `python benchmarks/train_memory.py [--channels 320 --resolution 512]`.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def run_one(root: Path, name: str, steps: int, resolution: int) -> None:
     from lora_trainer.host import ModelsDir
     from lora_trainer.train import train
     from lora_trainer.presets import apply_preset
+    from lora_trainer.training.memory import least_memory
+    from lora_trainer.training.parts import part_dtypes
 
     cuda = torch.cuda.is_available()
     models = ModelsDir.at(root)
@@ -70,7 +74,11 @@ def run_one(root: Path, name: str, steps: int, resolution: int) -> None:
     per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
     memory = (f"CUDA peak {torch.cuda.max_memory_allocated() / 2**20:7.0f} MB" if cuda
               else f"owned memory peak {peak - baseline:7.0f} MB above baseline")
-    print(f"{name:30s} {per_step:6.2f} s/step  {memory}  final loss {result.losses[-1]:.4f}", flush=True)
+    # What the run holds on a GPU before activations, counted from the headers (training/memory.py).
+    gpu_params = apply_preset(TrainingParams(), options, cuda=True) if isinstance(options, str) else params
+    least = least_memory(models.model_dir(model), gpu_params, part_dtypes(gpu_params, torch.device("cuda")))
+    print(f"{name:30s} {per_step:6.2f} s/step  {memory}  GPU least {least.total / 2**20:6.0f} MB  "
+          f"final loss {result.losses[-1]:.4f}", flush=True)
 
 
 def _has(module: str) -> bool:

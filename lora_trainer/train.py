@@ -28,6 +28,7 @@ from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
 from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
@@ -61,6 +62,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
+    dtypes = part_dtypes(params, accelerator.device)
+    check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
     if accelerator.is_main_process:
         params.save(model_dir / PARAMS_FILE)
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
@@ -72,7 +75,6 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     instance, class_ = collect_examples(concepts, model_dir)
     seed = run_seed(params, accelerator)
     report(Progress(job="train", message=f"Loading {model_name}"))
-    dtypes = part_dtypes(params, accelerator.device)
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
@@ -120,6 +122,17 @@ def make_accelerator(params: TrainingParams, hardware: Hardware):
     return new_accelerator(mixed_precision=params.mixed_precision,
                            gradient_accumulation_steps=params.gradient_accumulation_steps,
                            cpu=not hardware.cuda)
+
+
+def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype], device: torch.device,
+                     gpu: str) -> None:
+    """On a GPU: refuse, before anything is loaded, a run whose weights and training state alone do not fit."""
+    free = free_gpu_memory(device)
+    if free is None:
+        return
+    need = least_memory(model_dir, params, dtypes)
+    check_memory(need, free, gpu)
+    log.info(describe(need, free))
 
 
 def run_seed(params: TrainingParams, accelerator) -> int:

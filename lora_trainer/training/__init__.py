@@ -1,6 +1,7 @@
 """The parts of "Train", one concern per module; `lora_trainer.train.train` puts them in order.
 
 hardware   option pairs the machine cannot run, refused before any weight is loaded
+memory     what a run holds on the GPU before activations, counted from file headers; too much is refused
 parts      the working model's UNet, VAE, text encoder, tokenizer and noise schedule
 adapters   LoRA injection (or a full fine-tune) and what the optimizer trains
 batches    the data loader: pictures, or latents cached once with the VAE moved off the GPU

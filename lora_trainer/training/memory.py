@@ -1,0 +1,108 @@
+"""What a run needs on the GPU before any activation, counted from the model's file headers.
+
+Out of memory on an 8 GB card was the commonest failure of older tools, found
+only after the model had loaded. Before anything is loaded, the weights (in
+the dtypes they will have), the values that train, their gradients and the
+optimizer's moments are counted exactly from the safetensors headers of the
+working model; the activations come on top and depend on resolution, batch
+size and checkpointing, so this is the least a run needs, not an estimate. A
+run whose least need is more than the GPU has free is refused with the options
+that lower it; otherwise the console states the figure.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import TrainingParams
+from ..errors import ConfigError
+from ..lora import TEXT_TARGETS, UNET_TARGETS
+from ..safetensors_stream import read_layout
+
+PARTS = ("unet", "text_encoder", "vae")
+EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
+GB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    weights: int     # bytes of every part's weights in its training dtype
+    training: int    # bytes of the trained values (when not among the weights), their gradients and moments
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.training
+
+
+def part_layouts(model_dir: Path) -> dict[str, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """Key -> (dtype, shape) of each part's weight files (headers only)."""
+    layouts = {}
+    for part in PARTS:
+        layout = {}
+        for path in sorted((Path(model_dir) / part).glob("*.safetensors")):
+            layout.update(read_layout(path))
+        layouts[part] = layout
+    return layouts
+
+
+def least_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype]) -> MemoryNeed:
+    """The bytes a run of `params` holds on the GPU before any activation (`dtypes`: see `part_dtypes`)."""
+    layouts = part_layouts(model_dir)
+    weights = sum(math.prod(shape) * (dtypes[part] if dtype.is_floating_point else dtype).itemsize
+                  for part, layout in layouts.items() for dtype, shape in layout.values())
+    trained = _trained_shapes(layouts, params)
+    per_value = 4 + 4  # fp32 gradient, and the value itself for adapters (not among the weights)
+    training = sum(math.prod(shape) * (per_value if params.use_lora else 4) + _moments(shape, params)
+                   for shape in trained)
+    return MemoryNeed(weights, training)
+
+
+def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
+    """Shapes of the tensors the optimizer updates: the adapters' down and up matrices, or whole parts."""
+    parts = ["unet"] + (["text_encoder"] if params.train_text_encoder else [])
+    if not params.use_lora:
+        return [shape for part in parts for dtype, shape in layouts[part].values() if dtype.is_floating_point]
+    shapes = []
+    for part in parts:
+        targets, rank = (UNET_TARGETS, params.rank) if part == "unet" else (TEXT_TARGETS, params.text_encoder_rank)
+        for key, (_, shape) in layouts[part].items():
+            module = key.removesuffix(".weight")
+            if key.endswith(".weight") and len(shape) == 2 and any(module == t or module.endswith("." + t) for t in targets):
+                out_features, in_features = shape
+                shapes += [(rank, in_features), (out_features, rank)]
+    return shapes
+
+
+def _moments(shape: tuple[int, ...], params: TrainingParams) -> int:
+    """Bytes of AdamW's two moments of one tensor (8-bit ones for large tensors with Use 8bit Adam)."""
+    values = math.prod(shape)
+    return values * (2 if params.use_8bit_adam and values >= EIGHT_BIT_MIN_VALUES else 8)
+
+
+def free_gpu_memory(device: torch.device) -> int | None:
+    """Bytes this process can still take on `device`: free on the card plus what its own allocator
+    holds unused (e.g. left by the host's model); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def check_memory(need: MemoryNeed, free: int | None, gpu: str) -> None:
+    """Refuse a run whose least need is more than the GPU's `free` bytes (None: not a GPU, nothing to check)."""
+    if free is None or need.total <= free:
+        return
+    raise ConfigError(f"GPU memory: this run needs at least {need.total / GB:.1f} GB before activations (weights "
+                      f"{need.weights / GB:.1f} GB, training state {need.training / GB:.1f} GB), {gpu} has "
+                      f"{free / GB:.1f} GB free: tick Use LORA, Mixed Precision fp16 and Use 8bit Adam, or untick "
+                      f"Train Text Encoder")
+
+
+def describe(need: MemoryNeed, free: int | None) -> str:
+    """One console line: the least need, and what the GPU has free."""
+    line = (f"GPU memory before activations: {need.total / GB:.2f} GB (weights {need.weights / GB:.2f} GB, "
+            f"training state {need.training / GB:.2f} GB)")
+    return line + (f"; {free / GB:.1f} GB free" if free is not None else "")
