@@ -80,7 +80,8 @@ class LoRALinear(nn.Module):
         return out + (update * (self.scale * self.multiplier)).to(out.dtype)
 
 
-def _matches(path: str, targets: tuple[str, ...]) -> bool:
+def is_target(path: str, targets: tuple[str, ...]) -> bool:
+    """Whether the module at `path` is one LoRA adapts: its path ends with one of `targets`."""
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
@@ -104,7 +105,7 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha:
     """
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise RuntimeError(f"{type(model).__name__} already holds LoRA adapters; call remove_lora(model) before injecting again")
-    chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(path, targets)]
+    chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(path, targets)]
     if not chosen:
         raise ValueError(f"no nn.Linear of {type(model).__name__} ends with any of {', '.join(targets)}")
     injected: dict[str, LoRALinear] = {}

@@ -19,7 +19,7 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
-from ..lora import TEXT_TARGETS, UNET_TARGETS
+from ..lora import TEXT_TARGETS, UNET_TARGETS, is_target
 from ..safetensors_stream import read_layout
 
 PARTS = ("unet", "text_encoder", "vae")
@@ -69,8 +69,7 @@ def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
     for part in parts:
         targets, rank = (UNET_TARGETS, params.rank) if part == "unet" else (TEXT_TARGETS, params.text_encoder_rank)
         for key, (_, shape) in layouts[part].items():
-            module = key.removesuffix(".weight")
-            if key.endswith(".weight") and len(shape) == 2 and any(module == t or module.endswith("." + t) for t in targets):
+            if key.endswith(".weight") and len(shape) == 2 and is_target(key.removesuffix(".weight"), targets):
                 out_features, in_features = shape
                 shapes += [(rank, in_features), (out_features, rank)]
     return shapes
