@@ -569,7 +569,7 @@ def test_optimizer_state_with_nested_and_shared_tensors_round_trips(tmp_path):
 
 
 def _moments(entry: dict) -> dict:
-    """An 8-bit AdamW state entry's moments (bitsandbytes >= 0.48 nests them; older ones do not)."""
+    """An 8-bit AdamW state entry's moments (bitsandbytes >= 0.49 nests them; older ones do not)."""
     return entry.get("__bnb_optimizer_quant_state__", entry)
 
 
