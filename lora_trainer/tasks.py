@@ -3,7 +3,8 @@
 "Create", "Train", "Generate Class Images" and "Generate Ckpt" call the core
 with settings already turned into config objects; the steps that report a
 `(message, fraction)` pair are translated into `Progress` reports here. No
-gradio, no web UI: the UI builds the configs and starts these.
+gradio, no web UI: the UI builds the configs and starts these. "Check GPU
+Memory" and the settings files are quick calls, not jobs.
 """
 from __future__ import annotations
 
@@ -100,6 +101,13 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         return result
 
     return job
+
+
+def check_memory(models: ModelsDir, model_name: str, params: TrainingParams) -> str:
+    """"Check GPU Memory": what `params` hold on a GPU before activations, and whether it fits (no job: headers only)."""
+    from .training.memory import memory_report
+
+    return memory_report(models.existing_model_dir(model_name), params)
 
 
 def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *, device=None):

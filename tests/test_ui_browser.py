@@ -156,7 +156,8 @@ def test_the_tab_shows_the_labels_users_know(page):
                   "Loaded Model", "Model Revision", "Source Checkpoint"):
         # waits (and fails after the page's timeout) rather than reading the page mid-render
         page.get_by_text(label, exact=True).first.wait_for(state="attached")
-    for button in ("Train", "Cancel", "Generate Class Images", "Generate Ckpt", "Save Params", "Load Params"):
+    for button in ("Train", "Cancel", "Generate Class Images", "Check GPU Memory", "Generate Ckpt", "Save Params",
+                   "Load Params"):
         assert page.get_by_role("button", name=button, exact=True).count() >= 1, button
     assert value(page, "lora_trainer_create_source") == "tiny-sd1.safetensors"
 
@@ -213,6 +214,10 @@ def test_set_parameters_and_a_concept(page, app, tmp_path_factory):
     click(page, "lora_trainer_load_params")
     wait_message(page, "Loaded the parameters of 'cat'")
     assert value(page, "lora_trainer_param_max_train_steps") == "3"
+
+    # What these parameters would hold on a GPU, counted before anything is loaded.
+    click(page, "lora_trainer_check_memory")
+    wait_message(page, "GPU memory before activations:")
     shot(page, "2-parameters")
 
 

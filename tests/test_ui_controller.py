@@ -211,3 +211,25 @@ def test_generate_ckpt_options_reach_the_merge(ctl, tiny_sd1):
     assert state.error is None, state.error
     assert state.result == ctl.models.checkpoints / "old_0_lora.ckpt" and state.result.is_file()
     assert "old_0_lora.ckpt" in ctl.source_choices()
+
+
+def test_check_gpu_memory_counts_what_the_chosen_parameters_hold(ctl):
+    import torch
+
+    from lora_trainer.config import TrainingParams
+    from lora_trainer.training.memory import describe, least_memory
+    from lora_trainer.training.parts import part_dtypes
+    from lora_trainer.ui.fields import named_from_params, param_specs, params_key
+
+    keys = [params_key(n) for n in param_specs()]
+    lora = TrainingParams(mixed_precision="fp16", rank=8)
+    full = TrainingParams(use_lora=False, mixed_precision="no")
+    folder = ctl.models.model_dir("cat")
+    messages = {}
+    for name, params in (("lora", lora), ("full", full)):
+        messages[name] = ctl.check_memory({"model": "cat", **named_from_params(params, keys)})
+        need = least_memory(folder, params, part_dtypes(params, torch.device("cuda")))
+        if not torch.cuda.is_available():
+            assert messages[name] == f"{describe(need, None)} on a GPU; no CUDA GPU here: training runs on the CPU"
+    assert messages["lora"] != messages["full"]  # the widgets' values are what is counted
+    assert ctl.check_memory({"model": ""}).startswith("Error: Model: choose a model")

@@ -7,7 +7,8 @@ optimizer's moments are counted exactly from the safetensors headers of the
 working model; the activations come on top and depend on resolution, batch
 size and checkpointing, so this is the least a run needs, not an estimate. A
 run whose least need is more than the GPU has free is refused with the options
-that lower it; otherwise the console states the figure.
+that lower it; otherwise the console states the figure. The "Check GPU Memory"
+button gives the same count for the chosen parameters without starting anything.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..config import TrainingParams
 from ..errors import ConfigError
 from ..lora import TEXT_TARGETS, UNET_TARGETS, is_target
 from ..safetensors_stream import read_layout
+from .parts import part_dtypes
 
 PARTS = ("unet", "text_encoder", "vae")
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
@@ -94,14 +96,32 @@ def check_memory(need: MemoryNeed, free: int | None, gpu: str) -> None:
     """Refuse a run whose least need is more than the GPU's `free` bytes (None: not a GPU, nothing to check)."""
     if free is None or need.total <= free:
         return
-    raise ConfigError(f"GPU memory: this run needs at least {need.total / GB:.1f} GB before activations (weights "
-                      f"{need.weights / GB:.1f} GB, training state {need.training / GB:.1f} GB), {gpu} has "
-                      f"{free / GB:.1f} GB free: tick Use LORA, Mixed Precision fp16 and Use 8bit Adam, or untick "
-                      f"Train Text Encoder")
+    raise ConfigError(f"GPU memory: this run needs at least {_size(need.total)} before activations (weights "
+                      f"{_size(need.weights)}, training state {_size(need.training)}), {gpu} has {_size(free)} free: "
+                      f"tick Use LORA, Mixed Precision fp16 and Use 8bit Adam, or untick Train Text Encoder")
+
+
+def memory_report(model_dir: Path, params: TrainingParams) -> str:
+    """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations,
+    and whether that fits this machine's GPU (counted for a GPU also where there is none)."""
+    need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda")))
+    if not torch.cuda.is_available():
+        return f"{describe(need, None)} on a GPU; no CUDA GPU here: training runs on the CPU"
+    device = torch.device("cuda", torch.cuda.current_device())
+    free = free_gpu_memory(device)
+    try:
+        check_memory(need, free, torch.cuda.get_device_name(device))
+    except ConfigError as e:
+        return str(e)
+    return f"{describe(need, free)}: fits before activations (they come on top: resolution, batch, checkpointing)"
 
 
 def describe(need: MemoryNeed, free: int | None) -> str:
     """One console line: the least need, and what the GPU has free."""
-    line = (f"GPU memory before activations: {need.total / GB:.2f} GB (weights {need.weights / GB:.2f} GB, "
-            f"training state {need.training / GB:.2f} GB)")
-    return line + (f"; {free / GB:.1f} GB free" if free is not None else "")
+    line = (f"GPU memory before activations: {_size(need.total)} (weights {_size(need.weights)}, "
+            f"training state {_size(need.training)})")
+    return line + (f"; {_size(free)} free" if free is not None else "")
+
+
+def _size(size: int) -> str:
+    return f"{size / GB:.1f} GB" if size >= GB else f"{size / 2**20:.0f} MB"

@@ -118,6 +118,13 @@ class Controller:
             into=named.get("into") or "", unet_weight=_number(named, "unet_weight", 1.0),
             text_weight=_number(named, "text_weight", 1.0), fmt=named.get("fmt") or "safetensors"))
 
+    def check_memory(self, named: dict[str, Any]) -> str:
+        """What the chosen parameters hold on the GPU before activations, and whether that fits."""
+        try:
+            return tasks.check_memory(self.models, _existing(self.models, _chosen_model(named)), params_from_named(named))
+        except LoraTrainerError as e:
+            return f"Error: {e}"
+
     def cancel(self) -> str:
         return "Cancelling the running job." if self.runner.cancel() else "No job is running."
 

@@ -92,6 +92,8 @@ def _left_column(w: Widgets, ctl: Controller) -> None:
         w.add("cancel_button", compat.component(gr.Button, value="Cancel", variant="stop", elem_id=eid("cancel")))
     w.add("class_images_button", compat.component(gr.Button, value="Generate Class Images",
                                                   elem_id=eid("generate_class_images")))
+    w.add("check_memory_button", compat.component(gr.Button, value="Check GPU Memory",
+                                                  elem_id=eid("check_memory")))
     w.add("generate_ckpt_button", compat.component(gr.Button, value="Generate Ckpt",
                                                    elem_id=eid("generate_ckpt_button")))
     w.add("generate_ckpt.overwrite", compat.component(gr.Checkbox, label="Overwrite", value=False,
@@ -222,6 +224,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     _on(w["train_button"], lambda n: {"message": ctl.train(n)}, w, settings, msg)
     _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
     _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
+    _on(w["check_memory_button"], lambda n: {"message": ctl.check_memory(n)}, w, ["model"] + param_keys, msg)
     _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
         ["model", "lora", "custom_model_name", "half", "subdir", "generate_ckpt.overwrite", "into", "unet_weight",
          "text_weight", "fmt"], msg)
