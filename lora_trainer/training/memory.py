@@ -1,7 +1,7 @@
 """What a run needs on the GPU before any activation, counted from the model's file headers.
 
-Out of memory on an 8 GB card was the commonest failure of older tools, found
-only after the model had loaded. Before anything is loaded, the weights (in
+Users of older tools ran out of memory on 8 GB cards and found out only after
+the model had loaded. Before anything is loaded here, the weights (in
 the dtypes they will have), the values that train, their gradients and the
 optimizer's moments are counted exactly from the safetensors headers of the
 working model; the activations come on top and depend on resolution, batch
@@ -56,9 +56,9 @@ def least_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torc
     weights = sum(math.prod(shape) * (dtypes[part] if dtype.is_floating_point else dtype).itemsize
                   for part, layout in layouts.items() for dtype, shape in layout.values())
     trained = _trained_shapes(layouts, params)
-    per_value = 4 + 4  # fp32 gradient, and the value itself for adapters (not among the weights)
-    training = sum(math.prod(shape) * (per_value if params.use_lora else 4) + _moments(shape, params)
-                   for shape in trained)
+    # An fp32 gradient per trained value; adapters also hold the value itself (it is not among the weights).
+    per_value = 8 if params.use_lora else 4
+    training = sum(math.prod(shape) * per_value + _moments(shape, params) for shape in trained)
     return MemoryNeed(weights, training)
 
 
