@@ -29,3 +29,23 @@ def test_a_fresh_models_folder_gets_the_tiny_checkpoint_and_an_existing_file_is_
     tiny.write_bytes(b"the user's own file")
     assert ensure_tiny_checkpoint(host) == tiny
     assert tiny.read_bytes() == b"the user's own file"
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_port_exit_2(tmp_path):
+    """Run as `python -m lora_trainer` from the clone (no install), which keeps working beside `lora-trainer`."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as taken:  # as the web UI holds 7860
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "lora_trainer", "ui", "--models-dir", str(tmp_path / "models"),
+                               "--port", str(port)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                              text=True, timeout=120)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert f"port {port}" in err[0] and "--port" in err[0] and "in use" in err[0]
+    assert not (tmp_path / "models").exists()  # refused before anything is written
