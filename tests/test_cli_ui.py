@@ -49,3 +49,13 @@ def test_a_port_in_use_is_one_line_naming_it_and_port_exit_2(tmp_path):
     assert done.returncode == 2 and len(err) == 1, done.stderr
     assert f"port {port}" in err[0] and "--port" in err[0] and "in use" in err[0]
     assert not (tmp_path / "models").exists()  # refused before anything is written
+
+
+def test_an_address_of_another_machine_is_named_as_the_host(tmp_path, capsys):
+    from lora_trainer.cli import main
+
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): documentation only, never this machine's.
+    assert main(["ui", "--models-dir", str(tmp_path / "models"), "--host", "192.0.2.1", "--port", "7999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --host 192.0.2.1: not an address of this machine; use 127.0.0.1 or 0.0.0.0"]
+    assert not (tmp_path / "models").exists()

@@ -85,6 +85,8 @@ def check_port_free(address: str, port: int) -> None:
         try:
             probe.bind(where)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {address}: not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
             raise port_in_use(address, port, e) from None
 
 
