@@ -39,6 +39,11 @@ def test_pip_install_gives_a_lora_trainer_command_that_works_from_any_folder(tmp
                for p in (ROOT / "lora_trainer").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     assert shipped <= names, shipped - names  # every module and the configs/*.yaml
     assert {"lora_trainer/web/style.css", "lora_trainer/web/javascript/lora_trainer.js"} <= names
+    metadata = zipfile.ZipFile(wheel).read(f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
+    requirements = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+                    if line.strip() and not line.startswith("#")]
+    assert [line[len("Requires-Dist: "):] for line in metadata.splitlines()
+            if line.startswith("Requires-Dist: ")] == requirements  # torch: the host's own, never installed by us
 
     venv = tmp_path / "venv"
     assert run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=tmp_path).returncode == 0
