@@ -2,7 +2,10 @@
 
 A kohya LoRA holds, per adapted module, `<name>.lora_down.weight`,
 `<name>.lora_up.weight` and optionally `<name>.alpha` (absent or 0: the rank,
-as kohya and the web UI read it). `<name>` is `lora_unet_` or `lora_te_` plus
+as kohya and the web UI read it) and `<name>.dora_scale` (DoRA: the magnitude
+per output row, [out, 1, ...], or per input column, [1, in, ...], both of which
+the web UI v1.10.1 applies). LoCon modules adapt convolutions: `lora_down`
+has the kernel, `lora_up` is 1x1. `<name>` is `lora_unet_` or `lora_te_` plus
 the module's path with '.' replaced by '_'. Tools spell the path differently:
 
 - the diffusers UNet path (`lora_unet_down_blocks_0_attentions_0_...`), which is
@@ -31,7 +34,7 @@ from .checkpoint_io import CheckpointReader
 from .compat import CLIP_PREFIX, canonical_clip_name
 from .errors import ModelError
 
-LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
+LEAVES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # Width of the text the UNet attends to: the one shape that tells the families apart.
 CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -46,6 +49,7 @@ class LoraModule:
     down: torch.Tensor   # [rank, in] or [rank, in, kh, kw]
     up: torch.Tensor     # [out, rank] or [out, rank, 1, 1]
     alpha: float
+    dora_scale: torch.Tensor | None = None   # DoRA: [out, 1, ...] or [1, in, ...]
 
     @property
     def rank(self) -> int:
@@ -53,17 +57,41 @@ class LoraModule:
 
     @property
     def keys(self) -> list[str]:
-        return [f"{self.name}.lora_down.weight", f"{self.name}.lora_up.weight"]
+        extra = [] if self.dora_scale is None else [f"{self.name}.dora_scale"]
+        return [f"{self.name}.lora_down.weight", f"{self.name}.lora_up.weight", *extra]
 
     @property
     def delta_shape(self) -> tuple[int, ...]:
         return (self.up.shape[0], *self.down.shape[1:])
 
-    def delta(self) -> torch.Tensor:
-        """(alpha / rank) * up @ down in fp32, shaped [out, in] or [out, in, kh, kw]."""
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """(alpha / rank) * up @ down in fp32, shaped [out, in] or [out, in, kh, kw].
+
+        A DoRA module's delta depends on the weight it adapts, `base` (required
+        then, any shape with the delta's number of elements): `dora_scale * (W + d) /
+        |W + d| - W`, norms over the axes `dora_scale` has size 1 in (network.py
+        `apply_weight_decompose`, with its eps). Raises ModelError when `dora_scale`
+        fits neither the rows nor the columns of the weight.
+        """
         down, up = self.down.float(), self.up.float()
         product = up.flatten(1) @ down.flatten(1)
-        return product.reshape(self.delta_shape) * (self.alpha / self.rank)
+        delta = product.reshape(self.delta_shape) * (self.alpha / self.rank)
+        if self.dora_scale is None:
+            return delta
+        if base is None:
+            raise ValueError(f"DoRA module {self.name}: the delta needs the weight it adapts")
+        weight = base.float().reshape(delta.shape)
+        scale = self.dora_scale.float()
+        merged = weight + delta
+        same_rank = scale.dim() == merged.dim()
+        if same_rank and scale.shape[0] == merged.shape[0] and scale.numel() == merged.shape[0]:
+            norms = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(scale.shape)
+        elif same_rank and scale.shape[0] == 1 and scale.shape[1] == merged.shape[1] and scale.numel() == merged.shape[1]:
+            norms = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1).reshape(scale.shape)
+        else:
+            raise ModelError(f"module {self.name}: dora_scale {tuple(scale.shape)} fits neither the rows nor the "
+                             f"columns of its weight {tuple(merged.shape)}; the file is broken, save the LoRA again")
+        return merged * (scale / (norms + torch.finfo(norms.dtype).eps)) - weight
 
 
 @dataclass
@@ -98,7 +126,7 @@ def read_kohya_lora(path: str | Path) -> KohyaLora:
             foreign.append(key)
     if foreign:
         raise ModelError(f"{path.name}: {len(foreign)} keys are not plain LoRA weights (e.g. {', '.join(sorted(foreign)[:3])}); "
-                         "LoHa, LoKr and DoRA files cannot be merged, use a plain kohya LoRA")
+                         "LoHa and LoKr files cannot be merged, use a kohya LoRA, LoCon or DoRA")
     if not groups:
         raise ModelError(f"{path.name}: holds no LoRA weights (*.lora_down.weight / *.lora_up.weight)")
     modules = {name: _module(path, name, parts) for name, parts in sorted(groups.items())}
@@ -116,7 +144,7 @@ def _module(path: Path, name: str, parts: dict[str, torch.Tensor]) -> LoraModule
         raise ModelError(f"{path.name}: module {name}: lora_up {tuple(up.shape)} does not fit lora_down {tuple(down.shape)}")
     alpha = float(parts["alpha"].float().reshape(-1)[0]) if "alpha" in parts else 0.0
     # kohya and the web UI both read a missing or zero alpha as "alpha = rank" (scale 1).
-    return LoraModule(name, down, up, alpha if alpha else float(down.shape[0]))
+    return LoraModule(name, down, up, alpha if alpha else float(down.shape[0]), parts.get("dora_scale"))
 
 
 def family_from_metadata(metadata: dict[str, str]) -> str | None:

@@ -42,9 +42,16 @@ class LoRALinear(nn.Module):
 
     The adapter keeps its own dtype (fp32 adapters on an fp16/bf16 base): the
     input is cast to it and the update cast back to the base's output dtype.
+    With `dora` (DoRA, weight-decomposed LoRA) the layer also learns a magnitude
+    per output row, `dora_scale` ([out, 1], [out, 1, 1, 1] for a convolution,
+    starting at the base's row norms): the weight used is
+    `W + multiplier * (dora_scale * (W + dW) / |W + dW| - W)`, the way the web UI's
+    built-in Lora (network.py `apply_weight_decompose`) applies a `dora_scale`
+    of that shape, so merging the file gives what training saw.
     """
 
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dtype: torch.dtype = torch.float32):
+    def __init__(self, base: nn.Module, *, rank: int, alpha: float, dtype: torch.dtype = torch.float32,
+                 dora: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be at least 1; got {rank}")
@@ -52,14 +59,23 @@ class LoRALinear(nn.Module):
         self.base_requires_grad = base.weight.requires_grad
         base.requires_grad_(False)
         device = base.weight.device
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_down, self.lora_up = self._low_rank(base, rank, device, dtype)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as kohya's networks/lora.py
         nn.init.zeros_(self.lora_up.weight)
         self.rank = rank
         self.alpha = float(alpha)
         self.scale = self.alpha / rank
         self.multiplier = 1.0
+        self.dora_scale = None
+        if dora:
+            weight = base.weight.detach().to(dtype)
+            norms = weight.reshape(weight.shape[0], -1).norm(dim=1)
+            self.dora_scale = nn.Parameter(norms.reshape(weight.shape[0], *[1] * (weight.dim() - 1)))
+
+    @staticmethod
+    def _low_rank(base: nn.Module, rank: int, device, dtype) -> tuple[nn.Module, nn.Module]:
+        return (nn.Linear(base.in_features, rank, bias=False, device=device, dtype=dtype),
+                nn.Linear(rank, base.out_features, bias=False, device=device, dtype=dtype))
 
     @property
     def in_features(self) -> int:
@@ -74,10 +90,54 @@ class LoRALinear(nn.Module):
         """The base weight (code that reads `.weight.dtype` / `.device` of a projection keeps working)."""
         return self.base.weight
 
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / rank) * up @ down in the adapter's dtype, shaped like the base weight."""
+        product = self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)
+        return product.reshape(self.base.weight.shape) * self.scale
+
+    def dora_weight(self) -> torch.Tensor:
+        """The weight DoRA uses (see the class docstring), in the adapter's dtype."""
+        base = self.base.weight.to(self.lora_down.weight.dtype)
+        merged = base + self.delta_weight()
+        norms = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(self.dora_scale.shape)
+        norms = norms + torch.finfo(norms.dtype).eps  # as the web UI: no division by an all-zero row
+        return base + (merged * (self.dora_scale / norms) - base) * self.multiplier
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        bias = None if self.base.bias is None else self.base.bias.to(weight.dtype)
+        return nn.functional.linear(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dora_scale is not None:
+            return self._apply_weight(x.to(self.lora_down.weight.dtype), self.dora_weight()).to(x.dtype)
         out = self.base(x)
         update = self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype)))
         return out + (update * (self.scale * self.multiplier)).to(out.dtype)
+
+
+class LoRAConv2d(LoRALinear):
+    """A frozen `nn.Conv2d` plus a low-rank update, as kohya's LoCon (networks/lora.py with conv_dim) shapes it:
+    `lora_down` a convolution with the base's kernel, stride and padding, `lora_up` a 1x1 convolution."""
+
+    @staticmethod
+    def _low_rank(base: nn.Module, rank: int, device, dtype) -> tuple[nn.Module, nn.Module]:
+        down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                         bias=False, device=device, dtype=dtype)
+        up = nn.Conv2d(rank, base.out_channels, (1, 1), bias=False, device=device, dtype=dtype)
+        return down, up
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_channels
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base
+        bias = None if base.bias is None else base.bias.to(weight.dtype)
+        return nn.functional.conv2d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
 
 
 def is_target(path: str, targets: tuple[str, ...]) -> bool:
@@ -93,11 +153,11 @@ def kohya_module_name(prefix: str, path: str) -> str:
 
 
 def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha: float, prefix: str,
-                dtype: torch.dtype = torch.float32) -> dict[str, LoRALinear]:
+                dtype: torch.dtype = torch.float32, dora: bool = False) -> dict[str, LoRALinear]:
     """Wrap every `nn.Linear` of `model` whose path ends with one of `targets` in a `LoRALinear`.
 
     `prefix` is "lora_unet" or "lora_te"; returns kohya module name -> adapter,
-    in the model's module order. The base weights stop requiring gradients; the
+    in the model's module order (`dora`: DoRA adapters). The base weights stop requiring gradients; the
     adapters are made in `dtype` on the base weight's device: give the model its
     device and dtype first, as a later `model.to(dtype)` casts the adapters too.
     Raises RuntimeError when `model` already holds adapters and ValueError when
@@ -108,9 +168,16 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha:
     chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(path, targets)]
     if not chosen:
         raise ValueError(f"no nn.Linear of {type(model).__name__} ends with any of {', '.join(targets)}")
+    return wrap_modules(model, [(path, m, rank, alpha) for path, m in chosen], prefix=prefix, dtype=dtype, dora=dora)
+
+
+def wrap_modules(model: nn.Module, chosen: list[tuple[str, nn.Module, int, float]], *, prefix: str,
+                 dtype: torch.dtype, dora: bool) -> dict[str, LoRALinear]:
+    """Wrap each (path, Linear or Conv2d, rank, alpha) of `model` in its adapter; kohya name -> adapter."""
     injected: dict[str, LoRALinear] = {}
-    for path, linear in chosen:
-        adapter = LoRALinear(linear, rank=rank, alpha=alpha, dtype=dtype)
+    for path, module, rank, alpha in chosen:
+        kind = LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear
+        adapter = kind(module, rank=rank, alpha=alpha, dtype=dtype, dora=dora)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, adapter)
         injected[kohya_module_name(prefix, path)] = adapter
@@ -127,12 +194,18 @@ def remove_lora(model: nn.Module) -> None:
 
 
 def lora_parameters(injected: dict[str, LoRALinear]) -> list[nn.Parameter]:
-    """The trainable weights (down, up) of the adapters, in name order."""
-    return [p for name in injected for p in (injected[name].lora_down.weight, injected[name].lora_up.weight)]
+    """The trainable weights (down, up, and DoRA's magnitude) of the adapters, in name order."""
+    return [p for name in injected for p in _trained(injected[name])]
+
+
+def _trained(adapter: LoRALinear) -> list[nn.Parameter]:
+    extra = [] if adapter.dora_scale is None else [adapter.dora_scale]
+    return [adapter.lora_down.weight, adapter.lora_up.weight, *extra]
 
 
 def lora_state_dict(*injected: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """The kohya tensors of the adapters: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
+    """The kohya tensors of the adapters: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`
+    (and `<name>.dora_scale` for DoRA adapters).
 
     Detached, contiguous CPU copies in the adapters' dtype; alpha is a scalar fp32 tensor.
     """
@@ -144,6 +217,8 @@ def lora_state_dict(*injected: dict[str, LoRALinear]) -> dict[str, torch.Tensor]
             out[f"{name}.lora_down.weight"] = adapter.lora_down.weight.detach().to("cpu", copy=True).contiguous()
             out[f"{name}.lora_up.weight"] = adapter.lora_up.weight.detach().to("cpu", copy=True).contiguous()
             out[f"{name}.alpha"] = torch.tensor(adapter.alpha, dtype=torch.float32)
+            if adapter.dora_scale is not None:
+                out[f"{name}.dora_scale"] = adapter.dora_scale.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -154,14 +229,16 @@ def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, tor
     a shape differs (another rank) or when a saved alpha differs from the adapter's.
     """
     expected = {f"{name}.{leaf}": adapter for name, adapter in injected.items()
-                for leaf in ("lora_down.weight", "lora_up.weight", "alpha")}
+                for leaf in ("lora_down.weight", "lora_up.weight", "alpha")
+                + (("dora_scale",) if adapter.dora_scale is not None else ())}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})"
                  for keys, what in ((missing, "keys missing"), (unexpected, "unexpected keys")) if keys]
         raise ModelError(f"{source}: does not fit the adapters being trained: {'; '.join(parts)}; "
-                         "the LoRA was saved with other settings (targets or Train Text Encoder): restore them or train a new model")
+                         "the LoRA was saved with other settings (targets, Train Text Encoder, LoCon or DoRA): "
+                         "restore them or train a new model")
     shapes = {key: (tuple(tensors[key].shape), tuple(_leaf(adapter, key).shape))
               for key, adapter in expected.items() if not key.endswith(".alpha")}
     wrong = [(key, have, want) for key, (have, want) in shapes.items() if have != want]
@@ -183,6 +260,8 @@ def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, tor
 
 
 def _leaf(adapter: LoRALinear, key: str) -> nn.Parameter:
+    if key.endswith(".dora_scale"):
+        return adapter.dora_scale
     return adapter.lora_down.weight if key.endswith(".lora_down.weight") else adapter.lora_up.weight
 
 
@@ -266,6 +345,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
         tensors[f"{name}.lora_down.weight"] = module.down
         tensors[f"{name}.lora_up.weight"] = module.up
         tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
+        if module.dora_scale is not None:
+            tensors[f"{name}.dora_scale"] = module.dora_scale
     return tensors, lora.metadata
 
 
@@ -288,7 +369,8 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     web UI's legacy hash of the base checkpoint (only when `source_checkpoint`,
     its path, is given and exists) and `ss_new_sd_model_hash` its sha256;
     `ss_network_args` carries the text encoder's rank and alpha when they differ
-    from the UNet's (kohya's own LoRA has one rank for both). `seed` is the seed
+    from the UNet's (kohya's own LoRA has one rank for both), LoCon's `conv_dim`
+    and `conv_alpha` and DoRA's `dora_wd`. `seed` is the seed
     the run used (`params.seed` may be -1, "pick one"). The `modelspec.*` keys
     (architecture `stable-diffusion-v1/lora` etc.) are for ComfyUI and kohya's tools. The `lora_trainer_*`
     revision and lifetime steps are taken from `info`: update it first.
@@ -334,9 +416,16 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
         **modelspec(info.model_type, params.resolution, info.prediction_type, output_name, lora=True,
                     timestamp=finished_at),
     }
+    network_args = {}
     if text_differs:
-        meta["ss_network_args"] = json.dumps({"text_encoder_dim": str(params.text_encoder_rank),
-                                              "text_encoder_alpha": str(float(params.text_encoder_alpha))})
+        network_args.update(text_encoder_dim=str(params.text_encoder_rank),
+                            text_encoder_alpha=str(float(params.text_encoder_alpha)))
+    if params.conv_rank:  # kohya's LoCon arguments, as its train_network.py writes them
+        network_args.update(conv_dim=str(params.conv_rank), conv_alpha=str(float(params.conv_alpha)))
+    if params.use_dora:  # LyCORIS's name for weight decomposition
+        network_args["dora_wd"] = "True"
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
     if info.source_checkpoint_hash:
         meta["ss_new_sd_model_hash"] = info.source_checkpoint_hash
     if source_checkpoint is not None and Path(source_checkpoint).is_file():

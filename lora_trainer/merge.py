@@ -249,7 +249,7 @@ class Merger:
             target = self.targets[name]
             rows = None if whole else target.rows
             view = merged if rows is None else merged[rows[0]:rows[1]]
-            view += self.weights[target.part] * self.lora.modules[name].delta().reshape(view.shape)
+            view += self.weights[target.part] * self.lora.modules[name].delta(view).reshape(view.shape)
         result = merged.to(torch.float16 if self.half else tensor.dtype)
         if not torch.isfinite(result).all():
             raise ModelError(f"{self.lora.path.name}: merging module {names[0]} gives non-finite values (NaN or inf); "

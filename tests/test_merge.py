@@ -308,7 +308,7 @@ def test_non_finite_merge_is_refused_naming_the_module_and_leaves_no_file(sd1):
 def test_not_a_plain_lora_is_refused(sd1):
     save_lora(sd1.models.lora / "loha.safetensors", {"lora_unet_conv_in.hada_w1_a": torch.ones(2, 2),
                                                      "lora_unet_conv_in.hada_w1_b": torch.ones(2, 2)})
-    with pytest.raises(ModelError, match="LoHa, LoKr and DoRA"):
+    with pytest.raises(ModelError, match="LoHa and LoKr files cannot be merged"):
         merge_lora(sd1.models, "tiny", lora="loha")
 
 

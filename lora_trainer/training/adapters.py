@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import TrainingParams
+from ..locon import inject_locon
 from ..lora import TEXT_TARGETS, UNET_TARGETS, inject_lora, lora_parameters, lora_state_dict
 from .parts import WorkingModel
 
@@ -31,12 +32,18 @@ class Adapters:
 
 
 def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
-    """Inject fp32 adapters (up matrices zero: the model is unchanged until it trains) on the frozen base."""
-    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX)
+    """Inject fp32 adapters (up matrices zero: the model is unchanged until it trains) on the frozen base;
+    with LoCon Conv Rank also on the UNet's convolutions, with Use DoRA each with its magnitude."""
+    dora = params.use_dora
+    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX,
+                       dora=dora)
+    if params.conv_rank:
+        unet.update(inject_locon(model.unet, rank=params.rank, alpha=params.lora_alpha, conv_rank=params.conv_rank,
+                                 conv_alpha=params.conv_alpha, prefix=UNET_PREFIX, dora=dora))
     text = {}
     if params.train_text_encoder:
         text = inject_lora(model.text_encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
-                           alpha=params.text_encoder_alpha, prefix=TEXT_PREFIX)
+                           alpha=params.text_encoder_alpha, prefix=TEXT_PREFIX, dora=dora)
     for parameter in lora_parameters({**unet, **text}):
         parameter.requires_grad_(True)
     return Adapters(unet, text)

@@ -73,6 +73,7 @@ def check_resume_fits(model_dir: Path, lora_dir: Path, info: ModelInfo, params: 
     if source is None:
         return
     found = {prefix: _ranks_and_alphas(source, prefix) for prefix in ("lora_unet_", "lora_te_")}
+    _check_kinds_fit(source, params)
     fix = f"set it back, or create a new model to start afresh (the last run's adapters are in {source})"
     unet_ranks, unet_alphas = found["lora_unet_"]
     text_ranks, text_alphas = found["lora_te_"]
@@ -92,17 +93,34 @@ def check_resume_fits(model_dir: Path, lora_dir: Path, info: ModelInfo, params: 
                          f"was trained with {_one(text_alphas):g}; {fix}")
 
 
-def _ranks_and_alphas(path: Path, prefix: str) -> tuple[set[int], set[float]]:
-    """Ranks (from shapes: no weight is read) and alphas of the adapters under `prefix` in a LoRA file."""
+def _ranks_and_alphas(path: Path, prefix: str, *, conv: bool = False) -> tuple[set[int], set[float]]:
+    """Ranks (from shapes: no weight is read) and alphas of the adapters under `prefix` in a LoRA file:
+    those of LoCon's larger-than-1x1 convolutions with `conv`, the others without."""
     from safetensors import safe_open
 
     layout = read_layout(path)
-    ranks = {shape[0] for key, (_, shape) in layout.items()
-             if key.startswith(prefix) and key.endswith(".lora_down.weight")}
+    names = {key[:-len(".lora_down.weight")]: shape for key, (_, shape) in layout.items()
+             if key.startswith(prefix) and key.endswith(".lora_down.weight")
+             and (len(shape) == 4 and tuple(shape[2:]) != (1, 1)) == conv}
     with safe_open(str(path), framework="pt") as f:
-        alphas = {round(float(f.get_tensor(key).float().reshape(-1)[0]), 6) for key in layout
-                  if key.startswith(prefix) and key.endswith(".alpha")}
-    return ranks, alphas
+        alphas = {round(float(f.get_tensor(f"{name}.alpha").float().reshape(-1)[0]), 6) for name in names
+                  if f"{name}.alpha" in layout}
+    return {shape[0] for shape in names.values()}, alphas
+
+
+def _check_kinds_fit(source: Path, params: TrainingParams) -> None:
+    """LoCon Conv Rank / Alpha and Use DoRA as the previous run's adapters were trained. Raises ModelError."""
+    fix = f"set it back, or create a new model to start afresh (the last run's adapters are in {source})"
+    ranks, alphas = _ranks_and_alphas(source, "lora_unet_", conv=True)
+    trained = _one(ranks) if ranks else 0
+    if trained != params.conv_rank:
+        raise ModelError(f"LoCon Conv Rank ('conv_rank') is {params.conv_rank}, the model was trained with {trained}; {fix}")
+    if alphas and alphas != {float(params.conv_alpha)}:
+        raise ModelError(f"LoCon Conv Alpha ('conv_alpha') is {params.conv_alpha:g}, the model was trained with "
+                         f"{_one(alphas):g}; {fix}")
+    dora = any(key.endswith(".dora_scale") for key in read_layout(source))
+    if dora != params.use_dora:
+        raise ModelError(f"Use DoRA ('use_dora') was {'on' if dora else 'off'} when the model was trained; {fix}")
 
 
 def _one(values: set):

@@ -1,0 +1,106 @@
+"""LoCon and DoRA: the files the web UI's built-in Lora loads with every key matched, and merges that equal
+the adapters applied; training with them saves, resumes and refuses a changed kind."""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from helpers_lora import metadata_for, randomize
+from helpers_merge import load_checkpoint_parts, load_parts, make_model, text_output, unet_output
+from helpers_train import instance_pictures, private_models
+from lora_trainer.checkpoint import load_model_spec
+from lora_trainer.config import Concept, TrainingParams
+from lora_trainer.errors import ModelError
+from lora_trainer.kohya import read_kohya_lora, resolve, target_table
+from lora_trainer.lora import LoRAConv2d, lora_state_dict, remove_lora, save_lora
+from lora_trainer.merge import merge_lora
+from lora_trainer.train import train
+from lora_trainer.training.adapters import attach_lora
+from webui_env import StandinWebUI
+
+KINDS = {"locon": dict(conv_rank=3, conv_alpha=2.0), "dora": dict(use_dora=True),
+         "locon+dora": dict(conv_rank=3, conv_alpha=2.0, use_dora=True)}
+
+
+def _adapters(folder, kind: str):
+    """The tiny model's UNet and text encoder with trained-looking adapters of `kind` (non-zero up, DoRA
+    magnitudes away from the base's norms)."""
+    unet, text = load_parts(folder)
+    params = TrainingParams(rank=4, lora_alpha=2.0, text_encoder_rank=4, text_encoder_alpha=2.0, **KINDS[kind])
+    adapters = attach_lora(SimpleNamespace(unet=unet, text_encoder=text), params)
+    randomize(adapters.unet, 3)
+    randomize(adapters.text, 4)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for adapter in adapters.all.values():
+            if adapter.dora_scale is not None:
+                adapter.dora_scale.mul_(1 + 0.3 * torch.rand(adapter.dora_scale.shape, generator=generator))
+    return unet, text, adapters, params
+
+
+@pytest.mark.parametrize("kind, variant", [("locon", "sd1"), ("dora", "sd2v"), ("locon+dora", "sd1")])
+def test_files_load_in_the_web_ui_and_merge_exactly(kind, variant, tiny_sd1, tiny_sd2v, models_dir, tmp_path):
+    checkpoint = tiny_sd1 if variant == "sd1" else tiny_sd2v
+    folder = make_model(models_dir, checkpoint, "tiny")
+    unet, text, adapters, params = _adapters(folder, kind)
+    convs = [n for n, a in adapters.unet.items() if isinstance(a, LoRAConv2d) and a.base.kernel_size != (1, 1)]
+    assert bool(convs) == ("locon" in kind)
+    expected = unet_output(unet), text_output(text)
+    remove_lora(unet)
+    remove_lora(text)
+    base = unet_output(unet), text_output(text)
+    tensors = adapters.state_dict()
+    assert any(k.endswith(".dora_scale") for k in tensors) == ("dora" in kind)
+    path = save_lora(models_dir.lora / "tiny_1000.safetensors", tensors, metadata_for(folder, params))
+
+    # The web UI's built-in Lora matches every key of the file to a layer of the loaded checkpoint.
+    with StandinWebUI(tmp_path / "webui") as webui:
+        shutil.copy(models_dir.checkpoints / checkpoint.name, tmp_path / "webui-model.safetensors")
+        webui.shared.sd_model = SimpleNamespace(sd_model_checkpoint=str(tmp_path / "webui-model.safetensors"))
+        on_disk = importlib.import_module("network").NetworkOnDisk("tiny_1000", str(path))
+        net = webui.networks.load_network("tiny_1000", on_disk)
+    assert net.unmatched_keys == ()
+    assert len(net.modules) == len(adapters.all)
+    for weights in net.modules.values():
+        layer_rows = weights.sd_module.weight.shape[0]
+        up = weights.w["lora_up.weight"]
+        assert up.shape[0] in (layer_rows, layer_rows // 3)  # SD 2.x q/k/v: rows of one in_proj weight
+        if "dora" in kind:  # network.py apply_weight_decompose: one magnitude per output row
+            assert tuple(weights.w["dora_scale"].shape) == (up.shape[0], *[1] * (up.dim() - 1))
+    family = "sd1" if variant == "sd1" else "sd2"
+    assert set(resolve(read_kohya_lora(path), target_table(load_model_spec(folder)), family=family,
+                       where="the tiny model")) == set(adapters.all)
+
+    # Generate Ckpt gives what the model with the adapters applied gives.
+    merged = merge_lora(models_dir, "tiny", lora=str(path))
+    merged_unet, merged_text = load_checkpoint_parts(merged, tmp_path / "back")
+    for have, want, was in zip((unet_output(merged_unet), text_output(merged_text)), expected, base):
+        assert (want - was).abs().max() > 1e-2
+        torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
+
+
+def test_metadata_names_the_kind_as_kohya_and_lycoris_do(tiny_sd1, models_dir):
+    folder = make_model(models_dir, tiny_sd1, "tiny")
+    args = json.loads(metadata_for(folder, TrainingParams(conv_rank=8, conv_alpha=4, use_dora=True))["ss_network_args"])
+    assert args == {"conv_dim": "8", "conv_alpha": "4.0", "dora_wd": "True"}
+
+
+def test_training_saves_resumes_and_refuses_a_changed_kind(created_sd1, tmp_path):
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(resolution=32, hflip=False, seed=0, max_train_steps=1, train_text_encoder=False,
+                            unet_learning_rate=1e-2, **KINDS["locon+dora"])
+    first = train(models, "tiny", params, [concept], device="cpu")
+    lora = read_kohya_lora(first.lora_path)
+    assert any(m.down.dim() == 4 and m.down.shape[2:] == (3, 3) and m.rank == 3 for m in lora.modules.values())
+    assert all(m.dora_scale is not None for m in lora.modules.values())
+    second = train(models, "tiny", params, [concept], device="cpu")
+    assert second.lifetime_steps == first.lifetime_steps + 1
+    for changed, option in ((dict(conv_rank=4), "conv_rank"), (dict(use_dora=False), "use_dora")):
+        with pytest.raises(ModelError, match=option):
+            train(models, "tiny", TrainingParams(**{**params.to_dict(), **changed}), [concept], device="cpu")
