@@ -215,6 +215,7 @@ def save_concepts(concepts: list[Concept], path: str | os.PathLike) -> None:
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("default", "xformers", "flash_attention")
+OPTIMIZERS = ("AdamW", "Prodigy")
 
 
 @dataclass
@@ -251,6 +252,11 @@ class TrainingParams(JsonConfig):
     mixed_precision: str = param("no", "Mixed Precision", "fp16 or bf16 halve memory on the GPU; xformers needs one of them.", choices=MIXED_PRECISION)
     attention: str = param("default", "Memory Attention", "flash_attention = PyTorch's scaled_dot_product_attention; xformers needs the xformers package and fp16/bf16.", choices=ATTENTION)
     use_8bit_adam: bool = param(False, "Use 8bit Adam", "AdamW with 8-bit state from bitsandbytes: saves optimizer memory (NVIDIA GPUs; the CPU with bitsandbytes >= 0.50).")
+    optimizer: str = param("AdamW", "Optimizer", "AdamW (8-bit with Use 8bit Adam), or Prodigy: learning-rate free (the prodigyopt package), it finds the step size itself; set the learning rates to 1.0 with it (the 'Adaptive' preset does).", choices=OPTIMIZERS)
+    weight_decay: float = param(1e-2, "Weight Decay", "Decoupled weight decay of the optimizer (AdamW's and Prodigy's).", minimum=0.0, maximum=1.0, advanced=True)
+    prodigy_d_coef: float = param(1.0, "Prodigy D Coefficient", "Prodigy: multiplies the step size it estimates; below 1 (e.g. 0.5) when it learns too fast, above when too slow.", minimum=0.0, maximum=100.0, advanced=True)
+    prodigy_safeguard_warmup: bool = param(False, "Prodigy Safeguard Warmup", "Prodigy: keep the step-size estimate from growing too fast during Learning Rate Warmup; recommended by its authors for diffusion models.", advanced=True)
+    prodigy_use_bias_correction: bool = param(False, "Prodigy Bias Correction", "Prodigy: Adam's bias correction in the step size; recommended by its authors for diffusion models.", advanced=True)
     gradient_checkpointing: bool = param(False, "Gradient Checkpointing", "Recompute activations in the backward pass: much less memory, about 20% slower.")
     train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
     prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)

@@ -54,6 +54,7 @@ class Need:
     purpose: str
     optional: bool = False
     no_deps: bool = False
+    needs_cuda: bool = True   # optional ones: tried by default only beside a CUDA build of torch
 
     @property
     def requirement(self) -> str:
@@ -76,6 +77,8 @@ REQUIRED = (
 OPTIONAL = (
     Need("bitsandbytes", ">=0.43", "bitsandbytes", "8-bit Adam", optional=True),
     Need("xformers", "", "xformers", "memory-efficient attention", optional=True),
+    # Pure Python on top of torch: it fits every host, the CPU included.
+    Need("prodigyopt", ">=1.0", "prodigyopt", "the Prodigy optimizer", optional=True, needs_cuda=False),
 )
 
 
@@ -177,7 +180,8 @@ def optional_wanted(setting: str, cuda: str | None) -> tuple[set[str], str]:
     if setting == "auto":
         if cuda:
             return names, f"torch is built for CUDA {cuda}"
-        return set(), "torch is not a CUDA build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
+        anywhere = {canonical_name(n.name) for n in OPTIONAL if not n.needs_cuda}
+        return anywhere, "torch is not a CUDA build and it needs an NVIDIA GPU; " + OPTIONAL_ENV + "={name} tries anyway"
     if setting == "none":
         return set(), f"{OPTIONAL_ENV}=none"
     wanted = {canonical_name(n) for n in setting.split(",") if n.strip()}

@@ -1,4 +1,4 @@
-"""Features that need optional parts (a CUDA GPU, bitsandbytes, xformers): usable or why not.
+"""Features that need optional parts (a CUDA GPU, bitsandbytes, xformers, prodigyopt): usable or why not.
 
 The UI disables an option whose feature has a reason and shows the reason.
 Nothing here installs anything; install.py tries the optional packages and
@@ -46,7 +46,7 @@ def _package_reason(name: str, module: str, cuda_reason: str | None, state: Inst
         failed = state.data.get("failed", {}).get(canonical_name(name))
         why = f"; install.py could not install it: {failed['reason']}" if failed else ""
         return f"{name} is not installed ({need.purpose} needs it){why}"
-    if cuda_reason is not None and not (name == "bitsandbytes" and bitsandbytes_runs_on_cpu()):
+    if cuda_reason is not None and need.needs_cuda and not (name == "bitsandbytes" and bitsandbytes_runs_on_cpu()):
         also = (f", or bitsandbytes{BITSANDBYTES_ON_CPU} on the CPU (installed: {importlib.metadata.version(name)})"
                 if name == "bitsandbytes" else "")
         return f"{need.purpose} needs a CUDA GPU{also} ({cuda_reason.split(':')[0]})"
@@ -59,11 +59,13 @@ def _package_reason(name: str, module: str, cuda_reason: str | None, state: Inst
 
 @functools.lru_cache(maxsize=None)
 def optional_features() -> dict[str, str | None]:
-    """Feature name -> None when usable, else the reason it is not: keys "cuda", "bitsandbytes", "xformers"."""
+    """Feature name -> None when usable, else the reason it is not: keys "cuda", "bitsandbytes", "xformers",
+    "prodigyopt"."""
     state = InstallState(STATE_PATH)
     cuda = _cuda_reason()
     return {
         "cuda": cuda,
         "bitsandbytes": _package_reason("bitsandbytes", "bitsandbytes", cuda, state),
         "xformers": _package_reason("xformers", "xformers.ops", cuda, state),
+        "prodigyopt": _package_reason("prodigyopt", "prodigyopt", cuda, state),
     }

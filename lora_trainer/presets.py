@@ -35,6 +35,14 @@ PRESETS: dict[str, dict] = {
         "text_encoder_rank": 8, "lora_alpha": 8.0, "text_encoder_alpha": 8.0, "resolution": 512,
         "train_text_encoder": True,
     },
+    # Prodigy as its authors advise for LoRA / diffusion models (prodigyopt's README): learning rates 1.0,
+    # d_coef 1 (lower it when the run overshoots), decoupled weight decay 0.01, safeguard warmup and bias
+    # correction on.
+    "Adaptive": {
+        "optimizer": "Prodigy", "use_8bit_adam": False, "unet_learning_rate": 1.0, "text_encoder_learning_rate": 1.0,
+        "learning_rate": 1.0, "prodigy_d_coef": 1.0, "weight_decay": 0.01, "prodigy_safeguard_warmup": True,
+        "prodigy_use_bias_correction": True, "lr_scheduler": "constant",
+    },
     "CPU / test": {
         "use_lora": True, "mixed_precision": "no", "use_8bit_adam": False, "attention": "default",
         "gradient_checkpointing": False, "cache_latents": True, "train_batch_size": 1, "rank": 2,

@@ -65,6 +65,7 @@ def probe_hardware(device: str | torch.device | None) -> Hardware:
 MP = "Mixed Precision ('mixed_precision')"
 ATTN = "Memory Attention ('attention')"
 ADAM8 = "Use 8bit Adam ('use_8bit_adam')"
+OPTIMIZER = "Optimizer ('optimizer')"
 
 
 def check_options(params: TrainingParams, hw: Hardware) -> None:
@@ -91,6 +92,20 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
                               f"with {which}; untick Use 8bit Adam or install bitsandbytes{BITSANDBYTES_ON_CPU}")
         if not hw.bitsandbytes:
             raise ConfigError(f"{ADAM8}: the bitsandbytes package is not installed; untick Use 8bit Adam or install bitsandbytes")
+    check_optimizer(params)
+
+
+def check_optimizer(params: TrainingParams) -> None:
+    """Optimizer Prodigy: the prodigyopt package loads, and 8-bit Adam is not asked for too. Raises ConfigError."""
+    if params.optimizer != "Prodigy":
+        return
+    if params.use_8bit_adam:
+        raise ConfigError(f"{OPTIMIZER} Prodigy keeps its own full-precision state; untick {ADAM8} or choose AdamW")
+    from ..optional import optional_features
+
+    reason = optional_features()["prodigyopt"]
+    if reason:
+        raise ConfigError(f"{OPTIMIZER} Prodigy: {reason}; choose AdamW or install prodigyopt")
 
 
 def check_parallel(params: TrainingParams, num_processes: int) -> None:

@@ -1,4 +1,4 @@
-"""The optimizer (AdamW, or bitsandbytes' 8-bit AdamW) and the learning-rate schedule."""
+"""The optimizer (AdamW, bitsandbytes' 8-bit AdamW, or Prodigy) and the learning-rate schedule."""
 from __future__ import annotations
 
 import torch
@@ -6,21 +6,28 @@ import torch
 from ..config import TrainingParams
 
 BETAS = (0.9, 0.999)
-WEIGHT_DECAY = 1e-2
 EPS = 1e-8
 
 
 def make_optimizer(groups: list[dict], params: TrainingParams) -> torch.optim.Optimizer:
-    """AdamW over parameter groups that each carry their own "lr".
+    """AdamW (or Prodigy) over parameter groups that each carry their own "lr".
 
-    "Use 8bit Adam" keeps the moments in 8 bits (bitsandbytes; checked by
-    `hardware.check_options` before anything is loaded).
+    "Use 8bit Adam" keeps the moments in 8 bits (bitsandbytes); Optimizer
+    "Prodigy" estimates the step size itself (prodigyopt; its "lr" values
+    multiply the estimate, 1.0 as its authors advise). Both are checked by
+    `hardware.check_options` before anything is loaded.
     """
+    if params.optimizer == "Prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(groups, lr=1.0, betas=BETAS, weight_decay=params.weight_decay, decouple=True,
+                       d_coef=params.prodigy_d_coef, safeguard_warmup=params.prodigy_safeguard_warmup,
+                       use_bias_correction=params.prodigy_use_bias_correction)
     if params.use_8bit_adam:
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(groups, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
-    return torch.optim.AdamW(groups, betas=BETAS, weight_decay=WEIGHT_DECAY, eps=EPS)
+        return bnb.optim.AdamW8bit(groups, betas=BETAS, weight_decay=params.weight_decay, eps=EPS)
+    return torch.optim.AdamW(groups, betas=BETAS, weight_decay=params.weight_decay, eps=EPS)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int,

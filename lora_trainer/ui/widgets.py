@@ -21,6 +21,7 @@ FEATURE_OPTIONS = {
     "cuda": (("mixed_precision", "fp16"),),
     "xformers": (("attention", "xformers"),),
     "bitsandbytes": (("use_8bit_adam", True),),
+    "prodigyopt": (("optimizer", "Prodigy"),),
 }
 
 
