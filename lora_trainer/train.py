@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ from .training.parts import (WorkingModel, enable_checkpointing, free_device_mem
                              part_dtypes, place, set_attention)
 from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
 from .training.samples import draw_samples, sample_prompts
+from .training.saving import Retention, SaveSchedule, draw_grid, grid_prompts, grid_seeds
 from .training.snapshots import Snapshots
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     check_options(params, hardware)
     check_trains_something(params)
     name = output_name(info, params)
+    grid_seeds(params)  # a bad seed list is refused before anything is loaded
     check_concepts(concepts, model_dir)
     check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
@@ -85,13 +88,16 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
                               lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
     samples = sample_prompts(concepts, instance)
-    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
+    saving = Saving(SaveSchedule(params, run.total_steps), Retention(params.keep_last_n_saves),
+                    next((c for c in concepts if c.is_set), None))
+    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs, saving)
     run.cancel = cancel
     try:
         outcome = run_loop(run, display)
         if outcome.steps and accelerator.is_main_process:
             display.message("Saving", outcome.steps)
             save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
+            sample_grid(run, snapshots, display, saving, outcome.steps)
     finally:
         display.close()
     accelerator.wait_for_everyone()
@@ -230,15 +236,28 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
                 sampler, dataset, params, steps, info.lifetime_epochs)
 
 
+@dataclass
+class Saving:
+    """When to save on the way, which of those files to keep, and the concept whose sample settings the grid uses."""
+
+    schedule: SaveSchedule
+    retention: Retention
+    concept: Concept | None
+
+
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
-               epochs: int) -> None:
-    """Save at the "Save Model Frequency" and draw previews at the "Save Preview(s) Frequency"."""
+               epochs: int, saving: Saving) -> None:
+    """Save at the "Save Model Frequency" (steps or epochs, keeping the last N files, with a sample grid)
+    and draw previews at the "Save Preview(s) Frequency"."""
     if not run.accelerator.is_main_process:
         return
     params = run.params
-    if params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps:
+    if saving.schedule.due(step, epochs):
         display.message(f"Saving at step {step}", step)
         save_snapshot(run, snapshots, adapters, step, epochs)
+        if adapters is not None:
+            saving.retention.saved(snapshots.lora_path)
+        sample_grid(run, snapshots, display, saving, step)
     if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
         display.message(f"Drawing samples at step {step}", step)
         lifetime = snapshots.start_info.lifetime_steps + step
@@ -249,6 +268,23 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
                                         device=run.accelerator.device, autocast=run.accelerator.autocast,
                                         seed=snapshots.seed)
         display.message(f"Samples of step {step} saved", step)
+
+
+def sample_grid(run: Loop, snapshots: Snapshots, display: ProgressDisplay, saving: Saving, step: int) -> None:
+    """The grid of Sample Grid Prompts x Seeds after a save (nothing without prompts); shown in the gallery."""
+    prompts = grid_prompts(run.params)
+    if not prompts:
+        return
+    display.message(f"Drawing the sample grid of step {step}", step)
+    lifetime = snapshots.start_info.lifetime_steps + step
+    unwrap = run.accelerator.unwrap_model
+    path = draw_grid(run.model, unwrap(run.unet), unwrap(run.text_encoder), prompts, grid_seeds(run.params),
+                     saving.concept, folder=snapshots.model_dir,
+                     stem=f"{snapshots.name}_{lifetime if run.params.use_lifetime_steps else step}",
+                     resolution=run.params.resolution, device=run.accelerator.device,
+                     autocast=run.accelerator.autocast)
+    display.samples.append(path)
+    display.message(f"Sample grid of step {step} saved", step)
 
 
 def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, step: int, epochs: int) -> None:
