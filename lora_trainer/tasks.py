@@ -103,6 +103,29 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     return job
 
 
+QUEUE_JOB = "training queue"
+
+
+def open_queue(models: ModelsDir):
+    """The models' training queue (`<models>/lora_trainer/queue.json`), read afresh."""
+    from .training_queue import TrainingQueue
+
+    return TrainingQueue.at(models)
+
+
+def run_queue(models: ModelsDir, *, device=None):
+    """"Run Queue": the job that trains the queue's waiting items one after another; ends with a summary."""
+    def job(report: Report, cancel: CancelFlag) -> None:
+        from .training_queue import run_queue as run_items
+
+        ran = run_items(models, open_queue(models), report=report, cancel=cancel, device=device)
+        summary = "; ".join(item.describe() for item in ran) or "nothing was waiting"
+        log.info("Queue finished: %s", summary)
+        report(Progress(job="train", message=f"Queue finished: {summary}"))
+
+    return job
+
+
 def check_memory(models: ModelsDir, model_name: str, params: TrainingParams) -> str:
     """"Check GPU Memory": what `params` hold on a GPU before activations, and whether it fits (no job: headers only)."""
     from .training.memory import memory_report

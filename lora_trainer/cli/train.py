@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -20,9 +21,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import PARAMS_FILE, TrainingParams, field_meta
+from ..config import PARAMS_FILE, Concept, TrainingParams, field_meta, load_concepts
+from ..errors import ConfigError, LoraTrainerError
 from ..host import ModelsDir
 from ..train import train
+from ..training_queue import TrainingQueue, run_queue, saved_settings
 from . import INTERRUPTED, add_models_dir
 from ._concepts import add_concept_args, concepts_from_args
 
@@ -35,7 +38,13 @@ def add_parser(sub) -> None:
                        description="Train LoRA adapters DreamBooth-style on a working model and write "
                                    "DIR/Lora/NAME_STEPS.safetensors. Ctrl-C cancels and saves.")
     add_models_dir(p)
-    p.add_argument("--model", required=True, metavar="NAME", help="the working model (made by create)")
+    p.add_argument("--model", action="append", metavar="NAME",
+                   help="the working model (made by create); give it several times to train them one after "
+                        "another (a queue: each with its saved settings plus the flags given)")
+    p.add_argument("--queue", metavar="FILE.json",
+                   help='a queue file: a JSON list of {"model": NAME, "params": {...}, "concepts": [...]} '
+                        "(params and concepts optional: the model's saved ones); trained one after another, "
+                        "a failed item is reported and the next one starts")
     p.add_argument("--config", "--params", dest="config", metavar="FILE.json",
                    help="training parameters as JSON (ours or the dreambooth extension's db_config.json); "
                         f"default: the model folder's {PARAMS_FILE}")
@@ -77,6 +86,11 @@ def params_from_args(args: argparse.Namespace, model_dir: Path) -> TrainingParam
 
 
 def run(args) -> int:
+    if not args.model and not args.queue:
+        raise ConfigError("train: give --model NAME (one or several) or --queue FILE.json")
+    if args.queue or len(args.model) > 1:
+        return run_queued(args)
+    args.model = args.model[0]
     models = ModelsDir.at(args.models_dir)
     model_dir = models.existing_model_dir(args.model)
     concepts = concepts_from_args(args, model_dir)
@@ -93,6 +107,56 @@ def run(args) -> int:
         print("Training cancelled; what was learned is saved", file=sys.stderr)
         return INTERRUPTED
     return 0
+
+
+def run_queued(args) -> int:
+    """Several trainings one after another through the models' queue (`lora_trainer/queue.json`).
+    Prints one line per item; exit status 1 when any failed, 130 when cancelled."""
+    models = ModelsDir.at(args.models_dir)
+    queue = TrainingQueue.at(models)
+    ids = {queue.add(model, params, concepts).id for model, params, concepts in queued_trainings(args, models)}
+    with cancel_on_ctrl_c() as cancel:
+        ran = run_queue(models, queue, cancel=cancel, device=args.device, only=ids)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    for item in ran:
+        print(item.describe())
+    if any(item.status == "cancelled" for item in ran):
+        return INTERRUPTED
+    return 1 if any(item.status == "failed" for item in ran) else 0
+
+
+def queued_trainings(args, models: ModelsDir) -> list[tuple[str, TrainingParams, list]]:
+    """(model, params, concepts) of every item asked for: the --queue file's, then each --model's.
+    Flags given apply on top of each item's parameters. Raises ConfigError for a bad queue file."""
+    entries = []
+    if args.queue:
+        path = Path(args.queue)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--queue {path}: cannot be read as JSON ({e})") from None
+        if not isinstance(data, list) or not all(isinstance(e, dict) and isinstance(e.get("model"), str) for e in data):
+            raise ConfigError(f'--queue {path}: expected a JSON list of {{"model": NAME, ...}} objects')
+        entries += data
+    entries += [{"model": name} for name in args.model or []]
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingParams)
+             if getattr(args, f.name, None) is not None}
+    out = []
+    for entry in entries:
+        model = entry["model"]
+        try:
+            params, concepts = saved_settings(models, model)
+        except LoraTrainerError:
+            params, concepts = TrainingParams(), []  # the item fails when it runs, with this error
+        if "params" in entry:
+            params = TrainingParams.from_dict(entry["params"], source=f"--queue item {model}")
+        if "concepts" in entry:
+            concepts = [Concept.from_dict(c, source=f"--queue item {model}") for c in entry["concepts"]]
+        elif args.concepts_list:
+            concepts = load_concepts(args.concepts_list)
+        out.append((model, TrainingParams.from_dict({**params.to_dict(), **given}, source="command line"), concepts))
+    return out
 
 
 @contextmanager

@@ -104,6 +104,30 @@ class Controller:
         return self._start("train", f"train '{model}'", lambda: tasks.train(
             self.models, _existing(self.models, model), params_from_named(named), concepts_from_named(named)))
 
+    def add_to_queue(self, named: dict[str, Any]) -> str:
+        """"Add to Queue": the chosen model with the tab's settings joins the queue, which starts when idle."""
+        try:
+            model = _existing(self.models, _chosen_model(named))
+            tasks.open_queue(self.models).add(model, params_from_named(named),
+                                               tasks.used_concepts(concepts_from_named(named)))
+        except LoraTrainerError as e:
+            return f"Error: {e}"
+        return self.run_queue(added=model)
+
+    def run_queue(self, added: str | None = None) -> str:
+        """"Run Queue": train the queue's waiting items one after another (those left by a restart too)."""
+        queue = tasks.open_queue(self.models)
+        waiting = len(queue.pending())
+        head = f"Added '{added}' to the queue. " if added else ""
+        if not waiting:
+            return head + "The queue is empty."
+        state = self.runner.snapshot()
+        if state.running and state.name == tasks.QUEUE_JOB:
+            return head + f"{waiting} waiting; they run after the current one."
+        if state.running:
+            return head + f"{waiting} waiting; press Run Queue when {state.name} has ended."
+        return head + self._start("train", tasks.QUEUE_JOB, lambda: tasks.run_queue(self.models))
+
     def class_images(self, named: dict[str, Any]) -> str:
         model = _chosen_model(named)
         return self._start("class images", f"generate class images for '{model}'", lambda: tasks.class_images(

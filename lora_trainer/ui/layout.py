@@ -90,6 +90,9 @@ def _left_column(w: Widgets, ctl: Controller) -> None:
     with gr.Row():
         w.add("train_button", compat.component(gr.Button, value="Train", variant="primary", elem_id=eid("train")))
         w.add("cancel_button", compat.component(gr.Button, value="Cancel", variant="stop", elem_id=eid("cancel")))
+    with gr.Row():
+        w.add("add_to_queue_button", compat.component(gr.Button, value="Add to Queue", elem_id=eid("add_to_queue")))
+        w.add("run_queue_button", compat.component(gr.Button, value="Run Queue", elem_id=eid("run_queue")))
     w.add("class_images_button", compat.component(gr.Button, value="Generate Class Images",
                                                   elem_id=eid("generate_class_images")))
     w.add("check_memory_button", compat.component(gr.Button, value="Check GPU Memory",
@@ -223,6 +226,8 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
                                                                       "create.extract_ema", "create.overwrite"], msg)
     _on(w["train_button"], lambda n: {"message": ctl.train(n)}, w, settings, msg)
     _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
+    _on(w["add_to_queue_button"], lambda n: {"message": ctl.add_to_queue(n)}, w, settings, msg)
+    _on(w["run_queue_button"], lambda n: {"message": ctl.run_queue()}, w, [], msg)
     _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
     _on(w["check_memory_button"], lambda n: {"message": ctl.check_memory(n)}, w, ["model"] + param_keys, msg)
     _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
