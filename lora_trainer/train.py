@@ -98,12 +98,23 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
     lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
     if accelerator.is_main_process:
-        log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
+        log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
+                    if adapters is not None and outcome.steps else model_dir)
     result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
+
+
+def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> None:
+    """The run's one closing console line: finished, or cancelled with what was saved."""
+    if not cancelled:
+        log.info("Training finished. Total lifetime steps: %d", info.lifetime_steps)
+    elif steps:
+        log.info("Training cancelled after %d steps; saved %s", steps, saved)
+    else:
+        log.info("Training cancelled before the first step; nothing saved")
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:

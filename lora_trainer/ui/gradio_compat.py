@@ -99,6 +99,35 @@ def change(widget, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
     widget.change(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(widget.change))
 
 
+def on_load(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
+    """Call `fn(*inputs)` when a page opens (also after a reload and the web UI's "Reload UI").
+
+    Must be called inside `with demo:`; inside the web UI the tab's Blocks is rendered into the
+    host's page and its load events come along.
+    """
+    demo.load(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(demo.load))
+
+
+def clear_on_click(button, output) -> None:
+    """Empty `output` in the page the moment `button` is clicked, before the server answers.
+
+    A javascript-only event: `js=` from gradio 4 on, `_js=` on gradio 3; the function returns
+    the list of output values.
+    """
+    key = "js" if "js" in inspect.signature(button.click).parameters else "_js"
+    hidden = {k: v for k, v in _quiet(button.click).items() if k == "show_progress"}
+    button.click(None, inputs=None, outputs=[output], **{key: "() => ['']"}, **hidden)
+
+
+def keep_out_of_host_config(components: Sequence) -> None:
+    """The web UI (A1111 and Forge) saves every labelled component's value into its ui-config.json
+    and sets it back at the next start, unless the component has `do_not_save_to_config`
+    (modules/ui_loadsave.py). Per-model fields must follow the model, not that file.
+    """
+    for component in components:
+        component.do_not_save_to_config = True
+
+
 def gallery_value(paths: Sequence) -> list:
     """A Gallery's value from picture paths (a list of file paths works on 3.x, 4.x and 6.x)."""
     return [str(p) for p in paths]
