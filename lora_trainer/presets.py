@@ -66,6 +66,8 @@ def apply_preset_noted(params: TrainingParams, name: str, *,
 
     Raises ConfigError for an unknown name.
     """
+    if not name:
+        raise ConfigError(f"Preset: choose one of {', '.join(PRESETS)}, then press Apply Preset")
     if name not in PRESETS:
         raise ConfigError(f"Preset: {name!r} is not one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name])

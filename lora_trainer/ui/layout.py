@@ -350,8 +350,10 @@ def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None
         lora = pick["lora"]
     elif not (lora in loras and chosen == model):
         lora = ctl.latest_lora(chosen or "")
-    return {"model": compat.update(choices=models, value=chosen),
-            "lora": compat.update(choices=loras, value=lora),
-            "create.source": compat.update(choices=ctl.source_choices()),
-            "into": compat.update(choices=[""] + ctl.source_choices()),
-            **ctl.info_values(chosen or "")}
+    out = {"model": compat.update(choices=models, value=chosen),
+           "lora": compat.update(choices=loras, value=lora),
+           "create.source": compat.update(choices=ctl.source_choices()),
+           "into": compat.update(choices=[""] + ctl.source_choices())}
+    if chosen == model:  # e.g. new lifetime steps; another model's info comes with its settings (model_chosen)
+        out.update(ctl.info_values(chosen or ""))
+    return out
