@@ -11,6 +11,7 @@ gradio 3.41.2 (the web UI v1.10.1 pin), 4.40.0 (Forge) and the newest (6.x):
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable, Sequence
 
 import gradio as gr
@@ -39,7 +40,8 @@ def no_change() -> Any:
 def blocks(*, theme=None, css: str | None = None, head: str | None = None, **kwargs) -> gr.Blocks:
     """A Blocks; `theme`, `css` and `head` are kept for `launch` on gradio 6+, where they moved.
 
-    `head` (HTML for the page's head, e.g. scripts) is dropped on gradio 3, which has no such option.
+    `head` (HTML for the page's head, e.g. scripts) is dropped on gradio 3, which has no such option
+    (`run_scripts_on_load` runs its scripts there).
     """
     style = {k: v for k, v in (("theme", theme), ("css", css), ("head", head)) if v is not None}
     if GRADIO_MAJOR >= 6:
@@ -48,6 +50,22 @@ def blocks(*, theme=None, css: str | None = None, head: str | None = None, **kwa
         return demo
     params = inspect.signature(gr.Blocks.__init__).parameters
     return gr.Blocks(**{k: v for k, v in style.items() if k in params}, **kwargs)
+
+
+def takes_head() -> bool:
+    """Whether this gradio puts `head` HTML (our page scripts) into the page (4.x `Blocks`, 6.x `launch`)."""
+    return GRADIO_MAJOR >= 6 or "head" in inspect.signature(gr.Blocks.__init__).parameters
+
+
+def run_scripts_on_load(demo: gr.Blocks, head: str) -> None:
+    """Gradio 3 has no `head`: run the `<script>` bodies of `head` when the page loads instead.
+
+    Must be called inside `with demo:`.
+    """
+    bodies = re.findall(r"<script[^>]*>(.*?)</script>", head, flags=re.S)
+    if bodies:
+        script = "() => {\n" + "\n".join(bodies) + "\n}"
+        demo.load(None, inputs=None, outputs=None, _js=script)
 
 
 def launch(demo: gr.Blocks, **kwargs) -> Any:

@@ -59,6 +59,11 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
                         _concepts_tab(w)
                     with gr.Tab("Train", elem_id=eid("train_tab")):
                         _train_tab(w, ctl)
+        if head and not compat.takes_head():
+            # Gradio 3 standalone: the scripts run from a load event, and then the page is the poll
+            # (an `every=` loop would call the poll with the inputs of the page's first second forever).
+            compat.run_scripts_on_load(demo, head)
+            page_polls = True
         _wire(demo, w, ctl, disabled, page_polls, cuda="cuda" not in unavailable)
     return demo
 
