@@ -115,10 +115,17 @@ def tick(page, elem_id: str, on: bool = True) -> None:
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    box = field(page, elem_id)
-    box.click()
     quoted = option.replace('"', '\\"')
-    page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first.click()
+    item = page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first
+    for attempt in range(3):  # a poll that updates the dropdown's choices closes an open list: open it again
+        field(page, elem_id).click()
+        try:
+            item.click(timeout=5_000)
+            break
+        except sync_api.TimeoutError:
+            page.keyboard.press("Escape")
+    else:
+        item.click()
     page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }",
                            arg=[elem_id, option])
 
@@ -387,6 +394,7 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     click(page, "lora_trainer_generate_ckpt_button")
     message = wait_message(page, "^Generate ckpt of 'cat' failed: ")
     assert "already exists" in message and "overwrit" in message.lower(), message
+    wait_status(page, "generate ckpt of 'cat' failed")  # the poll has seen the end too (it updates the lists)
 
     # The LoRA of another model: the outcome says so.
     lora = value(page, "lora_trainer_lora")

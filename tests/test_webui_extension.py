@@ -529,6 +529,21 @@ def test_the_hosts_ui_config_does_not_pin_the_model_or_its_settings(webui):
     assert model.value == "aaa"
 
 
+def test_a_new_page_of_the_web_ui_fills_the_model_and_its_settings_on_load(webui):
+    """The web UI renders our Blocks into its page: a load event of ours (not a value fixed when the
+    tab was built) picks a model that exists now and fills Lora Model, Parameters and Concepts."""
+    from lora_trainer.ui.webui_host import build_webui_tab
+
+    tab = build_webui_tab()
+    ids = {getattr(b, "elem_id", None): key for key, b in tab.blocks.items()}
+    loads = [d for d in tab.get_config_file()["dependencies"]
+             if d.get("trigger") == "load" or any(t[1] == "load" for t in d.get("targets", []) if isinstance(t, (list, tuple)))]
+    filled = [set(d["outputs"]) for d in loads]
+    wanted = {ids[e] for e in ("lora_trainer_model", "lora_trainer_lora", "lora_trainer_param_rank",
+                               "lora_trainer_concept1_instance_data_dir", "lora_trainer_preset")}
+    assert any(wanted <= outputs for outputs in filled), loads
+
+
 def _server_side_polls(blocks) -> list:
     return [d for d in blocks.get_config_file()["dependencies"] if d.get("every")]
 
