@@ -390,9 +390,17 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     open_tab(page, "Train")
     shot(page, "5-generated")
 
-    # The same again: refused (the file exists), and the refusal replaces the last outcome.
+    # The same again: refused (the file exists). The click empties the Message box at once, then the
+    # refusal replaces the last outcome: every value the box shows in between is recorded, frame by frame.
+    page.evaluate("""() => { window.lt_seen = []; const look = () => {
+        const e = document.querySelector('#lora_trainer_message textarea');
+        const v = e ? e.value : null;
+        if (window.lt_seen[window.lt_seen.length - 1] !== v) window.lt_seen.push(v);
+        if (!/failed/.test(v || '')) requestAnimationFrame(look); }; look(); }""")
     click(page, "lora_trainer_generate_ckpt_button")
     message = wait_message(page, "^Generate ckpt of 'cat' failed: ")
+    seen = page.evaluate("() => window.lt_seen")
+    assert seen[0].startswith("Generate ckpt of 'cat' finished") and seen[1:] == ["", message], seen
     assert "already exists" in message and "overwrit" in message.lower(), message
     wait_status(page, "generate ckpt of 'cat' failed")  # the poll has seen the end too (it updates the lists)
 
