@@ -90,10 +90,14 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 
     The checks that need no weights run here, before the job starts, so a refused run never
     makes the host give up its GPU (the web UI unloads its checkpoint for a training job).
-    Raises ConfigError or ModelError as `train.train` does for those checks.
+    Raises ConfigError or ModelError (`train.check_before_loading`).
     """
     concepts = used_concepts(concepts)
-    check_train(models, model_name, params, concepts, device=device)
+    try:
+        from .train import check_before_loading
+    except ImportError as e:
+        raise ModelError(f"Train: the training module cannot be loaded ({e})") from None
+    check_before_loading(models, model_name, params, concepts, device)
 
     def job(report: Report, cancel: CancelFlag) -> TrainResult:
         try:
@@ -104,23 +108,6 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         return train_model(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
 
     return job
-
-
-def check_train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
-                device=None) -> None:
-    """What `train.train` checks before loading anything: the model, the options this machine can run,
-    the concepts' pictures, and that the last LoRA's shape fits. Raises ConfigError or ModelError."""
-    try:
-        from .train import check_concepts
-        from .training.hardware import check_options, probe_hardware
-        from .training.resume import check_resume_fits
-    except ImportError as e:
-        raise ModelError(f"Train: the training module cannot be loaded ({e})") from None
-    model_dir = models.existing_model_dir(model_name)
-    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    check_options(params, probe_hardware(device))
-    check_concepts(concepts, model_dir)
-    check_resume_fits(model_dir, models.lora, info, params)
 
 
 def check_memory(models: ModelsDir, model_name: str, params: TrainingParams) -> str:

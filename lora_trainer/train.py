@@ -53,14 +53,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     or broken model, or when the model's last LoRA was trained with another rank,
     alpha or Train Text Encoder (also before loading).
     """
-    model_dir = models.existing_model_dir(model_name)
-    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    hardware = probe_hardware(device)
-    check_options(params, hardware)
-    check_trains_something(params)
+    model_dir, info, hardware = check_before_loading(models, model_name, params, concepts, device)
     name = output_name(info, params)
-    check_concepts(concepts, model_dir)
-    check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
     dtypes = part_dtypes(params, accelerator.device)
@@ -106,6 +100,24 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
+
+
+def check_before_loading(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept],
+                         device: str | None = None) -> tuple[Path, ModelInfo, Hardware]:
+    """The checks of `train` that need no weights and write nothing: the model, the options this
+    machine runs, that something trains, the output name, the concepts' pictures, and that the last
+    LoRA's shape fits. The UI runs them before a job, so a refused run never makes the host give up
+    its GPU. Returns the model folder, its info and the hardware. Raises ConfigError or ModelError.
+    """
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    hardware = probe_hardware(device)
+    check_options(params, hardware)
+    check_trains_something(params)
+    output_name(info, params)
+    check_concepts(concepts, model_dir)
+    check_resume_fits(model_dir, models.lora, info, params)
+    return model_dir, info, hardware
 
 
 def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> None:
