@@ -135,8 +135,13 @@ def click(page, elem_id: str) -> None:
 
 
 def wait_message(page, pattern: str) -> str:
-    page.wait_for_function("([id, p]) => { const e = document.querySelector('#' + id + ' textarea');"
-                           " return e && new RegExp(p).test(e.value); }", arg=["lora_trainer_message", pattern])
+    try:
+        page.wait_for_function("([id, p]) => { const e = document.querySelector('#' + id + ' textarea');"
+                               " return e && new RegExp(p).test(e.value); }", arg=["lora_trainer_message", pattern])
+    except sync_api.TimeoutError:
+        shot(page, "message-timeout")
+        raise AssertionError(f"the Message box never matched {pattern!r}; it shows "
+                             f"{value(page, 'lora_trainer_message')!r}") from None
     return value(page, "lora_trainer_message")
 
 
