@@ -280,6 +280,9 @@ def test_a_quick_refusal_is_the_clicks_answer_and_a_late_one_ends_in_the_outcome
     message = ctl.generate_ckpt(named)  # the file exists: refused in the job, at once
     assert message.startswith("Generate ckpt of 'cat' failed: ") and "already exists" in message, message
     assert ctl.outcome(ctl.state()) == message
+    assert ctl.answered_by_click(ctl.state())  # so the poll does not write it again over a later answer
+    ctl.quick_seconds = 0
+    assert not ctl.answered_by_click(ctl.state())
     assert ctl.cancel() == "No job is running."
 
 

@@ -27,8 +27,6 @@ INFO_FIELDS = ("model_name", "revision", "lifetime_steps", "model_type", "source
 NO_LORA = ""  # the "Lora Model" choice that exports the model itself
 # How long a click waits for its job before answering "Started ...": a refusal comes back as the outcome.
 QUICK_SECONDS = 0.5
-# How long Cancel waits for the job to stop before answering "Cancelling ...".
-CANCEL_WAIT_SECONDS = 3.0
 
 
 class Controller:
@@ -126,6 +124,15 @@ class Controller:
             return self.outcome(self.state())
         return f"Started {name}. Progress is on the Train tab."
 
+    def answered_by_click(self, state: JobState) -> bool:
+        """Whether the click that started `state`'s job answered with its outcome itself.
+
+        The click waits `quick_seconds` from after the job's start, so a job that ended within
+        `quick_seconds` of its start was always answered there; the poll then leaves the Message
+        box alone (a late poll would otherwise put the outcome back over the user's next click).
+        """
+        return bool(state.started and state.finished and state.finished - state.started < self.quick_seconds)
+
     @staticmethod
     def outcome(state: JobState) -> str:
         """The Message box's line for an ended job: what it wrote, or its one-line error."""
@@ -167,11 +174,9 @@ class Controller:
             return f"Error: {e}"
 
     def cancel(self) -> str:
-        """Ask the job to stop; its outcome when it stops soon, else "Cancelling ..." (the poll brings the end)."""
+        """Ask the job to stop: "Cancelling ..."; the poll replaces it with the outcome when the job ends."""
         if not self.runner.cancel():
             return "No job is running."
-        if self.runner.wait(CANCEL_WAIT_SECONDS):
-            return self.outcome(self.state())
         return f"Cancelling {self.state().name}."
 
     def state(self) -> JobState:

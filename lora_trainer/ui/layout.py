@@ -333,7 +333,8 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
     if "finished" in seen and seen["finished"] != state.finished_jobs and state.name:
         # A job ended since this page last looked (the page's load event fills a new page's lists).
         out.update(_lists_after_job(ctl, state, model, lora))
-        out["message"] = ctl.outcome(state)
+        if not ctl.answered_by_click(state):
+            out["message"] = ctl.outcome(state)
     elif "finished" not in seen:  # a page's first look: checkpoints may be newer than the page
         out.update({"create.source": compat.update(choices=ctl.source_choices()),
                     "into": compat.update(choices=[""] + ctl.source_choices())})
