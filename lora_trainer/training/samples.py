@@ -8,6 +8,7 @@ as `samples/<name>_<steps>_c<concept>_<n>.png` in the model folder.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +37,23 @@ def sample_prompts(concepts: list[Concept], instance: list[Example]) -> list[tup
     return out
 
 
+@contextmanager
+def drawing_pipeline(model: WorkingModel, unet, text_encoder, device: torch.device):
+    """A pipeline of the models being trained, in eval mode with the VAE on `device`; all put back after."""
+    vae_device = next(model.vae.parameters()).device
+    model.vae.to(device)
+    was_training = unet.training, text_encoder.training
+    unet.eval()
+    text_encoder.eval()
+    try:
+        yield pipeline_from_parts(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
+                                  scheduler=model.noise_scheduler)
+    finally:
+        unet.train(was_training[0])
+        text_encoder.train(was_training[1])
+        model.vae.to(vae_device)
+
+
 @torch.no_grad()
 def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int, Concept, str]], *,
                  folder: Path, stem: str, resolution: int, device: torch.device, autocast, seed: int) -> list[Path]:
@@ -43,15 +61,8 @@ def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int
     (unwrapped), `autocast` the training's autocast context factory."""
     if not wanted:
         return []
-    vae_device = next(model.vae.parameters()).device
-    model.vae.to(device)
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    pipe = pipeline_from_parts(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
-                               scheduler=model.noise_scheduler)
     paths = []
-    try:
+    with drawing_pipeline(model, unet, text_encoder, device) as pipe:
         for index, concept, prompt in wanted:
             base_seed = concept.sample_seed if concept.sample_seed >= 0 else seed
             for n in range(concept.n_save_sample):
@@ -66,10 +77,6 @@ def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int
                 with atomic_path(path, overwrite=False) as tmp:
                     image.save(tmp, format="PNG")
                 paths.append(path)
-    finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
-        model.vae.to(vae_device)
     log.info("Saved %d sample pictures in %s", len(paths), Path(folder) / SAMPLES_DIR)
     return paths
 

@@ -22,10 +22,10 @@ import torch
 from ..config import Concept, TrainingParams
 from ..errors import ConfigError
 from ..fileio import atomic_path
-from ..pipeline import draw_pictures, pipeline_from_parts
+from ..pipeline import draw_pictures
 from .outputs import free_path
 from .parts import WorkingModel
-from .samples import SAMPLES_DIR
+from .samples import SAMPLES_DIR, drawing_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,8 @@ def draw_grid(model: WorkingModel, unet, text_encoder, prompts: list[str], seeds
     from PIL import Image
 
     concept = concept or Concept()
-    vae_device = next(model.vae.parameters()).device
-    model.vae.to(device)
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
-    pipe = pipeline_from_parts(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
-                               scheduler=model.noise_scheduler)
     grid = Image.new("RGB", (resolution * len(seeds), resolution * len(prompts)))
-    try:
+    with drawing_pipeline(model, unet, text_encoder, device) as pipe:
         for row, prompt in enumerate(prompts):
             for column, seed in enumerate(seeds):
                 with autocast():
@@ -121,10 +114,6 @@ def draw_grid(model: WorkingModel, unet, text_encoder, prompts: list[str], seeds
                                           guidance_scale=concept.save_guidance_scale, height=resolution,
                                           width=resolution, generator=torch.Generator("cpu").manual_seed(seed))[0]
                 grid.paste(image.convert("RGB").resize((resolution, resolution)), (column * resolution, row * resolution))
-    finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
-        model.vae.to(vae_device)
     path = free_path(Path(folder) / SAMPLES_DIR / f"{stem}_grid.png")
     with atomic_path(path, overwrite=False) as tmp:
         grid.save(tmp, format="PNG")
