@@ -1,6 +1,9 @@
 """The optimizer (AdamW, bitsandbytes' 8-bit AdamW, or Prodigy) and the learning-rate schedule."""
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 
 from ..config import TrainingParams
@@ -20,9 +23,11 @@ def make_optimizer(groups: list[dict], params: TrainingParams) -> torch.optim.Op
     if params.optimizer == "Prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(groups, lr=1.0, betas=BETAS, weight_decay=params.weight_decay, decouple=True,
-                       d_coef=params.prodigy_d_coef, safeguard_warmup=params.prodigy_safeguard_warmup,
-                       use_bias_correction=params.prodigy_use_bias_correction)
+        # prodigyopt prints a note about weight decay; the command line's stdout is the LoRA's path alone.
+        with contextlib.redirect_stdout(io.StringIO()):
+            return Prodigy(groups, lr=1.0, betas=BETAS, weight_decay=params.weight_decay, decouple=True,
+                           d_coef=params.prodigy_d_coef, safeguard_warmup=params.prodigy_safeguard_warmup,
+                           use_bias_correction=params.prodigy_use_bias_correction)
     if params.use_8bit_adam:
         import bitsandbytes as bnb
 
