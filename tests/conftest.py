@@ -47,6 +47,14 @@ def tiny_sd2v(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-sd2v"), v2=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of the tiny SDXL checkpoint (with its sd_xl_base-shaped .yaml) in a session folder."""
+    from lora_trainer.tiny_sdxl import write_tiny_xl_checkpoint
+
+    return write_tiny_xl_checkpoint(tmp_path_factory.mktemp("ckpt-sdxl"))
+
+
 @pytest.fixture
 def models_dir(tmp_path):
     """An empty models folder laid out like the web UI's."""
