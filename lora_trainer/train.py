@@ -19,7 +19,7 @@ from .classimages import generate_class_images
 from .compat import new_accelerator
 from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
 from .data import collect_examples, instance_pictures
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
@@ -50,11 +50,14 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     `cancel.is_set()` is looked at every step: a cancelled run saves what it learned.
     Raises ConfigError for option pairs the machine cannot run (before any weight
     is loaded), bad concepts or running out of GPU memory; ModelError for a missing
-    or broken model, or when the model's last LoRA was trained with another rank,
+    or broken model, a model of a family that cannot be trained yet (SDXL), or when the model's last LoRA was trained with another rank,
     alpha or Train Text Encoder (also before loading).
     """
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    if not info.family.trainable:
+        raise ModelError(f"{model_name}: training {info.family.title} models is not supported yet; "
+                         "Create Model, LoRA files and Generate Ckpt are; train an SD 1.x or SD 2.x model")
     hardware = probe_hardware(device)
     check_options(params, hardware)
     name = output_name(info, params)

@@ -11,7 +11,6 @@ from ..lora import TEXT_TARGETS, UNET_TARGETS, inject_lora, lora_parameters, lor
 from .parts import WorkingModel
 
 UNET_PREFIX = "lora_unet"
-TEXT_PREFIX = "lora_te"
 
 
 @dataclass
@@ -32,11 +31,13 @@ class Adapters:
 
 def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
     """Inject fp32 adapters (up matrices zero: the model is unchanged until it trains) on the frozen base."""
-    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX)
+    family = model.info.family
+    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX,
+                       rename=lambda path: family.unet_lora_path(path, model.unet.config))
     text = {}
     if params.train_text_encoder:
         text = inject_lora(model.text_encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
-                           alpha=params.text_encoder_alpha, prefix=TEXT_PREFIX)
+                           alpha=params.text_encoder_alpha, prefix=family.text_encoders[0].kohya_prefix)
     for parameter in lora_parameters({**unet, **text}):
         parameter.requires_grad_(True)
     return Adapters(unet, text)
