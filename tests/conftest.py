@@ -65,17 +65,27 @@ def models_dir(tmp_path):
     return models
 
 
-@pytest.fixture(scope="session")
-def created_sd1(tmp_path_factory, tiny_sd1):
-    """A working model created from the tiny SD 1.x checkpoint (shared, do not modify)."""
+def _created(tmp_path_factory, checkpoint, folder: str, name: str):
     import shutil
 
     from lora_trainer.checkpoint import create_model
     from lora_trainer.host import ModelsDir
 
-    models = ModelsDir.at(tmp_path_factory.mktemp("models-sd1"))
+    models = ModelsDir.at(tmp_path_factory.mktemp(folder))
     models.checkpoints.mkdir(parents=True)
-    for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
+    for p in (checkpoint, checkpoint.with_suffix(".yaml")):
         shutil.copy(p, models.checkpoints / p.name)
-    create_model(models, tiny_sd1.name, "tiny")
+    create_model(models, checkpoint.name, name)
     return models
+
+
+@pytest.fixture(scope="session")
+def created_sd1(tmp_path_factory, tiny_sd1):
+    """A working model created from the tiny SD 1.x checkpoint (shared, do not modify)."""
+    return _created(tmp_path_factory, tiny_sd1, "models-sd1", "tiny")
+
+
+@pytest.fixture(scope="session")
+def created_xl(tmp_path_factory, tiny_sdxl):
+    """A working model "xl" created from the tiny SDXL checkpoint (shared, do not modify)."""
+    return _created(tmp_path_factory, tiny_sdxl, "models-sdxl", "xl")

@@ -404,11 +404,17 @@ def _openclip_text(reader, prefix, ids):
     return x, x[torch.arange(x.shape[0]), ids.argmax(-1)] @ get("text_projection")
 
 
-def test_sdxl_weights_only_ckpt_without_yaml_is_recognised(models_dir):
-    from lora_trainer.tiny_sdxl import tiny_xl_state_dict
+def test_sdxl_weights_only_fp16_ckpt_converts_and_is_recognised_without_yaml(models_dir):
+    from lora_trainer.tiny_sdxl import tiny_xl_original_config, tiny_xl_state_dict
 
     path = models_dir.checkpoints / "xl.ckpt"
-    torch.save({"state_dict": {k: v.half() for k, v in tiny_xl_state_dict().items()}}, path)
-    with pytest.raises(CheckpointError, match="do not fit"):
-        # Without its yaml the tiny model is read as SDXL 1.0 base: its shapes are refused by name.
-        create_model(models_dir, "xl.ckpt", "xl")
+    torch.save({"state_dict": {k: v.half() if v.is_floating_point() else v for k, v in tiny_xl_state_dict().items()}},
+               path)
+    path.with_suffix(".yaml").write_text(tiny_xl_original_config())
+    folder = create_model(models_dir, "xl.ckpt", "xl")
+    assert ModelInfo.load(folder / "model_info.json").model_type == "sdxl"
+    assert (folder / "text_encoder_2" / "model.safetensors").is_file() and (folder / "tokenizer_2").is_dir()
+    path.with_suffix(".yaml").unlink()
+    # Without its yaml the file is taken for SDXL 1.0 base: the tiny shapes are then refused by part.
+    with pytest.raises(CheckpointError, match="the unet weights do not fit"):
+        create_model(models_dir, "xl.ckpt", "xl2")

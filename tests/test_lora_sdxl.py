@@ -135,14 +135,3 @@ def test_diffusers_sdxl_load_lora_weights_reads_the_file_the_same(xl, tmp_path):
     for have, want, was in zip(got, (unet_xl_output(unet), text_output(te1), text_output(te2)), base):
         assert (want - was).abs().max() > 1e-3
         torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
-
-
-def test_training_an_sdxl_model_is_refused_before_loading(xl, tmp_path):
-    from lora_trainer.config import Concept, TrainingParams
-    from lora_trainer.train import train
-
-    models, folder, _ = xl
-    before = sorted(p.name for p in folder.iterdir())
-    with pytest.raises(ModelError, match="training SDXL models is not supported yet"):
-        train(models, "xl", TrainingParams(max_train_steps=1), [Concept(instance_data_dir=str(tmp_path))])
-    assert sorted(p.name for p in folder.iterdir()) == before

@@ -75,6 +75,10 @@ class Family:
                              "requires_safety_checker": False}
     configs: dict[str, str] = {}            # model_type -> shipped yaml file name in lora_trainer/configs
     trainable: bool = True                  # whether training knows this family's conditioning
+    full_finetune: bool = True              # whether "Use LORA" off (writing the weights back) is supported
+    time_ids: bool = False                  # whether the UNet takes SDXL's size/crop ids (each picture's own)
+    vae_fp16_safe: bool = True              # False: encode latents in fp32 (the VAE overflows in fp16)
+    training_defaults: dict = {}            # TrainingParams values that suit the family (for the UI to offer)
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -128,6 +132,23 @@ class Family:
     def modelspec_architecture(self, model_type: str) -> str:
         """`modelspec.architecture` of a checkpoint of this model type (a LoRA adds "/lora")."""
         raise NotImplementedError
+
+    def encode_text(self, encoders: list, batch: dict, device) -> tuple:
+        """(hidden states the UNet attends to, pooled embedding or None) of a batch's token ids.
+
+        `encoders` are the text encoders in `text_encoders` order; `batch` holds
+        "input_ids" (and "input_ids_2" where the family has a second tokenizer).
+        """
+        return encoders[0](batch["input_ids"].to(device))[0], None
+
+    def added_conditioning(self, pooled, batch: dict, device, dtype) -> dict | None:
+        """The UNet's `added_cond_kwargs` (SDXL: pooled embedding and time ids); None when it takes none."""
+        return None
+
+    def condition(self, encoders: list, batch: dict, device) -> tuple:
+        """The UNet's conditioning of a batch: (encoder hidden states, added_cond_kwargs or None)."""
+        hidden, pooled = self.encode_text(encoders, batch, device)
+        return hidden, self.added_conditioning(pooled, batch, device, hidden.dtype)
 
     def unet_lora_path(self, path: str, unet_config) -> str:
         """The module path a kohya LoRA names a UNet module by (before '.' -> '_'): kohya's SD 1.x/2.x

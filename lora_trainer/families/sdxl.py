@@ -9,6 +9,8 @@ models (9 input channels) are refused by name.
 """
 from __future__ import annotations
 
+import torch
+
 from ..errors import CheckpointError
 from .base import UNET_PREFIX, Family, ModelSpec, TextEncoder
 from .ldm import scheduler_config, unet_config, vae_config
@@ -36,7 +38,10 @@ class SDXL(Family):
     pipeline_extras = {"feature_extractor": [None, None], "image_encoder": [None, None],
                        "force_zeros_for_empty_prompt": True}
     configs = {"sdxl": "sd_xl_base.yaml"}
-    trainable = False  # the size/crop time ids and pooled embedding are not wired into training yet
+    full_finetune = False  # writing both text encoders back is not wired in: LoRA only
+    time_ids = True
+    training_defaults = {"resolution": NATIVE_RESOLUTION, "use_buckets": True}
+    vae_fp16_safe = False  # the SDXL 1.0 VAE gives inf/NaN in fp16
 
     def claims(self, keys: set[str]) -> bool:
         return any(k.startswith(EMBEDDERS) for k in keys)
@@ -104,6 +109,17 @@ class SDXL(Family):
 
     def modelspec_architecture(self, model_type: str) -> str:
         return "stable-diffusion-xl-v1-base"
+
+    def encode_text(self, encoders: list, batch: dict, device) -> tuple:
+        """Both encoders' penultimate hidden states side by side, and the second's pooled (projected)
+        embedding, as SDXL was trained."""
+        first = encoders[0](batch["input_ids"].to(device), output_hidden_states=True)
+        second = encoders[1](batch["input_ids_2"].to(device), output_hidden_states=True)
+        return torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1), second.text_embeds
+
+    def added_conditioning(self, pooled, batch: dict, device, dtype) -> dict:
+        """The pooled embedding and each picture's size/crop ids."""
+        return {"text_embeds": pooled.to(device, dtype), "time_ids": batch["time_ids"].to(device, dtype)}
 
     def unet_lora_path(self, path: str, unet_config) -> str:
         """kohya's SDXL scripts name UNet modules by their original path (`input_blocks_4_1_...`),

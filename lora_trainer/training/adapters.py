@@ -36,8 +36,9 @@ def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
                        rename=lambda path: family.unet_lora_path(path, model.unet.config))
     text = {}
     if params.train_text_encoder:
-        text = inject_lora(model.text_encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
-                           alpha=params.text_encoder_alpha, prefix=family.text_encoders[0].kohya_prefix)
+        for te, encoder in zip(family.text_encoders, model.text_encoders):
+            text.update(inject_lora(encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
+                                    alpha=params.text_encoder_alpha, prefix=te.kohya_prefix))
     for parameter in lora_parameters({**unet, **text}):
         parameter.requires_grad_(True)
     return Adapters(unet, text)
@@ -46,7 +47,8 @@ def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
 def unfreeze_for_full_finetune(model: WorkingModel, params: TrainingParams) -> None:
     """"Use LORA" off: every UNet weight trains, and the text encoder's with Train Text Encoder."""
     model.unet.requires_grad_(True)
-    model.text_encoder.requires_grad_(params.train_text_encoder)
+    for encoder in model.text_encoders:
+        encoder.requires_grad_(params.train_text_encoder)
 
 
 def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: TrainingParams) -> list[dict]:
@@ -55,7 +57,7 @@ def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: Tra
     if adapters is None:
         groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
         if params.train_text_encoder:
-            groups.append({"params": [p for p in model.text_encoder.parameters() if p.requires_grad],
+            groups.append({"params": [p for e in model.text_encoders for p in e.parameters() if p.requires_grad],
                            "lr": params.learning_rate})
         return groups
     groups = [{"params": list(lora_parameters(adapters.unet)), "lr": params.unet_learning_rate}]
