@@ -27,7 +27,7 @@ from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
-from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.loop import Loop, TextCache, run_loop, steps_per_epoch, total_steps
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
@@ -57,7 +57,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     name = output_name(info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
-    dtypes = part_dtypes(params, accelerator.device)
+    dtypes = part_dtypes(params, accelerator.device, info.family)
     check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
     if accelerator.is_main_process:
         params.save(model_dir / PARAMS_FILE)
@@ -111,6 +111,9 @@ def check_before_loading(models: ModelsDir, model_name: str, params: TrainingPar
     """
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    if not params.use_lora and not info.family.full_finetune:
+        raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {info.family.title} models is not supported; "
+                          "tick Use LORA")
     hardware = probe_hardware(device)
     check_options(params, hardware)
     check_trains_something(params)
@@ -226,7 +229,8 @@ def resume_from_last_run(models: ModelsDir, model_dir: Path, info: ModelInfo, ad
 def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, params: TrainingParams,
               instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None) -> Loop:
     """Batches, optimizer and schedule, prepared by accelerate."""
-    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed)
+    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed,
+                           tokenizer_2=model.tokenizer_2, time_ids=model.info.family.time_ids)
     if isinstance(dataset, LatentDataset):
         dataset.fill_cache(model.vae, device=accelerator.device, dtype=next(model.vae.parameters()).dtype)
         model.vae.to("cpu")  # not needed again until samples: free the GPU for training
@@ -241,16 +245,25 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
     lr_scheduler = make_lr_scheduler(optimizer, params, steps, accelerator.num_processes)
     train_text = params.train_text_encoder
     if train_text:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            model.unet, model.text_encoder, optimizer, loader, lr_scheduler)
+        unet, *encoders, optimizer, loader, lr_scheduler = accelerator.prepare(
+            model.unet, *model.text_encoders, optimizer, loader, lr_scheduler)
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(model.unet, optimizer, loader, lr_scheduler)
-        text_encoder = model.text_encoder
+        encoders = model.text_encoders
     unet.train()
-    text_encoder.train(train_text)
+    for encoder in encoders:
+        encoder.train(train_text)
     trainable = [p for group in groups for p in group["params"]]
-    return Loop(accelerator, model, unet, text_encoder, train_text, trainable, optimizer, lr_scheduler, loader,
-                sampler, dataset, params, steps, info.lifetime_epochs)
+    text_cache = None
+    if params.cache_text_encoder_outputs:
+        text_cache = TextCache()
+        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_], accelerator.device)
+        for encoder in encoders:
+            encoder.to("cpu")  # not needed again until samples: free the GPU for training
+        free_device_memory(accelerator.device)
+    return Loop(accelerator, model, unet, encoders[0], train_text, trainable, optimizer, lr_scheduler, loader,
+                sampler, dataset, params, steps, info.lifetime_epochs,
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache)
 
 
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
@@ -270,7 +283,8 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
                                         folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
                                         device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed)
+                                        seed=snapshots.seed,
+                                        text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
         display.message(f"Samples of step {step} saved", step)
 
 
