@@ -147,6 +147,11 @@ class ModelInfo(JsonConfig):
         """The model's family (`lora_trainer.families`)."""
         return family_of(self.model_type)
 
+    def default_params(self) -> "TrainingParams":
+        """The Parameters a model starts with before any are saved: the defaults at its native
+        resolution, with what its family needs (SDXL: aspect-ratio buckets)."""
+        return TrainingParams(**{**self.family.training_defaults, "resolution": self.resolution})
+
     @property
     def v2(self) -> bool:
         """kohya's `ss_v2` of the model's family."""

@@ -128,3 +128,20 @@ def test_demo_runs_the_whole_path_on_the_tiny_sdxl_model(tmp_path, capsys):
 
     assert all(Path(p).is_file() for p in (lora, merged, printed[-1]))
     assert read_kohya_lora(lora).family() == "sdxl"
+
+
+@pytest.mark.parametrize("model_type, resolution, buckets", [("sdxl", 1024, True), ("sd1", 512, False), ("sd2-v", 768, False)])
+def test_a_model_without_saved_parameters_starts_from_its_familys_defaults(model_type, resolution, buckets):
+    params = ModelInfo(model_type=model_type, resolution=resolution).default_params()
+    assert (params.resolution, params.use_buckets) == (resolution, buckets)
+
+
+def test_train_on_the_command_line_starts_an_sdxl_model_at_its_native_size_with_buckets(created_xl, tmp_path):
+    from lora_trainer.cli import build_parser
+    from lora_trainer.cli.train import params_from_args
+
+    models = private(created_xl, tmp_path / "models")
+    info = ModelInfo.load(models.model_dir("xl") / "model_info.json")
+    args = build_parser().parse_args(["train", "--models-dir", str(tmp_path / "models"), "--model", "xl", "--seed", "5"])
+    params = params_from_args(args, models.model_dir("xl"))
+    assert (params.resolution, params.use_buckets, params.seed) == (info.resolution, True, 5)
