@@ -8,6 +8,7 @@ It runs under `accelerate launch` on several GPUs unchanged (data parallel).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -33,7 +34,7 @@ from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
+from .training.resume import check_resume_fits, interrupted_run, load_resume_state, restore_optimizer, run_plan
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
@@ -65,7 +66,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     dtypes = part_dtypes(params, accelerator.device)
     check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
     if accelerator.is_main_process:
-        params.save(model_dir / PARAMS_FILE)
+        dataclasses.replace(params, new_run=False).save(model_dir / PARAMS_FILE)  # a new run is asked for once
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
         make_class_pictures(models, model_name, concepts, accelerator.device, report, cancel)
     accelerator.wait_for_everyone()
@@ -73,16 +74,33 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
-    seed = run_seed(params, accelerator)
+    pictures = [str(e.image_path) for e in instance + class_]
+    interrupted = interrupted_run(model_dir, info, params, concepts, pictures) if params.use_lora else None
+    start_info = interrupted.start_info if interrupted else info
+    seed = run_seed(params, accelerator, interrupted.seed if interrupted else None)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
-    run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
-    snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
-                          source_checkpoint=source_checkpoint(models, info))
+    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state)
+    started_at = interrupted.plan["started_at"] if interrupted else time.time()
+    if interrupted and interrupted.total_steps == run.total_steps:
+        run.resume_at = interrupted.position
+        resuming = f"Resuming the interrupted run at step {interrupted.position.step + 1} of {run.total_steps}"
+        log.info(resuming)
+        report(Progress(job="train", message=resuming, step=interrupted.position.step, total_steps=run.total_steps))
+    elif interrupted:  # same settings and pictures, yet another step count: a library counts batches otherwise
+        log.warning("The interrupted run planned %d steps, this one %d; a new run starts from what it learned",
+                    interrupted.total_steps, run.total_steps)
+        start_info, run.first_epoch, started_at = info, info.lifetime_epochs, time.time()
+    snapshots = Snapshots(models, model_dir, start_info, params, name, seed, len(instance), started_at,
+                          source_checkpoint=source_checkpoint(models, info),
+                          plan=run_plan(params, concepts, pictures, seed=seed, total_steps=run.total_steps,
+                                        start_info=start_info, started_at=started_at))
+    snapshots.saved_at_step = run.resume_at.step if run.resume_at else -1  # saved when it stopped
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
-                              lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
+                              lifetime_start=start_info.lifetime_steps, enabled=accelerator.is_main_process,
+                              first_step=run.resume_at.step if run.resume_at else 0)
     samples = sample_prompts(concepts, instance)
     run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
     run.cancel = cancel
@@ -96,6 +114,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
+    if run.resume_at is not None:  # what this start added to the interrupted run
+        outcome.steps -= run.resume_at.step
     lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
     if accelerator.is_main_process:
         log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
@@ -135,12 +155,12 @@ def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, 
     log.info(describe(need, free))
 
 
-def run_seed(params: TrainingParams, accelerator) -> int:
-    """Seed every random generator with the run's seed (-1: one picked at random, the same on every
-    process: they must shuffle the batches alike to share them out)."""
+def run_seed(params: TrainingParams, accelerator, seed: int | None = None) -> int:
+    """Seed every random generator with `seed`, else the run's seed (-1: one picked at random, the same on
+    every process: they must shuffle the batches alike to share them out)."""
     from accelerate.utils import broadcast_object_list, set_seed
 
-    seed = [random.randrange(2**31) if params.seed < 0 else params.seed]
+    seed = [seed if seed is not None else random.randrange(2**31) if params.seed < 0 else params.seed]
     if accelerator.num_processes > 1:
         broadcast_object_list(seed)
     set_seed(seed[0])
@@ -226,10 +246,12 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         lifetime = snapshots.start_info.lifetime_steps + step
         stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
         unwrap = run.accelerator.unwrap_model
-        display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
-                                        folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
-                                        device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed)
+        # Previews must not move the training's generators: a resumed run would not match one that never stopped.
+        with torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
+            display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
+                                            folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
+                                            device=run.accelerator.device, autocast=run.accelerator.autocast,
+                                            seed=snapshots.seed)
         display.message(f"Samples of step {step} saved", step)
 
 
@@ -237,7 +259,7 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
-                   text_encoder=unwrap(run.text_encoder))
+                   text_encoder=unwrap(run.text_encoder), position=run.position)
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:

@@ -20,6 +20,7 @@ from .batches import batch_latents
 from .console import ProgressDisplay
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
+from .position import RunPosition, capture, restore
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Loop:
     on_step: Callable[[int, int], None] = lambda step, epochs: None   # after each step: save / samples
     cancel: CancelFlag | None = None
     losses: list[float] = field(default_factory=list)
+    resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
+    position: RunPosition | None = None    # after the last completed step (what a save keeps)
 
 
 @dataclass
@@ -108,11 +111,16 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
     after MAX_NON_FINITE_STEPS of them in a row the run stops with a ConfigError
     instead of going on with a broken model (fp16's black pictures).
     """
-    accelerator, step, micro_batches, pending, non_finite = loop.accelerator, 0, 0, [], 0
+    accelerator, pending, non_finite, start = loop.accelerator, [], 0, loop.resume_at
+    step, micro_batches, epoch, skip = (start.step, start.micro_batches, start.epoch, start.batch_in_epoch) \
+        if start is not None else (0, 0, 0, 0)
     batches_per_epoch = max(len(loop.loader), 1)
-    epoch = 0
+    if start is not None:
+        restore(loop, start)
     while step < loop.total_steps:
         set_epoch(loop, loop.first_epoch + epoch)
+        loop.sampler.skip = skip * accelerator.num_processes  # an interrupted epoch goes on where it stopped
+        in_epoch, skip = skip, 0
         for batch in loop.loader:
             if cancelled(loop):
                 return Outcome(step, micro_batches // batches_per_epoch, True)
@@ -121,6 +129,7 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
             except torch.cuda.OutOfMemoryError:
                 raise ConfigError(OUT_OF_MEMORY.format(step=step + 1)) from None
             micro_batches += 1
+            in_epoch += 1
             if accelerator.sync_gradients:
                 step += 1
                 loop.losses.append(sum(pending) / len(pending))
@@ -129,6 +138,8 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
                 if non_finite >= MAX_NON_FINITE_STEPS:
                     raise ConfigError(NOT_A_NUMBER.format(count=non_finite, step=step,
                                                           precision=loop.params.mixed_precision))
+                loop.position = capture(loop, step=step, micro_batches=micro_batches, epoch=epoch,
+                                        batch_in_epoch=in_epoch)
                 display.step(step, loop.first_epoch + epoch, loop.losses[-1], loop.lr_scheduler.get_last_lr()[0])
                 loop.on_step(step, micro_batches // batches_per_epoch)
                 if step >= loop.total_steps:
