@@ -28,6 +28,7 @@ from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ConfigError, ModelError
 from .fileio import atomic_dir
 from .host import ModelsDir, validate_model_name
+from .modellock import check_not_busy
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     target = models.model_dir(name)
     if target.exists() and not overwrite:
         raise ConfigError(f"Name: a model named {name!r} already exists in {models.working}; choose another name or overwrite it")
+    if target.exists():
+        check_not_busy(target, "Create Model (overwrite)")
     checkpoint = models.find_checkpoint(source)
     with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite) as tmp:
         spec = read_spec(reader)

@@ -23,6 +23,7 @@ from .data import collect_examples, instance_pictures
 from .errors import ConfigError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
+from .modellock import model_lock
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
@@ -52,8 +53,14 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     Raises ConfigError for option pairs the machine cannot run (before any weight
     is loaded), bad concepts or running out of GPU memory; ModelError for a missing
     or broken model, or when the model's last LoRA was trained with another rank,
-    alpha or Train Text Encoder (also before loading).
+    alpha or Train Text Encoder (also before loading); ModelBusy when another job is writing the model.
     """
+    with model_lock(models.existing_model_dir(model_name), "train"):
+        return _train(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
+
+
+def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
+           report: Report, cancel: CancelFlag | None, device: str | None) -> TrainResult:
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     hardware = probe_hardware(device)
