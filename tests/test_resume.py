@@ -15,7 +15,7 @@ from lora_trainer.train import train
 
 # 5 pictures, batch 1, accumulation 2: 3 steps an epoch (2 + 2 + 1 batches), so step 10 stops in the middle
 # of an epoch and of an accumulation cycle; a cosine schedule with warmup moves the learning rate every step;
-# flips and cached latents draw from the generators every epoch and step; class pictures rotate by epoch.
+# flips and cached latents draw from the generators every epoch and step.
 PARAMS = dict(max_train_steps=20, train_batch_size=1, gradient_accumulation_steps=2, lr_scheduler="cosine",
               lr_warmup_steps=3, unet_learning_rate=2e-2, text_encoder_learning_rate=1e-2, resolution=32,
               hflip=True, seed=7)
@@ -27,11 +27,7 @@ def data(tmp_path_factory):
     pictures = instance_pictures(root / "pictures")
     halves(pictures / "d.png", GREEN, RED, size=(32, 40))
     solid(pictures / "e.png", BLUE, size=(32, 32))
-    classes = root / "class"
-    for i, color in enumerate((GREEN, BLUE, RED)):
-        solid(classes / f"{i}.png", color, size=(32, 32), caption="thing")
-    return Concept(instance_data_dir=str(pictures), instance_prompt="scs thing", class_data_dir=str(classes),
-                   class_prompt="thing", num_class_images=3)
+    return Concept(instance_data_dir=str(pictures), instance_prompt="scs thing")
 
 
 class _Lines(logging.Handler):
@@ -88,7 +84,7 @@ def test_ten_plus_ten_steps_equal_twenty(created_sd1, tmp_path, data):
 
 def test_finished_run_or_new_run_flag_starts_a_new_run(created_sd1, tmp_path, data):
     models = private_models(created_sd1, tmp_path / "models")
-    short = dict(max_train_steps=3, cache_latents=False)
+    short = dict(max_train_steps=3, gradient_accumulation_steps=1)
     first, _ = _train(models, data, cancel_at=1, **short)
     assert first.steps == 1
     second, lines = _train(models, data, new_run=True, **short)
