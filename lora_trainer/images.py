@@ -9,6 +9,7 @@ to be seen on white).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,10 @@ def load_image(path: str | Path) -> Image.Image | None:
     (broken, truncated, not a picture). Never raises for a bad file.
     """
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
             width, height = opened.size  # from the header: nothing is decoded yet
             if width * height > MAX_PIXELS:
                 log.warning("Skipping picture %s: %d x %d pixels is more than the %d million a picture may have "

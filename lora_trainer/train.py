@@ -29,7 +29,7 @@ from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
-from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.loop import OUT_OF_MEMORY, Loop, run_loop, steps_per_epoch, total_steps
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
@@ -121,16 +121,29 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
-    if run.resume_at is not None:  # what this start added to the interrupted run
-        outcome.steps -= run.resume_at.step
-    lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
-    if accelerator.is_main_process:
+    added = outcome.steps - (run.resume_at.step if run.resume_at is not None else 0)  # by this start
+    lora_path = models.lora / final.latest_lora if adapters is not None and added else None
+    if accelerator.is_main_process and not outcome.out_of_memory:
         log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
-    result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
+    result = TrainResult(lora_path, final.lifetime_steps, final.revision, added,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
+    if outcome.out_of_memory:
+        raise ConfigError(out_of_memory_message(model_dir, params, dtypes, accelerator.device, outcome, final))
     return result
+
+
+def out_of_memory_message(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype],
+                          device: torch.device, outcome, final: ModelInfo) -> str:
+    """The one line of a run stopped by running out of GPU memory: the memory count, what was kept,
+    and the options that lower the need."""
+    figures = describe(least_memory(model_dir, params, dtypes), free_gpu_memory(device))
+    if device.type == "cuda":
+        figures += f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB"
+    saved = (f"the {outcome.steps} steps before it are saved ({final.latest_lora or model_dir}) and the next start "
+             "finishes the run" if outcome.steps else "nothing was learned yet")
+    return OUT_OF_MEMORY.format(step=outcome.steps + 1, figures=figures, saved=saved)
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:

@@ -37,7 +37,7 @@ def bomb_png(path: Path, width: int, height: int) -> Path:
     return path
 
 
-def test_decompression_bombs_skipped_before_decoding_without_a_memory_spike(tmp_path):
+def test_decompression_bombs_skipped_before_decoding_without_a_memory_spike(tmp_path, reliability):
     # 30000 x 30000: Pillow itself refuses it at open; 12000 x 12000 (144 MP) it only warns about and decodes
     # (432 MB as RGB): both must be skipped from the header alone.
     bombs = [bomb_png(tmp_path / "huge.png", 30000, 30000), bomb_png(tmp_path / "large.png", 12000, 12000)]
@@ -59,9 +59,13 @@ def test_decompression_bombs_skipped_before_decoding_without_a_memory_spike(tmp_
     for bomb, size in zip(bombs, ("900000000 pixels", "12000 x 12000")):
         assert any(f"Skipping picture {bomb}" in line and size in line and "decompression bomb" in line
                    for line in lines), lines
+    for bomb in bombs:
+        line = next(line for line in lines if str(bomb) in line)
+        reliability(f"Decompression bomb: {bomb.stat().st_size // 1024} KB PNG of {' x '.join(map(str, struct.unpack('>II', bomb.read_bytes()[16:24])))} pixels",
+                    f"skipped: \"{line.replace(str(tmp_path), '...')}\"; memory grew {grown_mb} MB")
 
 
-def test_an_animated_gif_trains_on_its_first_frame(tmp_path):
+def test_an_animated_gif_trains_on_its_first_frame(tmp_path, reliability):
     frames = [Image.new("RGB", (16, 16), color) for color in (RED, BLUE)]
     path = tmp_path / "data" / "moving.gif"
     path.parent.mkdir()
@@ -72,21 +76,24 @@ def test_an_animated_gif_trains_on_its_first_frame(tmp_path):
     instance, _ = collect_examples([Concept(instance_data_dir=str(path.parent), instance_prompt="scs thing")],
                                    tmp_path / "model")
     assert [e.image_path for e in instance] == [path]
+    reliability("Animated GIF (red frame, then blue)", f"trained as {image.mode} of its first frame "
+                f"(pixel {image.getpixel((8, 8))})")
 
 
-@pytest.mark.parametrize("encoding, raw", [
+@pytest.mark.parametrize("encoding, raw", ids=lambda value: value if isinstance(value, str) else "", argvalues=[
     ("utf-8 with BOM", "\ufeffcafé au lait".encode("utf-8")),
     ("utf-16 LE with BOM", "\ufeffcafé au lait".encode("utf-16-le")),
     ("utf-16 BE with BOM", "\ufeffcafé au lait".encode("utf-16-be")),
 ])
-def test_captions_in_unicode_encodings_are_read(tmp_path, encoding, raw):
+def test_captions_in_unicode_encodings_are_read(tmp_path, encoding, raw, reliability):
     data = tmp_path / "data"
     solid(data / "a.png").with_suffix(".txt").write_bytes(raw)
     instance, _ = collect_examples([Concept(instance_data_dir=str(data), instance_prompt="[filewords]")], tmp_path)
     assert instance[0].prompt == "café au lait", encoding
+    reliability(f"Caption in {encoding}", f"read: prompt {instance[0].prompt!r}")
 
 
-def test_a_latin1_caption_is_refused_naming_the_file(tmp_path, caplog):
+def test_a_latin1_caption_is_refused_naming_the_file(tmp_path, reliability):
     data = tmp_path / "data"
     caption = solid(data / "a.png").with_suffix(".txt")
     caption.write_bytes("café au lait".encode("latin-1"))
@@ -94,3 +101,4 @@ def test_a_latin1_caption_is_refused_naming_the_file(tmp_path, caplog):
         collect_examples([Concept(instance_data_dir=str(data), instance_prompt="[filewords]")], tmp_path)
     message = str(refused.value)
     assert str(caption) in message and "UTF-8" in message and "\n" not in message
+    reliability("Caption in Latin-1", f"refused: \"{message.replace(str(tmp_path), '...')}\"")

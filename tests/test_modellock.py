@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> di
     raise AssertionError(f"{path} did not appear")
 
 
-def test_second_writer_refused_and_dead_lock_taken_over(created_sd1, tmp_path, capsys, caplog):
+def test_second_writer_refused_and_dead_lock_taken_over(created_sd1, tmp_path, capsys, caplog, reliability):
     models = private_models(created_sd1, tmp_path / "models")
     pictures = instance_pictures(tmp_path / "pictures")
     folder = models.model_dir("tiny")
@@ -50,6 +51,8 @@ def test_second_writer_refused_and_dead_lock_taken_over(created_sd1, tmp_path, c
             assert main(second) == 2
             error = capsys.readouterr().err.strip()
             assert len(error.splitlines()) == 1 and f"train job (process {child.pid}" in error, error
+            reliability(f"A second `{second[0]}` command on a model a `train` command (another process) is training",
+                        f"refused, exit 2: \"{re.sub(r'since [0-9:]+', 'since HH:MM:SS', error.replace(str(child.pid), 'PID'))}\"")
         with pytest.raises(ModelBusy, match=f"process {child.pid}"):
             create_model(models, next(models.checkpoints.glob("*.safetensors")).name,
                          "tiny", overwrite=True)
@@ -71,7 +74,9 @@ def test_second_writer_refused_and_dead_lock_taken_over(created_sd1, tmp_path, c
     with caplog.at_level(logging.WARNING, logger="lora_trainer"):
         with model_lock(folder, "merge"):
             assert json.loads((folder / LOCK_FILE).read_text())["job"] == "merge"
-    assert any(f"its train job (process {child.pid}) is no longer running" in r.getMessage() for r in caplog.records)
+    taken = [r.getMessage() for r in caplog.records if f"(process {child.pid}) is no longer running" in r.getMessage()]
+    assert taken
+    reliability("The lock of a `train` process killed with kill -9", f"the next job takes it over: \"{taken[0].replace(str(child.pid), 'PID')}\"")
     assert not (folder / LOCK_FILE).exists()
 
 

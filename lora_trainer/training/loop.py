@@ -29,9 +29,11 @@ MAX_NON_FINITE_STEPS = 3  # losses that are not numbers in a row before the run 
 NOT_A_NUMBER = ("the loss was not a number (NaN/inf) for {count} steps in a row at step {step} with Mixed Precision "
                 "'{precision}': choose bf16 or 'no' ('mixed_precision') or lower the learning rates; "
                 "nothing of these steps was saved")
-OUT_OF_MEMORY = ("out of GPU memory at step {step}: tick Mixed Precision fp16, Use 8bit Adam, Gradient Checkpointing "
-                 "and Cache Latents, untick Train Text Encoder, or lower Batch Size ('train_batch_size') or "
-                 "Max Resolution ('resolution')")
+OUT_OF_MEMORY = ("out of GPU memory at step {step} ({figures}); {saved}: tick Mixed Precision fp16, Use 8bit Adam, "
+                 "Gradient Checkpointing and Cache Latents, untick Train Text Encoder, or lower Batch Size "
+                 "('train_batch_size') or Max Resolution ('resolution')")
+# torch >= 2.5 names it torch.OutOfMemoryError (also raised by other devices); older ones only torch.cuda's
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Outcome:
     steps: int
     epochs: int
     cancelled: bool
+    out_of_memory: bool = False     # stopped by it after `steps` completed steps (what they learned is kept)
 
 
 def steps_per_epoch(batches: int, num_processes: int, accumulation: int) -> int:
@@ -126,8 +129,10 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
                 return Outcome(step, micro_batches // batches_per_epoch, True)
             try:
                 pending.append(optimizer_micro_step(loop, batch))
-            except torch.cuda.OutOfMemoryError:
-                raise ConfigError(OUT_OF_MEMORY.format(step=step + 1)) from None
+            except OutOfMemoryError:
+                # Stop at the last completed step: its weights are intact; this step's gradients go.
+                loop.optimizer.zero_grad(set_to_none=True)
+                return Outcome(step, micro_batches // batches_per_epoch, True, out_of_memory=True)
             micro_batches += 1
             in_epoch += 1
             if accelerator.sync_gradients:
