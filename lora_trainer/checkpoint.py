@@ -81,7 +81,9 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     if target.exists():
         check_not_busy(target, "Create Model (overwrite)")
     checkpoint = models.find_checkpoint(source)
-    with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite) as tmp:
+    # The working model holds about what the checkpoint holds (a full disk's message says so).
+    with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite,
+                                                           need=checkpoint.stat().st_size) as tmp:
         spec = read_spec(reader)
         use_ema = extract_ema and _has_ema(reader)
         if extract_ema and not use_ema:

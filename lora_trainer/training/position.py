@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from ..checkpoint_io import save_checkpoint
 
 POSITION_FILE = "position.safetensors"
 
@@ -77,7 +78,7 @@ def save_position(position: RunPosition, path: Path) -> None:
              "lr_scheduler": position.lr_scheduler, "scaler": position.scaler,
              "python_rng": [position.python_rng[0], list(position.python_rng[1]), position.python_rng[2]],
              "numpy_rng": [name, int(pos), int(has_gauss), float(gauss)]}
-    save_file(tensors, str(path), metadata={"position": json.dumps(plain)})
+    save_checkpoint(tensors, path, metadata={"position": json.dumps(plain)}, overwrite=True)
 
 
 def load_position(path: Path) -> RunPosition:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..checkpoint_io import save_checkpoint
 from ..config import Concept, ModelInfo, TrainingParams
@@ -92,7 +92,10 @@ def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimi
     state = {"lifetime_steps": lifetime_steps, "lora": lora_file}
     if plan is not None and position is not None:
         state["run"] = {**plan, "steps": position.step}
-    with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True) as tmp:
+    need = sum(v.numel() * 4 for v in adapters.values()) + sum(
+        v.numel() * v.element_size() for entry in (optimizer_state or {}).get("state", {}).values()
+        for v in entry.values() if torch.is_tensor(v))
+    with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True, need=need) as tmp:
         save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
                         tmp / ADAPTERS_FILE, overwrite=True)
         if optimizer_state is not None:
@@ -224,7 +227,8 @@ def save_optimizer_state(state: dict, path: Path) -> None:
 
     plain = {"param_groups": state["param_groups"],
              "state": {str(index): without_tensors(entry, f"state.{index}") for index, entry in state["state"].items()}}
-    save_file(tensors, str(path), metadata={"optimizer": json.dumps(plain)})
+    # Written by our own writer (not safetensors' save_file): a full disk then gives its one line.
+    save_checkpoint(tensors, path, metadata={"optimizer": json.dumps(plain)}, overwrite=True)
 
 
 def load_optimizer_state(path: Path) -> dict:
