@@ -28,6 +28,7 @@ from .data import class_dir_for, instance_pictures, list_images, num_class_image
 from .errors import ConfigError
 from .fileio import atomic_path, atomic_write_text
 from .host import ModelsDir
+from .leftovers import clean_leftovers
 from .modellock import model_lock
 from .prompts import build_prompt, caption_path, read_caption, tidy, uses_filewords
 from .pipeline import draw_pictures, load_pipeline
@@ -120,6 +121,8 @@ def generate_class_images(models: ModelsDir, model_name: str, concepts: list[Con
 def _generate(model_dir: Path, concepts: list[Concept], *, batch_size, device, progress, cancel, seed,
               dtype) -> list[int]:
     generated = [0] * len(concepts)
+    for job in plan_class_images(model_dir, concepts):
+        clean_leftovers(job.folder)  # a picture a killed run was writing
     jobs = [job for job in plan_class_images(model_dir, concepts) if job.prompts]
     total = sum(len(job.prompts) for job in jobs)
     if total == 0:

@@ -2,6 +2,8 @@
 
 Everything is written to a temporary name in the same folder and renamed into
 place at the end; a failure removes the temporary and leaves what the user had.
+Temporaries carry the writer's process id (`.NAME.PID.XXXX.tmp`), so that what
+a killed process left is recognised and cleaned by the next command (leftovers.py).
 A full disk (or quota) becomes one DiskFullError line naming the folder, the
 space the write needed and what is free.
 """
@@ -60,7 +62,7 @@ def atomic_path(final: Path, *, overwrite: bool = True, need: int | None = None)
         final.parent.mkdir(parents=True, exist_ok=True)
         if not overwrite and final.exists():
             raise FileExistsError(f"{final} already exists")
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
@@ -107,7 +109,7 @@ def atomic_dir(final: Path, *, overwrite: bool = False, need: int | None = None)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists() and not overwrite:
             raise FileExistsError(f"{final} already exists")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".tmp", dir=final.parent))
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
         if final.exists():

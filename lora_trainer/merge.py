@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .host import ModelsDir, validate_model_name
 from .kohya import FAMILY_NAMES, KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .leftovers import clean_leftovers
 from .modellock import model_lock
 from .modelspec import modelspec
 from .safetensors_stream import Layout, read_layout, write_safetensors
@@ -85,6 +86,7 @@ def _merge_lora(models: ModelsDir, model_name: str, *, lora, into, unet_weight, 
     _check_options(fmt, unet_weight, text_weight)
     lora_path = find_lora(models, info, lora)
     out_path = output_path(models, info, custom_name=custom_name, subdir=subdir, fmt=fmt)
+    clean_leftovers(out_path.parent)  # what a killed merge left
     source = _find_into(models, into) if into else None
     if source is not None and source.resolve() == out_path.resolve():
         raise ConfigError(f"Merge Into: {source} is the file the merge would write; choose another Custom Model Name")

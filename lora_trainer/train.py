@@ -23,6 +23,7 @@ from .data import collect_examples, instance_pictures
 from .errors import ConfigError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
+from .leftovers import clean_leftovers
 from .modellock import model_lock
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
@@ -35,7 +36,7 @@ from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import check_resume_fits, interrupted_run, load_resume_state, restore_optimizer, run_plan
+from .training.resume import RESUME_DIR, check_resume_fits, interrupted_run, load_resume_state, restore_optimizer, run_plan
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
@@ -62,6 +63,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
            report: Report, cancel: CancelFlag | None, device: str | None) -> TrainResult:
     model_dir = models.existing_model_dir(model_name)
+    for folder in (models.lora, model_dir / RESUME_DIR):
+        clean_leftovers(folder)  # what a killed run left (its lock is taken over by model_lock)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     hardware = probe_hardware(device)
     check_options(params, hardware)
