@@ -66,7 +66,8 @@ def test_bound_beyond_this_machine_warns_in_the_console(tmp_path, monkeypatch, c
     monkeypatch.setattr("lora_trainer.ui.gradio_compat.launch", lambda demo, **kwargs: launched.update(kwargs))
     for address, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
         caplog.clear()
-        args = build_parser().parse_args(["ui", "--models-dir", str(tmp_path / "models"), "--host", address])
+        args = build_parser().parse_args(["ui", "--models-dir", str(tmp_path / "models"), "--host", address,
+                                          "--port", str(free_port())])
         with caplog.at_level(logging.WARNING, logger="lora_trainer"):
             assert ui_command.run(args) == 0
         assert launched["server_name"] == address

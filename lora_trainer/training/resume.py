@@ -227,7 +227,8 @@ def save_optimizer_state(state: dict, path: Path) -> None:
 
     plain = {"param_groups": state["param_groups"],
              "state": {str(index): without_tensors(entry, f"state.{index}") for index, entry in state["state"].items()}}
-    # Written by our own writer (not safetensors' save_file): a full disk then gives its one line.
+    # Through our own writer, as every other file: safetensors' save_file gives its file mode 0600,
+    # and a full disk then gives its one line.
     save_checkpoint(tensors, path, metadata={"optimizer": json.dumps(plain)}, overwrite=True)
 
 
