@@ -36,7 +36,7 @@ def clean_leftovers(folder: Path, *, what: str = "") -> list[str]:
     for entry in entries:
         temporary, aside = _TEMPORARY.match(entry.name), _MOVED_ASIDE.match(entry.name)
         match = temporary or aside
-        if match is None or _running(int(match["pid"])):
+        if match is None or process_running(int(match["pid"])):
             continue
         final = folder / match["name"]
         if aside and not final.exists():
@@ -59,7 +59,8 @@ def _remove(entry: Path) -> None:
         entry.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether process `pid` of this machine still runs (this one does)."""
     if pid == os.getpid():
         return True
     try:

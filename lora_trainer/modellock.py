@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import LoraTrainerError
+from .leftovers import process_running
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +137,7 @@ def _alive(holder: dict) -> bool:
         return False
     if holder.get("host") not in (None, socket.gethostname()):
         return True  # another machine's process (a shared folder): it cannot be looked at, so it counts as running
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:  # Windows: no such process
+    if not process_running(pid):
         return False
     started = holder.get("process_start")
     return started is None or _process_start(pid) in (None, started)  # a reused pid is another process

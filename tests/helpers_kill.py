@@ -10,6 +10,8 @@ import os
 import signal
 from pathlib import Path
 
+from helpers_writes import watching_open, write_part
+
 COMMANDS = ("create", "classimages", "train", "merge")
 CHECKPOINT = "tiny-sd1.safetensors"
 PRELOAD = ["torch", "diffusers", "transformers", "accelerate", "lora_trainer.train", "lora_trainer.merge",
@@ -37,44 +39,15 @@ def run_command(command: str, root: str, kill_after: int | None) -> None:
     root = Path(root)
     logging.basicConfig(filename=root / f"log-{command}", level=logging.INFO, format="%(message)s", force=True)
     written = [0]
-    inside = [str(f.resolve()) + os.sep for f in folders(root)]
+
+    def before_write(file, data, size: int) -> None:
+        if kill_after is not None and written[0] + size >= kill_after:
+            write_part(file, data, kill_after - written[0])
+            os.kill(os.getpid(), signal.SIGKILL)
+        written[0] += size
+
     real_open = builtins.open
-
-    class Counted:
-        def __init__(self, file):
-            self._file = file
-
-        def write(self, data):
-            size = memoryview(data).nbytes if not isinstance(data, str) else len(data.encode("utf-8"))
-            if kill_after is not None and written[0] + size >= kill_after:
-                fits = kill_after - written[0]
-                if fits > 0 and not isinstance(data, str):
-                    self._file.write(memoryview(data).cast("B")[:fits])
-                    self._file.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            written[0] += size
-            return self._file.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._file, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._file.close()
-
-        def __iter__(self):
-            return iter(self._file)
-
-    def counting_open(file, mode="r", *args, **kwargs):
-        handle = real_open(file, mode, *args, **kwargs)
-        if any(flag in mode for flag in "wax+") and isinstance(file, (str, os.PathLike)):
-            path = str(Path(file).resolve())
-            if any(path.startswith(folder) for folder in inside):
-                return Counted(handle)
-        return handle
-
+    counting_open = watching_open(real_open, folders(root), before_write)
     builtins.open = io.open = counting_open
     _run(command, root)
     builtins.open = io.open = real_open

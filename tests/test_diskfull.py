@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers_merge import load_parts, random_lora, save_lora
 from helpers_train import instance_pictures, private_models
+from helpers_writes import watching_open, write_part
 from PIL import Image
 
 from lora_trainer.checkpoint import create_model
@@ -28,56 +29,24 @@ from lora_trainer.merge import merge_lora
 from lora_trainer.training.resume import save_resume_state
 
 
-class _Budget:
-    def __init__(self, folder: Path, left: int):
-        self.folder, self.left = Path(folder).resolve(), left
-
-
-class _FillingFile:
-    """A file whose writes fail with ENOSPC once the budget is spent (the bytes that fit are written)."""
-
-    def __init__(self, file, budget: _Budget):
-        self._file, self._budget = file, budget
-
-    def write(self, data):
-        size = memoryview(data).nbytes
-        if size > self._budget.left:
-            fits = self._budget.left
-            self._budget.left = 0
-            if fits:
-                self._file.write(memoryview(data).cast("B")[:fits] if not isinstance(data, str) else data[:fits])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._budget.left -= size
-        return self._file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._file.close()
-
-    def __iter__(self):
-        return iter(self._file)
-
-
 @contextlib.contextmanager
 def disk_fills_after(monkeypatch, folder: Path, nbytes: int):
-    """Files opened for writing under `folder` share `nbytes` of space; then every write fails with ENOSPC."""
-    budget, real_open = _Budget(folder, nbytes), builtins.open
+    """Files opened for writing under `folder` share `nbytes` of space; then every write fails with ENOSPC
+    (the bytes that fit are written)."""
+    left = [nbytes]
 
-    def filling_open(file, mode="r", *args, **kwargs):
-        handle = real_open(file, mode, *args, **kwargs)
-        writing = any(flag in mode for flag in "wax+")
-        inside = isinstance(file, (str, os.PathLike)) and Path(file).resolve().is_relative_to(budget.folder)
-        return _FillingFile(handle, budget) if writing and inside else handle
+    def before_write(file, data, size: int) -> None:
+        if size > left[0]:
+            write_part(file, data, left[0])
+            left[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left[0] -= size
 
+    filling_open = watching_open(builtins.open, [folder], before_write)
     with monkeypatch.context() as patch:
         patch.setattr(builtins, "open", filling_open)
         patch.setattr(io, "open", filling_open)
-        yield budget
+        yield
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
