@@ -29,6 +29,8 @@ from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ConfigError, ModelError
 from .fileio import atomic_dir
 from .host import ModelsDir, validate_model_name
+from .leftovers import clean_leftovers
+from .modellock import check_not_busy
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -82,8 +84,13 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     target = models.model_dir(name)
     if target.exists() and not overwrite:
         raise ConfigError(f"Name: a model named {name!r} already exists in {models.working}; choose another name or overwrite it")
+    clean_leftovers(models.working, what="Create Model")
+    if target.exists():
+        check_not_busy(target, "Create Model (overwrite)")
     checkpoint = models.find_checkpoint(source)
-    with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite) as tmp:
+    # The working model holds about what the checkpoint holds (a full disk's message says so).
+    with CheckpointReader(checkpoint) as reader, atomic_dir(target, overwrite=overwrite,
+                                                           need=checkpoint.stat().st_size) as tmp:
         spec = read_spec(reader)
         use_ema = extract_ema and _has_ema(reader)
         if extract_ema and not use_ema:

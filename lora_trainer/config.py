@@ -272,6 +272,7 @@ class TrainingParams(JsonConfig):
     save_preview_every_n_steps: int = param(0, "Save Preview(s) Frequency (Step)", "Draw sample pictures every N steps; 0 = none.", minimum=0)
     use_lifetime_steps: bool = param(True, "Use Lifetime Steps/Epochs When Saving", "Name files by the model's total steps over all runs instead of this run's.", advanced=True)
     custom_model_name: str = param("", "Custom Model Name", "Name of the LoRA and merged files; blank: the model's name.")
+    new_run: bool = param(False, "Start a New Run", "Start a new run even when the last one stopped before its end (Cancel, a crash); off: a run started again with the same settings finishes the interrupted one exactly. A new run continues from what the model learned.")
 
     def __post_init__(self):
         check_all_ranges(self)

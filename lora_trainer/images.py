@@ -1,6 +1,6 @@
 """Pictures in, training tensors out: finding, opening, resizing and flipping.
 
-Any picture Pillow reads is accepted in any mode (RGBA, LA, P, L, 1-bit, CMYK,
+Any picture Pillow reads (an animated GIF by its first frame) is accepted in any mode (RGBA, LA, P, L, 1-bit, CMYK,
 16-bit) and turned into 8-bit RGB with the EXIF rotation applied, because
 phone photos are stored sideways with an orientation tag. Transparent parts are
 composited on white (drawings exported with a transparent background are meant
@@ -9,6 +9,7 @@ to be seen on white).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,11 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# Pictures larger than this are skipped before they are decoded: a few-KB "decompression bomb" PNG can claim
+# 30000 x 30000 pixels (2.7 GB as RGB). Pillow's own guard only refuses twice its 89 MP limit and decodes
+# below that; training pictures are resized to at most 2048 pixels anyway.
+MAX_PIXELS = 64 * 1024 * 1024
 # Padding of "keep the whole picture" resizes: the same white as transparent parts.
 PAD_COLOR = (255, 255, 255)
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
@@ -49,11 +54,23 @@ def load_image(path: str | Path) -> Image.Image | None:
     (broken, truncated, not a picture). Never raises for a bad file.
     """
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated file fails here, not halfway through training
+        with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                log.warning("Skipping picture %s: %d x %d pixels is more than the %d million a picture may have "
+                            "(a decompression bomb, or scale it down)", path, width, height, MAX_PIXELS // 2**20)
+                return None
+            opened.load()  # decode now (an animated GIF's first frame): a truncated file fails here, not in training
             image = ImageOps.exif_transpose(opened)
             return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own refusal at open, above twice its limit
+        log.warning("Skipping picture %s: more pixels than a picture may have (a decompression bomb, or scale it "
+                    "down; %s)", path, e)
+        return None
+    except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports broken files as OSError/UnidentifiedImageError, some decoders as SyntaxError/ValueError.
         log.warning("Skipping unreadable picture %s (%s)", path, e)
         return None

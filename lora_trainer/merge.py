@@ -29,6 +29,8 @@ from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .host import ModelsDir, validate_model_name
 from .kohya import KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .leftovers import clean_leftovers
+from .modellock import model_lock
 from .modelspec import modelspec
 from .safetensors_stream import Layout, read_layout, write_safetensors
 
@@ -67,14 +69,24 @@ def merge_lora(models: ModelsDir, model_name: str, *, lora: str | None = None, i
     Raises ModelError for a missing model or LoRA and for a LoRA that does not
     fit (another family, unmatched keys, wrong shapes, non-finite result),
     ConfigError for a bad option, CheckpointError for an unreadable file and
-    OutputExistsError (a FileExistsError) when the output exists and `overwrite` is False.
+    OutputExistsError (a FileExistsError) when the output exists and `overwrite` is False, ModelBusy
+    while another job (training) is writing the model.
     """
+    with model_lock(models.existing_model_dir(model_name), "merge"):
+        return _merge_lora(models, model_name, lora=lora, into=into, unet_weight=unet_weight,
+                           text_weight=text_weight, half=half, subdir=subdir, fmt=fmt, custom_name=custom_name,
+                           overwrite=overwrite, progress=progress)
+
+
+def _merge_lora(models: ModelsDir, model_name: str, *, lora, into, unet_weight, text_weight, half, subdir, fmt,
+                custom_name, overwrite, progress) -> Path:
     progress = progress or _no_progress
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     _check_options(fmt, unet_weight, text_weight)
     lora_path = find_lora(models, info, lora)
     out_path = output_path(models, info, custom_name=custom_name, subdir=subdir, fmt=fmt)
+    clean_leftovers(out_path.parent)  # what a killed merge left
     source = _find_into(models, into) if into else None
     if source is not None and source.resolve() == out_path.resolve():
         raise ConfigError(f"Merge Into: {source} is the file the merge would write; choose another Custom Model Name")

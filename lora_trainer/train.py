@@ -8,6 +8,7 @@ It runs under `accelerate launch` on several GPUs unchanged (data parallel).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -22,18 +23,20 @@ from .data import collect_examples, instance_examples
 from .errors import ConfigError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
+from .leftovers import clean_leftovers
+from .modellock import model_lock
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
-from .training.loop import Loop, TextCache, run_loop, steps_per_epoch, total_steps
+from .training.loop import OUT_OF_MEMORY, Loop, TextCache, run_loop, steps_per_epoch, total_steps
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
+from .training.resume import RESUME_DIR, check_resume_fits, interrupted_run, load_resume_state, restore_optimizer, run_plan
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
@@ -51,8 +54,17 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     Raises ConfigError for option pairs the machine cannot run (before any weight
     is loaded), bad concepts or running out of GPU memory; ModelError for a missing
     or broken model, or when the model's last LoRA was trained with another rank,
-    alpha or Train Text Encoder (also before loading).
+    alpha or Train Text Encoder (also before loading); ModelBusy when another job is writing the model.
     """
+    with model_lock(models.existing_model_dir(model_name), "train"):
+        return _train(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
+
+
+def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
+           report: Report, cancel: CancelFlag | None, device: str | None) -> TrainResult:
+    model_dir = models.existing_model_dir(model_name)
+    for folder in (models.lora, model_dir / RESUME_DIR):
+        clean_leftovers(folder)  # what a killed run left (its lock is taken over by model_lock)
     model_dir, info, hardware = check_before_loading(models, model_name, params, concepts, device)
     name = output_name(info, params)
     accelerator = make_accelerator(params, hardware)
@@ -60,7 +72,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     dtypes = part_dtypes(params, accelerator.device, info.family)
     check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
     if accelerator.is_main_process:
-        params.save(model_dir / PARAMS_FILE)
+        dataclasses.replace(params, new_run=False).save(model_dir / PARAMS_FILE)  # a new run is asked for once
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
         make_class_pictures(models, model_name, concepts, accelerator.device, report, cancel)
     accelerator.wait_for_everyone()
@@ -68,16 +80,33 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
-    seed = run_seed(params, accelerator)
+    pictures = [str(e.image_path) for e in instance + class_]
+    interrupted = interrupted_run(model_dir, info, params, concepts, pictures) if params.use_lora else None
+    start_info = interrupted.start_info if interrupted else info
+    seed = run_seed(params, accelerator, interrupted.seed if interrupted else None)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
-    run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
-    snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
-                          source_checkpoint=source_checkpoint(models, info))
+    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state)
+    started_at = interrupted.plan["started_at"] if interrupted else time.time()
+    if interrupted and interrupted.total_steps == run.total_steps:
+        run.resume_at = interrupted.position
+        resuming = f"Resuming the interrupted run at step {interrupted.position.step + 1} of {run.total_steps}"
+        log.info(resuming)
+        report(Progress(job="train", message=resuming, step=interrupted.position.step, total_steps=run.total_steps))
+    elif interrupted:  # same settings and pictures, yet another step count: a library counts batches otherwise
+        log.warning("The interrupted run planned %d steps, this one %d; a new run starts from what it learned",
+                    interrupted.total_steps, run.total_steps)
+        start_info, run.first_epoch, started_at = info, info.lifetime_epochs, time.time()
+    snapshots = Snapshots(models, model_dir, start_info, params, name, seed, len(instance), started_at,
+                          source_checkpoint=source_checkpoint(models, info),
+                          plan=run_plan(params, concepts, pictures, seed=seed, total_steps=run.total_steps,
+                                        start_info=start_info, started_at=started_at))
+    snapshots.saved_at_step = run.resume_at.step if run.resume_at else -1  # saved when it stopped
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
-                              lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
+                              lifetime_start=start_info.lifetime_steps, enabled=accelerator.is_main_process,
+                              first_step=run.resume_at.step if run.resume_at else 0)
     samples = sample_prompts(concepts, instance)
     run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
     run.cancel = cancel
@@ -91,14 +120,17 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
-    lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
-    if accelerator.is_main_process:
+    added = outcome.steps - (run.resume_at.step if run.resume_at is not None else 0)  # by this start
+    lora_path = models.lora / final.latest_lora if adapters is not None and added else None
+    if accelerator.is_main_process and not outcome.out_of_memory:
         log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
                     if adapters is not None and outcome.steps else model_dir)
-    result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
+    result = TrainResult(lora_path, final.lifetime_steps, final.revision, added,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
+    if outcome.out_of_memory:
+        raise ConfigError(out_of_memory_message(model_dir, params, dtypes, accelerator.device, outcome, final))
     return result
 
 
@@ -131,6 +163,18 @@ def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> No
         log.info("Training cancelled after %d steps; saved %s", steps, saved)
     else:
         log.info("Training cancelled before the first step; nothing saved")
+
+
+def out_of_memory_message(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype],
+                          device: torch.device, outcome, final: ModelInfo) -> str:
+    """The one line of a run stopped by running out of GPU memory: the memory count, what was kept,
+    and the options that lower the need."""
+    figures = describe(least_memory(model_dir, params, dtypes), free_gpu_memory(device))
+    if device.type == "cuda":
+        figures += f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB"
+    saved = (f"the {outcome.steps} steps before it are saved ({final.latest_lora or model_dir}) and the next start "
+             "finishes the run" if outcome.steps else "nothing was learned yet")
+    return OUT_OF_MEMORY.format(step=outcome.steps + 1, figures=figures, saved=saved)
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
@@ -179,12 +223,12 @@ def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, 
     log.info(describe(need, free))
 
 
-def run_seed(params: TrainingParams, accelerator) -> int:
-    """Seed every random generator with the run's seed (-1: one picked at random, the same on every
-    process: they must shuffle the batches alike to share them out)."""
+def run_seed(params: TrainingParams, accelerator, seed: int | None = None) -> int:
+    """Seed every random generator with `seed`, else the run's seed (-1: one picked at random, the same on
+    every process: they must shuffle the batches alike to share them out)."""
     from accelerate.utils import broadcast_object_list, set_seed
 
-    seed = [random.randrange(2**31) if params.seed < 0 else params.seed]
+    seed = [seed if seed is not None else random.randrange(2**31) if params.seed < 0 else params.seed]
     if accelerator.num_processes > 1:
         broadcast_object_list(seed)
     set_seed(seed[0])
@@ -280,11 +324,13 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         lifetime = snapshots.start_info.lifetime_steps + step
         stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
         unwrap = run.accelerator.unwrap_model
-        display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
-                                        folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
-                                        device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed,
-                                        text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
+        # Previews must not move the training's generators: a resumed run would not match one that never stopped.
+        with torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
+            display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
+                                            folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
+                                            device=run.accelerator.device, autocast=run.accelerator.autocast,
+                                            seed=snapshots.seed,
+                                            text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
         display.message(f"Samples of step {step} saved", step)
 
 
@@ -292,7 +338,7 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
-                   text_encoder=unwrap(run.text_encoder))
+                   text_encoder=unwrap(run.text_encoder), position=run.position)
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:

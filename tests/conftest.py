@@ -6,6 +6,8 @@ import socket
 
 import pytest
 
+pytest_plugins = ["reliability_table"]  # docs/reliability.md: written from what the fault tests observe
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

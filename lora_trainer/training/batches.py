@@ -83,7 +83,10 @@ def make_dataset(instance: list[Example], class_: list[Example], params, tokeniz
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):
     """Shuffled batches of one size each (aspect buckets when on; otherwise every picture has the same size)."""
     sampler = shardable_batch_sampler(bucket_batch_sampler(dataset, batch_size, shuffle=True, seed=seed))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=0)
+    # Its own generator: starting an epoch would otherwise draw from torch's global one, and a run
+    # resumed in the middle of an epoch would then draw once more than the run that never stopped.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=0,
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 

@@ -20,6 +20,7 @@ from .batches import batch_latents
 from .console import ProgressDisplay
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
+from .position import RunPosition, capture, restore
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,11 @@ MAX_NON_FINITE_STEPS = 3  # losses that are not numbers in a row before the run 
 NOT_A_NUMBER = ("the loss was not a number (NaN/inf) for {count} steps in a row at step {step} with Mixed Precision "
                 "'{precision}': choose bf16 or 'no' ('mixed_precision') or lower the learning rates; "
                 "nothing of these steps was saved")
-OUT_OF_MEMORY = ("out of GPU memory at step {step}: tick Mixed Precision fp16, Use 8bit Adam, Gradient Checkpointing "
-                 "and Cache Latents, untick Train Text Encoder, or lower Batch Size ('train_batch_size') or "
-                 "Max Resolution ('resolution')")
+OUT_OF_MEMORY = ("out of GPU memory at step {step} ({figures}); {saved}: tick Mixed Precision fp16, Use 8bit Adam, "
+                 "Gradient Checkpointing and Cache Latents, untick Train Text Encoder, or lower Batch Size "
+                 "('train_batch_size') or Max Resolution ('resolution')")
+# torch >= 2.5 names it torch.OutOfMemoryError (also raised by other devices); older ones only torch.cuda's
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -60,6 +63,8 @@ class Loop:
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
+    resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
+    position: RunPosition | None = None    # after the last completed step (what a save keeps)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Outcome:
     steps: int
     epochs: int
     cancelled: bool
+    out_of_memory: bool = False     # stopped by it after `steps` completed steps (what they learned is kept)
 
 
 def steps_per_epoch(batches: int, num_processes: int, accumulation: int) -> int:
@@ -145,19 +151,27 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
     after MAX_NON_FINITE_STEPS of them in a row the run stops with a ConfigError
     instead of going on with a broken model (fp16's black pictures).
     """
-    accelerator, step, micro_batches, pending, non_finite = loop.accelerator, 0, 0, [], 0
+    accelerator, pending, non_finite, start = loop.accelerator, [], 0, loop.resume_at
+    step, micro_batches, epoch, skip = (start.step, start.micro_batches, start.epoch, start.batch_in_epoch) \
+        if start is not None else (0, 0, 0, 0)
     batches_per_epoch = max(len(loop.loader), 1)
-    epoch = 0
+    if start is not None:
+        restore(loop, start)
     while step < loop.total_steps:
         set_epoch(loop, loop.first_epoch + epoch)
+        loop.sampler.skip = skip * accelerator.num_processes  # an interrupted epoch goes on where it stopped
+        in_epoch, skip = skip, 0
         for batch in loop.loader:
             if cancelled(loop):
                 return Outcome(step, micro_batches // batches_per_epoch, True)
             try:
                 pending.append(optimizer_micro_step(loop, batch))
-            except torch.cuda.OutOfMemoryError:
-                raise ConfigError(OUT_OF_MEMORY.format(step=step + 1)) from None
+            except OutOfMemoryError:
+                # Stop at the last completed step: its weights are intact; this step's gradients go.
+                loop.optimizer.zero_grad(set_to_none=True)
+                return Outcome(step, micro_batches // batches_per_epoch, True, out_of_memory=True)
             micro_batches += 1
+            in_epoch += 1
             if accelerator.sync_gradients:
                 step += 1
                 loop.losses.append(sum(pending) / len(pending))
@@ -166,6 +180,8 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
                 if non_finite >= MAX_NON_FINITE_STEPS:
                     raise ConfigError(NOT_A_NUMBER.format(count=non_finite, step=step,
                                                           precision=loop.params.mixed_precision))
+                loop.position = capture(loop, step=step, micro_batches=micro_batches, epoch=epoch,
+                                        batch_in_epoch=in_epoch)
                 display.step(step, loop.first_epoch + epoch, loop.losses[-1], loop.lr_scheduler.get_last_lr()[0])
                 loop.on_step(step, micro_batches // batches_per_epoch)
                 if step >= loop.total_steps:

@@ -32,11 +32,14 @@ class Snapshots:
     num_images: int
     started_at: float
     source_checkpoint: Path | None = None
+    plan: dict | None = None               # the run's plan (resume.run_plan), kept with the resume state
     saved_at_step: int = -1
     lora_path: Path | None = None
 
-    def save(self, step: int, epochs: int, *, adapters: Adapters | None, optimizer, unet, text_encoder) -> None:
-        """Save the state after `step` (> 0) steps of this run and `epochs` epochs; once per step."""
+    def save(self, step: int, epochs: int, *, adapters: Adapters | None, optimizer, unet, text_encoder,
+             position=None) -> None:
+        """Save the state after `step` (> 0) steps of this run and `epochs` epochs; once per step.
+        `position` (training.position.RunPosition, after `step`) lets a later run finish this one exactly."""
         if step == self.saved_at_step:
             return
         info = info_after(self.start_info, run_steps=step, run_epochs=epochs)
@@ -49,7 +52,8 @@ class Snapshots:
                               run_epochs=epochs, num_images=self.num_images, started_at=self.started_at,
                               finished_at=time.time(), seed=self.seed, source_checkpoint=self.source_checkpoint)
             save_resume_state(self.model_dir, tensors, optimizer.state_dict(),
-                              lifetime_steps=info.lifetime_steps, lora_file=path.name)
+                              lifetime_steps=info.lifetime_steps, lora_file=path.name, plan=self.plan,
+                              position=position if position is not None and position.step == step else None)
             info.latest_lora = path.relative_to(self.models.lora).as_posix()
             self.lora_path = path
         save_info(self.model_dir, info)
