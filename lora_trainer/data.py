@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .buckets import BucketBatchSampler, bucket_resolutions, closest_bucket
+from .caption_augment import CaptionAugment, augment_caption, caption_rng
 from .config import Concept
 from .errors import ConfigError
 from .images import IMAGE_EXTENSIONS, list_images, load_image, resize_to, to_tensor
@@ -40,6 +41,7 @@ class Example:
     is_class: bool
     concept_index: int
     size: tuple[int, int] | None = None  # (width, height) upright; set by collect_examples
+    from_caption: bool = False  # the prompt came from a [filewords] caption: caption augmentation applies
 
 
 def class_dir_for(concept: Concept, index: int, model_dir: Path) -> Path:
@@ -121,11 +123,13 @@ def _instance_example(path: Path, concept: Concept, index: int) -> Example | Non
     image = load_image(path)
     if image is None:
         return None
-    prompt = build_prompt(concept.instance_prompt, read_caption(path), concept, is_class=False)
+    caption = read_caption(path)
+    prompt = build_prompt(concept.instance_prompt, caption, concept, is_class=False)
     if not prompt:
         raise ConfigError(f"Concept {index + 1} Instance Prompt ('instance_prompt') is blank and {path} has no "
                           "caption .txt beside it; give an instance prompt")
-    return Example(path, prompt, False, index, image.size)
+    return Example(path, prompt, False, index, image.size,
+                   from_caption=bool(caption) and uses_filewords(concept.instance_prompt))
 
 
 def _class_examples(concept: Concept, index: int, model_dir: Path, wanted: int) -> list[Example]:
@@ -173,17 +177,21 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     H x W is resolution x resolution, or the instance picture's bucket with
     `use_buckets` (its class partner is made at the same size).
     Flips are random but reproducible: they depend on `seed`, the epoch and the index.
+    `augment` (caption_augment.CaptionAugment) reworks the prompts of instance examples
+    taken from [filewords] captions, reproducibly in the same way.
     """
 
     row_key = "pixel_values"
 
     def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
-                 hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0):
+                 hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0,
+                 augment: CaptionAugment | None = None):
         if not instance:
             raise ConfigError("Concepts: no instance pictures to train on; set a Dataset Directory")
         self.instance, self.class_ = list(instance), list(class_)
         self.resolution, self.center_crop, self.hflip = resolution, center_crop, hflip
         self.use_buckets, self.tokenizer, self.seed = use_buckets, tokenizer, seed
+        self.augment = augment if augment is not None and augment.active else None
         self.epoch = 0
         buckets = bucket_resolutions(resolution) if use_buckets else [(resolution, resolution)]
         self.sizes = [closest_bucket(_size_of(e), buckets) if use_buckets else buckets[0] for e in self.instance]
@@ -235,17 +243,24 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         training's latent cache gives the encoded picture instead."""
         return self.pixels(example, size, flip=flip)
 
+    def prompt_of(self, index: int) -> str:
+        """The prompt instance example `index` is trained with this epoch (caption augmentation applied)."""
+        example = self.instance[index]
+        if self.augment is None or not example.from_caption:
+            return example.prompt
+        return augment_caption(example.prompt, self.augment, caption_rng(self.seed, self.epoch, index))
+
     def tokenize(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(prompt, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return ids[0]
 
     def __getitem__(self, index: int) -> dict:
-        example, size = self.instance[index], self.sizes[index]
+        example, size, prompt = self.instance[index], self.sizes[index], self.prompt_of(index)
         item = {self.row_key: self.row(example, size, flip=self.flips(index)),
-                "prompt": example.prompt, "is_class": False}
+                "prompt": prompt, "is_class": False}
         if self.tokenizer is not None:
-            item["input_ids"] = self.tokenize(example.prompt)
+            item["input_ids"] = self.tokenize(prompt)
         partner = self.class_partner(index)
         if partner is not None:
             item["class_" + self.row_key] = self.row(partner, size, flip=self.flips(index, "class"))

@@ -14,6 +14,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ..caption_augment import CaptionAugment
 from ..compat import shardable_batch_sampler
 from ..data import DreamBoothDataset, Example, bucket_batch_sampler, collate_examples
 
@@ -75,7 +76,8 @@ def make_dataset(instance: list[Example], class_: list[Example], params, tokeniz
     """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills."""
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
-                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed)
+                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed,
+                augment=CaptionAugment.from_params(params))
 
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):
