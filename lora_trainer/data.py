@@ -23,6 +23,7 @@ from .caption_augment import CaptionAugment, augment_caption, caption_rng
 from .config import Concept
 from .errors import ConfigError
 from .images import IMAGE_EXTENSIONS, list_images, load_image, resize_to, to_tensor
+from .masks import load_mask, mask_tensor
 from .prompts import build_prompt, read_caption, tidy, uses_filewords
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "read_caption", "build_prompt", "Example",
@@ -178,20 +179,22 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     `use_buckets` (its class partner is made at the same size).
     Flips are random but reproducible: they depend on `seed`, the epoch and the index.
     `augment` (caption_augment.CaptionAugment) reworks the prompts of instance examples
-    taken from [filewords] captions, reproducibly in the same way.
+    taken from [filewords] captions, reproducibly in the same way. With `masked` every item
+    also has "loss_mask" [1, H, W] (masks.py; ones for pictures without a mask and for class pictures).
     """
 
     row_key = "pixel_values"
 
     def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
                  hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0,
-                 augment: CaptionAugment | None = None):
+                 augment: CaptionAugment | None = None, masked: bool = False):
         if not instance:
             raise ConfigError("Concepts: no instance pictures to train on; set a Dataset Directory")
         self.instance, self.class_ = list(instance), list(class_)
         self.resolution, self.center_crop, self.hflip = resolution, center_crop, hflip
         self.use_buckets, self.tokenizer, self.seed = use_buckets, tokenizer, seed
         self.augment = augment if augment is not None and augment.active else None
+        self.masked, self._masks = masked, {}
         self.epoch = 0
         buckets = bucket_resolutions(resolution) if use_buckets else [(resolution, resolution)]
         self.sizes = [closest_bucket(_size_of(e), buckets) if use_buckets else buckets[0] for e in self.instance]
@@ -250,6 +253,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             return example.prompt
         return augment_caption(example.prompt, self.augment, caption_rng(self.seed, self.epoch, index))
 
+    def loss_mask(self, example: Example, size: tuple[int, int], *, flip: bool) -> torch.Tensor:
+        """The loss weights [1, H, W] of `example` placed as its picture is (masks.py)."""
+        key = str(example.image_path)
+        if key not in self._masks:  # read once: the mask does not change during the run
+            self._masks[key] = load_mask(example.image_path)
+        return mask_tensor(self._masks[key], size, center_crop=self.center_crop, flip=flip)
+
     def tokenize(self, prompt: str) -> torch.Tensor:
         ids = self.tokenizer(prompt, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
@@ -259,12 +269,16 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         example, size, prompt = self.instance[index], self.sizes[index], self.prompt_of(index)
         item = {self.row_key: self.row(example, size, flip=self.flips(index)),
                 "prompt": prompt, "is_class": False}
+        if self.masked:
+            item["loss_mask"] = self.loss_mask(example, size, flip=self.flips(index))
         if self.tokenizer is not None:
             item["input_ids"] = self.tokenize(prompt)
         partner = self.class_partner(index)
         if partner is not None:
             item["class_" + self.row_key] = self.row(partner, size, flip=self.flips(index, "class"))
             item["class_prompt"] = partner.prompt
+            if self.masked:
+                item["class_loss_mask"] = torch.ones(1, size[1], size[0])
             if self.tokenizer is not None:
                 item["class_input_ids"] = self.tokenize(partner.prompt)
         return item
@@ -312,6 +326,9 @@ def collate_examples(batch: list[dict]) -> dict:
            "is_class": torch.tensor(is_class, dtype=torch.bool)}
     if ids:
         out["input_ids"] = torch.stack(ids)
+    if "loss_mask" in batch[0]:
+        out["loss_mask"] = torch.stack([item["loss_mask"] for item in batch] +
+                                       [item["class_loss_mask"] for item in partnered])
     return out
 
 

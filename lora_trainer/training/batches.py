@@ -77,7 +77,7 @@ def make_dataset(instance: list[Example], class_: list[Example], params, tokeniz
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
                 use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed,
-                augment=CaptionAugment.from_params(params))
+                augment=CaptionAugment.from_params(params), masked=params.masked_loss)
 
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):

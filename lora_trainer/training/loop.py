@@ -15,6 +15,7 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
+from ..masks import latent_weights
 from ..progress import CancelFlag
 from .batches import batch_latents
 from .console import ProgressDisplay
@@ -87,8 +88,9 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     prediction = loop.unet(noisy, timesteps, hidden, return_dict=False)[0]
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
+    mask = latent_weights(batch["loss_mask"], latents) if "loss_mask" in batch else None
     return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
-                           weights=weights)
+                           weights=weights, pixel_weights=mask)
 
 
 def cancelled(loop: Loop) -> bool:
