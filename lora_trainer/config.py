@@ -254,6 +254,8 @@ class TrainingParams(JsonConfig):
     cache_latents: bool = param(True, "Cache Latents", "Encode every picture once and move the VAE off the GPU (flip is cached too).")
     snr_gamma: float = param(0.0, "Min SNR Gamma", "Min-SNR loss weighting (5 is common); 0 = off.", minimum=0.0, advanced=True)
     noise_offset: float = param(0.0, "Noise Offset", "Adds a per-channel offset to the noise, helping very dark or bright pictures (0.05 to 0.1); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
+    use_ema: bool = param(False, "Use EMA", "Keep an exponential moving average of the trained weights and save and sample with it: smoother results, one more copy of the trained weights in memory.", advanced=True)
+    ema_decay: float = param(0.999, "EMA Decay", "How slowly the average follows the weights at each step: 0.999 averages over about the last 1000 steps.", minimum=0.0, maximum=1.0, advanced=True)
     masked_loss: bool = param(False, "Masked Loss", "Weight the loss by a mask beside each picture (<name>.mask.png: white trains, black is ignored) or the picture's transparency; pictures without one train whole.", advanced=True)
     shuffle_caption: bool = param(False, "Shuffle Caption", "[filewords] captions only: put the comma-separated tags after the first Keep Tokens in a new random order every epoch.", advanced=True)
     keep_tokens: int = param(0, "Keep Tokens", "[filewords] captions: this many leading tags (e.g. the instance token and class) are never shuffled or dropped.", minimum=0, advanced=True)

@@ -33,7 +33,8 @@ from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
+from .training.ema import EMA, ema_applied
+from .training.resume import check_resume_fits, load_ema_state, load_resume_state, restore_optimizer
 from .training.samples import draw_samples, sample_prompts
 from .training.snapshots import Snapshots
 
@@ -80,6 +81,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     adapters = prepare_model(model, params, accelerator.device, dtypes)
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
     run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
+    run.ema = make_ema(params, run.trainable, model_dir if adapters is not None else None)
     snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
                           source_checkpoint=source_checkpoint(models, info))
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
@@ -244,10 +246,11 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         lifetime = snapshots.start_info.lifetime_steps + step
         stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
         unwrap = run.accelerator.unwrap_model
-        display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
-                                        folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
-                                        device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed)
+        with ema_applied(run.ema):
+            display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
+                                            folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
+                                            device=run.accelerator.device, autocast=run.accelerator.autocast,
+                                            seed=snapshots.seed)
         display.message(f"Samples of step {step} saved", step)
 
 
@@ -255,7 +258,19 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
-                   text_encoder=unwrap(run.text_encoder))
+                   text_encoder=unwrap(run.text_encoder), ema=run.ema)
+
+
+def make_ema(params: TrainingParams, trainable: list, resume_dir: Path | None) -> EMA | None:
+    """"Use EMA": averages of the trained weights, continuing the ones kept in `resume_dir`'s resume
+    state (a LoRA run's model folder) when they fit."""
+    if not params.use_ema:
+        return None
+    ema = EMA(trainable, params.ema_decay)
+    state = load_ema_state(resume_dir) if resume_dir is not None else None
+    if state is not None and ema.load_state_dict(state):
+        log.info("Continuing the EMA of the previous run")
+    return ema
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:

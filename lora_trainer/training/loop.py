@@ -19,6 +19,7 @@ from ..masks import latent_weights
 from ..progress import CancelFlag
 from .batches import batch_latents
 from .console import ProgressDisplay
+from .ema import EMA
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
 
@@ -55,6 +56,7 @@ class Loop:
     on_step: Callable[[int, int], None] = lambda step, epochs: None   # after each step: save / samples
     cancel: CancelFlag | None = None
     losses: list[float] = field(default_factory=list)
+    ema: EMA | None = None           # "Use EMA": averaged after every optimizer step
 
 
 @dataclass
@@ -159,6 +161,8 @@ def optimizer_micro_step(loop: Loop, batch: dict) -> float:
             loop.optimizer.step()
         loop.lr_scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
+        if loop.ema is not None and accelerator.sync_gradients:
+            loop.ema.update()
     return float(loss.total.detach().item())
 
 

@@ -35,6 +35,7 @@ RESUME_DIR = "resume"
 ADAPTERS_FILE = "lora.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -46,13 +47,15 @@ class ResumeState:
 
 
 def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict | None, *,
-                      lifetime_steps: int, lora_file: str) -> None:
-    """Replace `<model>/resume/` with the current adapters and optimizer state, atomically."""
+                      lifetime_steps: int, lora_file: str, ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace `<model>/resume/` with the current adapters and optimizer state (and the EMA averages), atomically."""
     with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True) as tmp:
         save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
                         tmp / ADAPTERS_FILE, overwrite=True)
         if optimizer_state is not None:
             save_optimizer_state(optimizer_state, tmp / OPTIMIZER_FILE)
+        if ema is not None:
+            save_checkpoint(ema, tmp / EMA_FILE, overwrite=True)
         (tmp / STATE_FILE).write_text(json.dumps({"lifetime_steps": lifetime_steps, "lora": lora_file}, indent=2),
                                       encoding="utf-8")
 
@@ -125,6 +128,18 @@ def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Resum
         tensors, _ = read_lora(latest)
         return ResumeState(tensors, None, str(latest), info.lifetime_steps)
     return None
+
+
+def load_ema_state(model_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA averages kept with the resume state; None when there are none (or they cannot be read)."""
+    path = Path(model_dir) / RESUME_DIR / EMA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a damaged file: the average starts again from the resumed weights
+        log.warning("Ignoring the EMA state %s (%s); the average starts again", path, e)
+        return None
 
 
 def save_optimizer_state(state: dict, path: Path) -> None:
