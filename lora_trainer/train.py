@@ -36,7 +36,10 @@ from .training.parts import (WorkingModel, enable_checkpointing, free_device_mem
 from .training.ema import EMA, ema_applied
 from .training.resume import check_resume_fits, load_ema_state, load_resume_state, restore_optimizer
 from .training.samples import draw_samples, sample_prompts
+from .training.logs import RunLog, group_names
 from .training.snapshots import Snapshots
+from .training.validation import (Validator, best_line, build_validation_set, check_validation_dirs, evaluate,
+                                  hold_out)
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +78,12 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
+    instance, held_out = hold_out(instance, concepts, model_dir, params.validation_split)
     seed = run_seed(params, accelerator)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
+    validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
     run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
     run.ema = make_ema(params, run.trainable, model_dir if adapters is not None else None)
@@ -87,23 +92,33 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
                               lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
     samples = sample_prompts(concepts, instance)
-    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
+    runlog = RunLog(model_dir, info.revision + 1, group_names(len(run.optimizer.param_groups))) \
+        if accelerator.is_main_process else None
+    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs,
+                                                  validator=validator, runlog=runlog)
     run.cancel = cancel
     try:
         outcome = run_loop(run, display)
         if outcome.steps and accelerator.is_main_process:
             display.message("Saving", outcome.steps)
             save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
+            name_best(validator, snapshots, display, outcome.steps)
     finally:
         display.close()
+        if runlog is not None:
+            runlog.close()
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
     lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
     if accelerator.is_main_process:
         log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
+    best = validator.best() if validator is not None else None
     result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
-                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
+                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses),
+                         val_losses=list(validator.history) if validator is not None else [],
+                         best_step=best[0] if best else None,
+                         best_lora=validator.files.get(best[0]) if best else None)
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
@@ -118,6 +133,7 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
         raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
     for index, concept in chosen:
         instance_examples(concept, index, model_dir)
+    check_validation_dirs(concepts, model_dir)
     plan_class_images(model_dir, concepts, quiet=True)
 
 
@@ -233,14 +249,25 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
 
 
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
-               epochs: int) -> None:
-    """Save at the "Save Model Frequency" and draw previews at the "Save Preview(s) Frequency"."""
+               epochs: int, *, validator: Validator | None = None, runlog: RunLog | None = None) -> None:
+    """Measure the validation loss when due, write the step's figures to the logs, save at the "Save Model
+    Frequency" and draw previews at the "Save Preview(s) Frequency"."""
     if not run.accelerator.is_main_process:
         return
     params = run.params
-    if params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps:
+    saving = bool(params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps)
+    val_loss = evaluate(run, validator, step, saving=saving)
+    if val_loss is not None:
+        display.validation(step, val_loss)
+    if runlog is not None:
+        runlog.row(step=step, lifetime_step=snapshots.start_info.lifetime_steps + step, epoch=epochs,
+                   loss=run.losses[-1], val_loss=val_loss, lrs=run.lr_scheduler.get_last_lr(),
+                   memory_mb=display.memory_mb())
+    if saving:
         display.message(f"Saving at step {step}", step)
         save_snapshot(run, snapshots, adapters, step, epochs)
+        if validator is not None:
+            validator.files[step] = snapshots.lora_path
     if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
         display.message(f"Drawing samples at step {step}", step)
         lifetime = snapshots.start_info.lifetime_steps + step
@@ -259,6 +286,26 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
                    text_encoder=unwrap(run.text_encoder), ema=run.ema)
+
+
+def make_validator(model: WorkingModel, held_out: list, params: TrainingParams, accelerator) -> Validator | None:
+    """The validation set (encoded once, on the main process) when there are validation pictures."""
+    if not held_out or not accelerator.is_main_process:
+        return None
+    vset = build_validation_set(held_out, model, resolution=params.resolution, center_crop=params.center_crop,
+                                device=accelerator.device)
+    return Validator(vset, params.validation_every_n_steps, among_saves=bool(params.save_every_n_steps))
+
+
+def name_best(validator: Validator | None, snapshots: Snapshots, display: ProgressDisplay, steps: int) -> None:
+    """At the end: the step with the lowest validation loss, and its LoRA, in the log and the console."""
+    if validator is None:
+        return
+    validator.files[steps] = snapshots.lora_path
+    line = best_line(validator, snapshots.start_info.lifetime_steps)
+    if line:
+        log.info(line)
+        display.message(line, steps)
 
 
 def make_ema(params: TrainingParams, trainable: list, resume_dir: Path | None) -> EMA | None:
