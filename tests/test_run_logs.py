@@ -46,3 +46,10 @@ def test_rows_are_on_disk_while_the_run_goes_on(tmp_path):
     assert rows == [{"step": "1", "lifetime_step": "11", "epoch": "0", "loss": "0.5", "val_loss": "0.25",
                      "lr_unet": "0.0001", "step_seconds": rows[0]["step_seconds"], "memory_mb": "12.5"}]
     log.close()
+    if tensorboard_available():  # the same figures in TensorBoard's event files (only where it is installed)
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(log.folder))
+        events.Reload()
+        assert [(e.step, round(e.value, 6)) for e in events.Scalars("loss/validation")] == [(11, 0.25)]
+        assert {"loss/train", "lr/unet", "time/step_seconds", "memory/peak_mb"} <= set(events.Tags()["scalars"])

@@ -42,9 +42,12 @@ class RunLog:
         self._last = time.perf_counter()
         self._board = None
         if tensorboard_available():
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._board = SummaryWriter(log_dir=str(self.folder))
+                self._board = SummaryWriter(log_dir=str(self.folder))
+            except ImportError as e:  # tensorboard present but incomplete (e.g. no protobuf): the CSV still goes on
+                log.warning("TensorBoard files are not written (%s); the CSV is", e)
         log.info("Writing the run's figures to %s%s", self.folder, " (CSV and TensorBoard)" if self._board else "")
 
     def row(self, *, step: int, lifetime_step: int, epoch: int, loss: float, val_loss: float | None,
