@@ -118,7 +118,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses),
                          val_losses=list(validator.history) if validator is not None else [],
                          best_step=best[0] if best else None,
-                         best_lora=validator.files.get(best[0]) if best else None)
+                         best_lora=validator.best_file() if validator is not None else None)
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
@@ -268,6 +268,7 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         save_snapshot(run, snapshots, adapters, step, epochs)
         if validator is not None:
             validator.files[step] = snapshots.lora_path
+            snapshots.keep = {path for path in [validator.best_file()] if path is not None}
     if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
         display.message(f"Drawing samples at step {step}", step)
         lifetime = snapshots.start_info.lifetime_steps + step
@@ -302,6 +303,7 @@ def name_best(validator: Validator | None, snapshots: Snapshots, display: Progre
     if validator is None:
         return
     validator.files[steps] = snapshots.lora_path
+    snapshots.keep = {path for path in [validator.best_file()] if path is not None}
     line = best_line(validator, snapshots.start_info.lifetime_steps)
     if line:
         log.info(line)

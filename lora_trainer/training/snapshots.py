@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ModelInfo, TrainingParams
@@ -35,6 +35,7 @@ class Snapshots:
     source_checkpoint: Path | None = None
     saved_at_step: int = -1
     lora_path: Path | None = None
+    keep: set[Path] = field(default_factory=set)   # never pruned as an intermediate file (the best by validation)
 
     def save(self, step: int, epochs: int, *, adapters: Adapters | None, optimizer, unet, text_encoder,
              ema: EMA | None = None) -> None:

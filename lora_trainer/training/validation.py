@@ -153,6 +153,11 @@ class Validator:
         pool = [(s, v) for s, v in self.history if math.isfinite(v) and (not self.among_saves or s in self.saved_steps)]
         return min(pool, key=lambda item: (item[1], item[0])) if pool else None
 
+    def best_file(self) -> Path | None:
+        """The LoRA saved at the best step so far, if one was."""
+        best = self.best()
+        return self.files.get(best[0]) if best is not None else None
+
 
 def check_validation_dirs(concepts: list[Concept], model_dir: Path) -> None:
     """Before anything is written: every Validation Directory named has readable pictures.
@@ -200,6 +205,6 @@ def best_line(validator: Validator, lifetime_start: int) -> str | None:
     if best is None:
         return None
     step, loss = best
-    path = validator.files.get(step)
+    path = validator.best_file()
     where = f": {path.name}" if path is not None else ""
     return f"Best validation loss {loss:.6f} at step {step} (lifetime step {lifetime_start + step}){where}"
