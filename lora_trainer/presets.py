@@ -3,15 +3,17 @@
 A preset changes only the fields it names; everything else keeps the value the
 user has. "8 GB GPU" is what the reference material recommends for an 8 GB
 NVIDIA card: LoRA, fp16, 8-bit Adam, memory-efficient attention, gradient
-checkpointing, cached latents, batch 1, rank 4. On a CPU the GPU-only parts
-become what runs there: fp16 becomes bf16, and 8-bit Adam plain AdamW unless the
-installed bitsandbytes runs on the CPU (>= 0.50), so a preset can be tried anywhere.
+checkpointing, cached latents, batch 1, rank 4. Without a CUDA GPU a preset picks
+what is fastest on the CPU: fp32 (mixed precision only slows a CPU down), no
+gradient checkpointing (it trades time for GPU memory), and plain AdamW for 8-bit
+Adam unless the installed bitsandbytes runs on the CPU (>= 0.50). Every such
+change is named, so the user sees why a field differs from the preset.
 """
 from __future__ import annotations
 
 import dataclasses
 
-from .config import TrainingParams
+from .config import TrainingParams, field_meta
 from .errors import ConfigError
 from .optional import bitsandbytes_runs_on_cpu
 
@@ -50,15 +52,44 @@ def preset_names() -> list[str]:
 
 
 def apply_preset(params: TrainingParams, name: str, *, cuda: bool = True) -> TrainingParams:
-    """`params` with the fields of preset `name` changed (without `cuda`, GPU-only choices swapped).
+    """`params` with the fields of preset `name` changed (without `cuda`, made fit for the CPU).
 
     Raises ConfigError for an unknown name.
     """
+    return apply_preset_noted(params, name, cuda=cuda)[0]
+
+
+def apply_preset_noted(params: TrainingParams, name: str, *,
+                       cuda: bool = True) -> tuple[TrainingParams, list[str]]:
+    """`apply_preset`, plus one note per choice changed because of this machine, e.g.
+    "Mixed Precision fp16 -> no (fp32): no CUDA GPU here; fp32 is fastest on a CPU".
+
+    Raises ConfigError for an unknown name.
+    """
+    if not name:
+        raise ConfigError(f"Preset: choose one of {', '.join(PRESETS)}, then press Apply Preset")
     if name not in PRESETS:
         raise ConfigError(f"Preset: {name!r} is not one of {', '.join(PRESETS)}")
     values = dict(PRESETS[name])
-    if not cuda and values.get("mixed_precision") == "fp16":
-        values["mixed_precision"] = "bf16"
-    if not cuda and values.get("use_8bit_adam") and not bitsandbytes_runs_on_cpu():
-        values["use_8bit_adam"] = False
-    return dataclasses.replace(params, **values)
+    notes: list[str] = []
+
+    def swap(field: str, new, why: str) -> None:
+        notes.append(f"{field_meta(TrainingParams, field)['label']} {_shown(field, values[field])} -> {_shown(field, new)}: {why}")
+        values[field] = new
+
+    if not cuda:
+        if values.get("mixed_precision", "no") != "no":
+            swap("mixed_precision", "no", "no CUDA GPU here; fp32 is fastest on a CPU")
+        if values.get("gradient_checkpointing"):
+            swap("gradient_checkpointing", False, "no CUDA GPU here; on a CPU it only makes each step slower")
+        if values.get("use_8bit_adam") and not bitsandbytes_runs_on_cpu():
+            swap("use_8bit_adam", False, "no CUDA GPU here and the installed bitsandbytes (< 0.50) needs one")
+    return dataclasses.replace(params, **values), notes
+
+
+def _shown(field: str, value) -> str:
+    if field == "mixed_precision" and value == "no":
+        return "no (fp32)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)

@@ -39,7 +39,7 @@ from .training.samples import draw_samples, sample_prompts
 from .training.logs import RunLog, group_names
 from .training.snapshots import Snapshots
 from .training.validation import (Validator, best_line, build_validation_set, check_validation_dirs, evaluate,
-                                  hold_out)
+                                  hold_out, result_fields)
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,8 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     or broken model, or when the model's last LoRA was trained with another rank,
     alpha or Train Text Encoder (also before loading).
     """
-    model_dir = models.existing_model_dir(model_name)
-    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    hardware = probe_hardware(device)
-    check_options(params, hardware)
-    check_trains_something(params)
+    model_dir, info, hardware = check_before_loading(models, model_name, params, concepts, device)
     name = output_name(info, params)
-    check_concepts(concepts, model_dir)
-    check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
     dtypes = part_dtypes(params, accelerator.device)
@@ -112,16 +106,42 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
     lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
     if accelerator.is_main_process:
-        log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
-    best = validator.best() if validator is not None else None
+        log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
+                    if adapters is not None and outcome.steps else model_dir)
     result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses),
-                         val_losses=list(validator.history) if validator is not None else [],
-                         best_step=best[0] if best else None,
-                         best_lora=validator.best_file() if validator is not None else None)
+                         **result_fields(validator))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
+
+
+def check_before_loading(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept],
+                         device: str | None = None) -> tuple[Path, ModelInfo, Hardware]:
+    """The checks of `train` that need no weights and write nothing: the model, the options this
+    machine runs, that something trains, the output name, the concepts' pictures, and that the last
+    LoRA's shape fits. The UI runs them before a job, so a refused run never makes the host give up
+    its GPU. Returns the model folder, its info and the hardware. Raises ConfigError or ModelError.
+    """
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    hardware = probe_hardware(device)
+    check_options(params, hardware)
+    check_trains_something(params)
+    output_name(info, params)
+    check_concepts(concepts, model_dir)
+    check_resume_fits(model_dir, models.lora, info, params)
+    return model_dir, info, hardware
+
+
+def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> None:
+    """The run's one closing console line: finished, or cancelled with what was saved."""
+    if not cancelled:
+        log.info("Training finished. Total lifetime steps: %d", info.lifetime_steps)
+    elif steps:
+        log.info("Training cancelled after %d steps; saved %s", steps, saved)
+    else:
+        log.info("Training cancelled before the first step; nothing saved")
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:

@@ -199,6 +199,15 @@ def evaluate(run, validator: Validator | None, step: int, *, saving: bool) -> fl
     return loss
 
 
+def result_fields(validator: Validator | None) -> dict:
+    """TrainResult's val_losses, best_step and best_lora (empty without validation)."""
+    if validator is None:
+        return {}
+    best = validator.best()
+    return {"val_losses": list(validator.history), "best_step": best[0] if best else None,
+            "best_lora": validator.best_file()}
+
+
 def best_line(validator: Validator, lifetime_start: int) -> str | None:
     """"Best validation loss ... at step ...", naming the LoRA saved at that step when there is one."""
     best = validator.best()
