@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from .buckets import BucketBatchSampler, bucket_resolutions, closest_bucket
+from .caption_augment import CaptionAugment, augment_caption, caption_rng
 from .config import Concept
 from .errors import ConfigError
 from .images import IMAGE_EXTENSIONS, crop_top_left, list_images, load_image, resize_to, to_tensor
+from .masks import load_mask, mask_tensor
 from .prompts import build_prompt, read_caption, tidy, uses_filewords
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "read_caption", "build_prompt", "Example",
@@ -40,6 +42,7 @@ class Example:
     is_class: bool
     concept_index: int
     size: tuple[int, int] | None = None  # (width, height) upright; set by collect_examples
+    from_caption: bool = False  # the prompt came from a [filewords] caption: caption augmentation applies
 
 
 def class_dir_for(concept: Concept, index: int, model_dir: Path) -> Path:
@@ -121,11 +124,13 @@ def _instance_example(path: Path, concept: Concept, index: int) -> Example | Non
     image = load_image(path)
     if image is None:
         return None
-    prompt = build_prompt(concept.instance_prompt, read_caption(path), concept, is_class=False)
+    caption = read_caption(path)
+    prompt = build_prompt(concept.instance_prompt, caption, concept, is_class=False)
     if not prompt:
         raise ConfigError(f"Concept {index + 1} Instance Prompt ('instance_prompt') is blank and {path} has no "
                           "caption .txt beside it; give an instance prompt")
-    return Example(path, prompt, False, index, image.size)
+    return Example(path, prompt, False, index, image.size,
+                   from_caption=bool(caption) and uses_filewords(concept.instance_prompt))
 
 
 def _class_examples(concept: Concept, index: int, model_dir: Path, wanted: int) -> list[Example]:
@@ -176,19 +181,24 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     picture's real (height, width), the (top, left) of the crop and the (height,
     width) trained at, as SDXL's size/crop conditioning wants them (and the class_ keys alike).
     Flips are random but reproducible: they depend on `seed`, the epoch and the index.
+    `augment` (caption_augment.CaptionAugment) reworks the prompts of instance examples
+    taken from [filewords] captions, reproducibly in the same way. With `masked` every item
+    also has "loss_mask" [1, H, W] (masks.py; ones for pictures without a mask and for class pictures).
     """
 
     row_key = "pixel_values"
 
     def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
                  hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0, tokenizer_2=None,
-                 time_ids: bool = False):
+                 time_ids: bool = False, augment: CaptionAugment | None = None, masked: bool = False):
         if not instance:
             raise ConfigError("Concepts: no instance pictures to train on; set a Dataset Directory")
         self.instance, self.class_ = list(instance), list(class_)
         self.resolution, self.center_crop, self.hflip = resolution, center_crop, hflip
         self.use_buckets, self.tokenizer, self.seed = use_buckets, tokenizer, seed
         self.tokenizer_2, self.with_time_ids = tokenizer_2, time_ids
+        self.augment = augment if augment is not None and augment.active else None
+        self.masked, self._masks = masked, {}
         self.epoch = 0
         buckets = bucket_resolutions(resolution) if use_buckets else [(resolution, resolution)]
         self.sizes = [closest_bucket(_size_of(e), buckets) if use_buckets else buckets[0] for e in self.instance]
@@ -240,6 +250,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         training's latent cache gives the encoded picture instead."""
         return self.pixels(example, size, flip=flip)
 
+    def prompt_of(self, index: int) -> str:
+        """The prompt instance example `index` is trained with this epoch (caption augmentation applied)."""
+        example = self.instance[index]
+        if self.augment is None or not example.from_caption:
+            return example.prompt
+        return augment_caption(example.prompt, self.augment, caption_rng(self.seed, self.epoch, index))
+
+    def loss_mask(self, example: Example, size: tuple[int, int], *, flip: bool) -> torch.Tensor:
+        """The loss weights [1, H, W] of `example` placed as its picture is (masks.py)."""
+        key = str(example.image_path)
+        if key not in self._masks:  # read once: the mask does not change during the run
+            self._masks[key] = load_mask(example.image_path)
+        return mask_tensor(self._masks[key], size, center_crop=self.center_crop, flip=flip)
+
     def tokenize(self, prompt: str, tokenizer=None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizer
         ids = tokenizer(prompt, padding="max_length", truncation=True,
@@ -259,27 +283,30 @@ class DreamBoothDataset(torch.utils.data.Dataset):
             out["input_ids_2"] = self.tokenize(prompt, self.tokenizer_2)
         return out
 
-    def conditioning(self, example: Example, size: tuple[int, int], flip: bool) -> dict:
-        """The prompt-side keys of one row: token ids (of each tokenizer) and time ids."""
+    def conditioning(self, example: Example, size: tuple[int, int], flip: bool, prompt: str | None = None) -> dict:
+        """The prompt-side keys of one row: token ids of `prompt` (default: the example's; of each
+        tokenizer) and time ids."""
         out = {}
         if self.tokenizer is not None:
-            out["input_ids"] = self.tokenize(example.prompt)
-        if self.tokenizer_2 is not None:
-            out["input_ids_2"] = self.tokenize(example.prompt, self.tokenizer_2)
+            out.update(self.conditioning_of_prompt(example.prompt if prompt is None else prompt))
         if self.with_time_ids:
             out["time_ids"] = self.time_ids(example, size, flip)
         return out
 
     def __getitem__(self, index: int) -> dict:
-        example, size, flip = self.instance[index], self.sizes[index], self.flips(index)
-        item = {self.row_key: self.row(example, size, flip=flip), "prompt": example.prompt, "is_class": False,
-                **self.conditioning(example, size, flip)}
+        example, size, flip, prompt = self.instance[index], self.sizes[index], self.flips(index), self.prompt_of(index)
+        item = {self.row_key: self.row(example, size, flip=flip), "prompt": prompt, "is_class": False,
+                **self.conditioning(example, size, flip, prompt)}
+        if self.masked:
+            item["loss_mask"] = self.loss_mask(example, size, flip=flip)
         partner = self.class_partner(index)
         if partner is not None:
             flip = self.flips(index, "class")
             item["class_" + self.row_key] = self.row(partner, size, flip=flip)
             item["class_prompt"] = partner.prompt
             item.update({"class_" + k: v for k, v in self.conditioning(partner, size, flip).items()})
+            if self.masked:
+                item["class_loss_mask"] = torch.ones(1, size[1], size[0])
         return item
 
     def _class_pools(self):
@@ -327,6 +354,9 @@ def collate_examples(batch: list[dict]) -> dict:
         values += [item["class_" + extra] for item in partnered if "class_" + extra in item]
         if values:
             out[extra] = torch.stack(values)
+    if "loss_mask" in batch[0]:
+        out["loss_mask"] = torch.stack([item["loss_mask"] for item in batch] +
+                                       [item["class_loss_mask"] for item in partnered])
     return out
 
 

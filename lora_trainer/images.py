@@ -42,7 +42,8 @@ def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
     found = []
     for path in candidates:
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        mask = path.stem.lower().endswith(".mask")  # `<name>.mask.png` is a picture's loss mask (masks.py)
+        if not hidden and not mask and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             found.append(path)
     return sorted(found)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .caption_augment import CaptionAugment
 from .classimages import generate_class_images, plan_class_images
 from .compat import new_accelerator
 from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
@@ -36,9 +37,14 @@ from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import RESUME_DIR, check_resume_fits, interrupted_run, load_resume_state, restore_optimizer, run_plan
+from .training.ema import EMA, ema_applied
+from .training.resume import (RESUME_DIR, check_resume_fits, interrupted_run, load_ema_state, load_resume_state,
+                              restore_optimizer, run_plan)
 from .training.samples import draw_samples, sample_prompts
+from .training.logs import RunLog, group_names
 from .training.snapshots import Snapshots
+from .training.validation import (Validator, best_line, build_validation_set, check_validation_dirs, evaluate,
+                                  hold_out, result_fields)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,7 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
+    instance, held_out = hold_out(instance, concepts, model_dir, params.validation_split)
     pictures = [str(e.image_path) for e in instance + class_]
     interrupted = interrupted_run(model_dir, info, params, concepts, pictures) if params.use_lora else None
     start_info = interrupted.start_info if interrupted else info
@@ -87,6 +94,7 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
+    validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
     run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state)
     started_at = interrupted.plan["started_at"] if interrupted else time.time()
@@ -99,6 +107,7 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
         log.warning("The interrupted run planned %d steps, this one %d; a new run starts from what it learned",
                     interrupted.total_steps, run.total_steps)
         start_info, run.first_epoch, started_at = info, info.lifetime_epochs, time.time()
+    run.ema = make_ema(params, run.trainable, model_dir if adapters is not None else None)
     snapshots = Snapshots(models, model_dir, start_info, params, name, seed, len(instance), started_at,
                           source_checkpoint=source_checkpoint(models, info),
                           plan=run_plan(params, concepts, pictures, seed=seed, total_steps=run.total_steps,
@@ -108,15 +117,21 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
                               lifetime_start=start_info.lifetime_steps, enabled=accelerator.is_main_process,
                               first_step=run.resume_at.step if run.resume_at else 0)
     samples = sample_prompts(concepts, instance)
-    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs)
+    runlog = RunLog(model_dir, info.revision + 1, group_names(len(run.optimizer.param_groups))) \
+        if accelerator.is_main_process else None
+    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs,
+                                                  validator=validator, runlog=runlog)
     run.cancel = cancel
     try:
         outcome = run_loop(run, display)
         if outcome.steps and accelerator.is_main_process:
             display.message("Saving", outcome.steps)
             save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
+            name_best(validator, snapshots, display, outcome.steps)
     finally:
         display.close()
+        if runlog is not None:
+            runlog.close()
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
@@ -126,7 +141,8 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
         log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
                     if adapters is not None and outcome.steps else model_dir)
     result = TrainResult(lora_path, final.lifetime_steps, final.revision, added,
-                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
+                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses),
+                         **result_fields(validator))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     if outcome.out_of_memory:
@@ -149,6 +165,7 @@ def check_before_loading(models: ModelsDir, model_name: str, params: TrainingPar
     hardware = probe_hardware(device)
     check_options(params, hardware)
     check_trains_something(params)
+    check_feature_pairs(params, concepts, info)
     output_name(info, params)
     check_concepts(concepts, model_dir)
     check_resume_fits(model_dir, models.lora, info, params)
@@ -186,7 +203,20 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
         raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
     for index, concept in chosen:
         instance_examples(concept, index, model_dir)
+    check_validation_dirs(concepts, model_dir)
     plan_class_images(model_dir, concepts, quiet=True)
+
+
+def check_feature_pairs(params: TrainingParams, concepts: list[Concept], info: ModelInfo) -> None:
+    """Refuse features that cannot work together (before loading). Raises ConfigError naming both."""
+    if params.cache_text_encoder_outputs and CaptionAugment.from_params(params).active:
+        raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') encodes each caption once, so "
+                          "Shuffle Caption and the caption dropout rates cannot change it; turn one of them off")
+    validating = params.validation_split > 0 or any(c.validation_data_dir.strip() for c in concepts if c.is_set)
+    if validating and info.family.time_ids:
+        raise ConfigError(f"Validation Share / Validation Directory: the validation loss of {info.family.title} "
+                          "models is not measured yet; set Validation Share ('validation_split') to 0 and clear "
+                          "the Validation Directory")
 
 
 def check_trains_something(params: TrainingParams) -> None:
@@ -311,21 +341,33 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
 
 
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
-               epochs: int) -> None:
-    """Save at the "Save Model Frequency" and draw previews at the "Save Preview(s) Frequency"."""
+               epochs: int, *, validator: Validator | None = None, runlog: RunLog | None = None) -> None:
+    """Measure the validation loss when due, write the step's figures to the logs, save at the "Save Model
+    Frequency" and draw previews at the "Save Preview(s) Frequency"."""
     if not run.accelerator.is_main_process:
         return
     params = run.params
-    if params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps:
+    saving = bool(params.save_every_n_steps and step % params.save_every_n_steps == 0 and step < run.total_steps)
+    val_loss = evaluate(run, validator, step, saving=saving)
+    if val_loss is not None:
+        display.validation(step, val_loss)
+    if runlog is not None:
+        runlog.row(step=step, lifetime_step=snapshots.start_info.lifetime_steps + step, epoch=epochs,
+                   loss=run.losses[-1], val_loss=val_loss, lrs=run.lr_scheduler.get_last_lr(),
+                   memory_mb=display.memory_mb())
+    if saving:
         display.message(f"Saving at step {step}", step)
         save_snapshot(run, snapshots, adapters, step, epochs)
+        if validator is not None:
+            validator.files[step] = snapshots.lora_path
+            snapshots.keep = {path for path in [validator.best_file()] if path is not None}
     if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
         display.message(f"Drawing samples at step {step}", step)
         lifetime = snapshots.start_info.lifetime_steps + step
         stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
         unwrap = run.accelerator.unwrap_model
         # Previews must not move the training's generators: a resumed run would not match one that never stopped.
-        with torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
+        with ema_applied(run.ema), torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
             display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
                                             folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
                                             device=run.accelerator.device, autocast=run.accelerator.autocast,
@@ -338,7 +380,40 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
-                   text_encoder=unwrap(run.text_encoder), position=run.position)
+                   text_encoder=unwrap(run.text_encoder), position=run.position, ema=run.ema)
+
+
+def make_validator(model: WorkingModel, held_out: list, params: TrainingParams, accelerator) -> Validator | None:
+    """The validation set (encoded once, on the main process) when there are validation pictures."""
+    if not held_out or not accelerator.is_main_process:
+        return None
+    vset = build_validation_set(held_out, model, resolution=params.resolution, center_crop=params.center_crop,
+                                device=accelerator.device)
+    return Validator(vset, params.validation_every_n_steps, among_saves=bool(params.save_every_n_steps))
+
+
+def name_best(validator: Validator | None, snapshots: Snapshots, display: ProgressDisplay, steps: int) -> None:
+    """At the end: the step with the lowest validation loss, and its LoRA, in the log and the console."""
+    if validator is None:
+        return
+    validator.files[steps] = snapshots.lora_path
+    snapshots.keep = {path for path in [validator.best_file()] if path is not None}
+    line = best_line(validator, snapshots.start_info.lifetime_steps)
+    if line:
+        log.info(line)
+        display.message(line, steps)
+
+
+def make_ema(params: TrainingParams, trainable: list, resume_dir: Path | None) -> EMA | None:
+    """"Use EMA": averages of the trained weights, continuing the ones kept in `resume_dir`'s resume
+    state (a LoRA run's model folder) when they fit."""
+    if not params.use_ema:
+        return None
+    ema = EMA(trainable, params.ema_decay)
+    state = load_ema_state(resume_dir) if resume_dir is not None else None
+    if state is not None and ema.load_state_dict(state):
+        log.info("Continuing the EMA of the previous run")
+    return ema
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:

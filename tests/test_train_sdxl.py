@@ -145,3 +145,19 @@ def test_train_on_the_command_line_starts_an_sdxl_model_at_its_native_size_with_
     args = build_parser().parse_args(["train", "--models-dir", str(tmp_path / "models"), "--model", "xl", "--seed", "5"])
     params = params_from_args(args, models.model_dir("xl"))
     assert (params.resolution, params.use_buckets, params.seed) == (info.resolution, True, 5)
+
+
+@pytest.mark.parametrize("changes, concept_changes, named", [
+    ({"cache_text_encoder_outputs": True, "train_text_encoder": False, "shuffle_caption": True}, {}, "Shuffle Caption"),
+    ({"validation_split": 0.5}, {}, "validation_split"),
+    ({}, {"validation_data_dir": "held-out"}, "Validation Directory"),
+])
+def test_features_that_cannot_work_together_are_refused_before_anything_is_written(created_xl, tmp_path, changes,
+                                                                                   concept_changes, named):
+    models = private(created_xl, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(two_shapes(tmp_path / "pictures")), instance_prompt="[filewords]",
+                      **concept_changes)
+    before = sorted(p.name for p in models.model_dir("xl").iterdir())
+    with pytest.raises(ConfigError, match=named):
+        train(models, "xl", TrainingParams(max_train_steps=1, resolution=64, **changes), [concept], device="cpu")
+    assert sorted(p.name for p in models.model_dir("xl").iterdir()) == before

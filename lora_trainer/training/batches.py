@@ -14,6 +14,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ..caption_augment import CaptionAugment
 from ..compat import shardable_batch_sampler
 from ..data import DreamBoothDataset, Example, bucket_batch_sampler, collate_examples
 
@@ -77,7 +78,7 @@ def make_dataset(instance: list[Example], class_: list[Example], params, tokeniz
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
                 use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed, tokenizer_2=tokenizer_2,
-                time_ids=time_ids)
+                time_ids=time_ids, augment=CaptionAugment.from_params(params), masked=params.masked_loss)
 
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):

@@ -45,6 +45,13 @@ class ProgressDisplay:
             self.report(progress)
         return progress
 
+    def validation(self, step: int, loss: float) -> None:
+        """Report the validation loss measured after `step`."""
+        if self.enabled:
+            self.report(Progress(job="train", message=f"Validation loss at step {step}: {loss:.4f}", step=step,
+                                 total_steps=self.total, val_loss=loss, lifetime_steps=self.lifetime_start + step,
+                                 samples=list(self.samples)))
+
     def message(self, text: str, step: int) -> None:
         """A report without a new step (saving, samples)."""
         if self.enabled:

@@ -15,9 +15,11 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
+from ..masks import latent_weights
 from ..progress import CancelFlag
 from .batches import batch_latents
 from .console import ProgressDisplay
+from .ema import EMA
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
 from .position import RunPosition, capture, restore
@@ -59,12 +61,13 @@ class Loop:
     losses: list[float] = field(default_factory=list)
     text_encoder_2: torch.nn.Module | None = None   # SDXL's second encoder, prepared like the first
     text_cache: "TextCache | None" = None           # "Cache Text Encoder Outputs": prompt -> encoder outputs
+    resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
+    position: RunPosition | None = None    # after the last completed step (what a save keeps)
+    ema: EMA | None = None                 # "Use EMA": averaged after every optimizer step
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
-    resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
-    position: RunPosition | None = None    # after the last completed step (what a save keeps)
 
 
 @dataclass
@@ -104,8 +107,9 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     prediction = loop.unet(noisy, timesteps, hidden, return_dict=False, **extra)[0]
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
+    mask = latent_weights(batch["loss_mask"], latents) if "loss_mask" in batch else None
     return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
-                           weights=weights)
+                           weights=weights, pixel_weights=mask)
 
 
 class TextCache:
@@ -210,6 +214,8 @@ def optimizer_micro_step(loop: Loop, batch: dict) -> float:
             loop.optimizer.step()
         loop.lr_scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
+        if loop.ema is not None and accelerator.sync_gradients:
+            loop.ema.update()
     return float(loss.total.detach().item())
 
 

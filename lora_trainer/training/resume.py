@@ -43,6 +43,7 @@ STATE_FILE = "state.json"
 # Settings that change neither what a step computes nor how many steps a run has: changing them
 # between a cancel and the next start still finishes the interrupted run.
 NOT_PART_OF_THE_RUN = ("new_run", "save_every_n_steps", "save_preview_every_n_steps")
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -86,20 +87,23 @@ def run_settings(params: TrainingParams) -> dict:
 
 def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict | None, *,
                       lifetime_steps: int, lora_file: str, plan: dict | None = None,
-                      position: RunPosition | None = None) -> None:
-    """Replace `<model>/resume/` with the current adapters, optimizer state and the run's plan and
-    position (after `position.step` steps of it), atomically."""
+                      position: RunPosition | None = None, ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace `<model>/resume/` with the current adapters, optimizer state (and the EMA averages) and the
+    run's plan and position (after `position.step` steps of it), atomically."""
     state = {"lifetime_steps": lifetime_steps, "lora": lora_file}
     if plan is not None and position is not None:
         state["run"] = {**plan, "steps": position.step}
-    need = sum(v.numel() * 4 for v in adapters.values()) + sum(
-        v.numel() * v.element_size() for entry in (optimizer_state or {}).get("state", {}).values()
-        for v in entry.values() if torch.is_tensor(v))
+    moments = [v for entry in (optimizer_state or {}).get("state", {}).values() for v in entry.values()
+               if torch.is_tensor(v)]
+    need = sum(v.numel() * 4 for v in adapters.values()) + sum(v.numel() * v.element_size()
+                                                             for v in [*moments, *(ema or {}).values()])
     with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True, need=need) as tmp:
         save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
                         tmp / ADAPTERS_FILE, overwrite=True)
         if optimizer_state is not None:
             save_optimizer_state(optimizer_state, tmp / OPTIMIZER_FILE)
+        if ema is not None:
+            save_checkpoint(ema, tmp / EMA_FILE, overwrite=True)
         if "run" in state:
             save_position(position, tmp / POSITION_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -209,6 +213,18 @@ def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Resum
         tensors, _ = read_lora(latest)
         return ResumeState(tensors, None, str(latest), info.lifetime_steps)
     return None
+
+
+def load_ema_state(model_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA averages kept with the resume state; None when there are none (or they cannot be read)."""
+    path = Path(model_dir) / RESUME_DIR / EMA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a damaged file: the average starts again from the resumed weights
+        log.warning("Ignoring the EMA state %s (%s); the average starts again", path, e)
+        return None
 
 
 def save_optimizer_state(state: dict, path: Path) -> None:
