@@ -65,6 +65,7 @@ class BucketBatchSampler:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.skip = 0  # batches the next iteration leaves out: an interrupted epoch resumes after them
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -86,9 +87,9 @@ class BucketBatchSampler:
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        epoch = self.epoch
-        self.epoch += 1
-        return iter(self.batches(epoch))
+        epoch, skip = self.epoch, self.skip
+        self.epoch, self.skip = epoch + 1, 0
+        return iter(self.batches(epoch)[skip:])
 
     def __len__(self) -> int:
         counts: dict[tuple[int, int], int] = {}

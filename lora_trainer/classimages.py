@@ -28,6 +28,8 @@ from .data import class_dir_for, instance_pictures, list_images, num_class_image
 from .errors import ConfigError
 from .fileio import atomic_path, atomic_write_text
 from .host import ModelsDir
+from .leftovers import clean_leftovers
+from .modellock import model_lock
 from .prompts import build_prompt, caption_path, read_caption, tidy, uses_filewords
 from .pipeline import draw_pictures, load_pipeline
 
@@ -107,12 +109,22 @@ def generate_class_images(models: ModelsDir, model_name: str, concepts: list[Con
     Returns the number of pictures generated per concept (same order as `concepts`).
     `seed` -1 picks one at random. `dtype` defaults to fp16 on CUDA, fp32 elsewhere.
     `cancel` is checked between batches; what was made stays.
-    Raises ModelError when the model does not exist, ConfigError for bad concepts.
+    Raises ModelError when the model does not exist, ConfigError for bad concepts, ModelBusy while
+    another job is writing the model.
     """
     if batch_size < 1:
         raise ConfigError(f"Class image batch size ('sample_batch_size') must be at least 1; got {batch_size}")
     model_dir = models.existing_model_dir(model_name)
+    with model_lock(model_dir, "class images"):
+        return _generate(model_dir, concepts, batch_size=batch_size, device=device, progress=progress,
+                         cancel=cancel, seed=seed, dtype=dtype)
+
+
+def _generate(model_dir: Path, concepts: list[Concept], *, batch_size, device, progress, cancel, seed,
+              dtype) -> list[int]:
     generated = [0] * len(concepts)
+    for job in plan_class_images(model_dir, concepts):
+        clean_leftovers(job.folder)  # a picture a killed run was writing
     jobs = [job for job in plan_class_images(model_dir, concepts) if job.prompts]
     total = sum(len(job.prompts) for job in jobs)
     if total == 0:

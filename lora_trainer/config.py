@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .families import all_model_types, family_of
 from .fileio import atomic_write_text
 
 MODEL_INFO_FILE = "model_info.json"
@@ -118,7 +119,7 @@ def check_all_ranges(obj) -> None:
         check_range(obj, f.name)
 
 
-MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+MODEL_TYPES = all_model_types()
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -129,7 +130,7 @@ class ModelInfo(JsonConfig):
     model_name: str = param("", "Loaded Model", "Name of the working model (its folder under lora_trainer/).")
     source_checkpoint: str = param("", "Source Checkpoint", "File name of the checkpoint the model was created from.")
     source_checkpoint_hash: str = param("", "Source Checkpoint Hash", "SHA-256 of the source checkpoint file (the web UI shows its first 10 characters).")
-    model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon) or sd2-v (768, v-prediction).", choices=MODEL_TYPES)
+    model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon), sd2-v (768, v-prediction) or sdxl (SDXL 1.0 base and its fine-tunes).", choices=MODEL_TYPES)
     prediction_type: str = param("epsilon", "Prediction Type", "What the UNet predicts: the noise (epsilon) or the velocity (v_prediction).", choices=PREDICTION_TYPES)
     resolution: int = param(512, "Resolution", "Native picture size of the model in pixels.", minimum=8)
     revision: int = param(0, "Model Revision", "Goes up by one with every training run.", minimum=0)
@@ -142,13 +143,24 @@ class ModelInfo(JsonConfig):
         check_all_ranges(self)
 
     @property
+    def family(self):
+        """The model's family (`lora_trainer.families`)."""
+        return family_of(self.model_type)
+
+    def default_params(self) -> "TrainingParams":
+        """The Parameters a model starts with before any are saved: the defaults at its native
+        resolution, with what its family needs (SDXL: aspect-ratio buckets)."""
+        return TrainingParams(**{**self.family.training_defaults, "resolution": self.resolution})
+
+    @property
     def v2(self) -> bool:
-        return self.model_type.startswith("sd2")
+        """kohya's `ss_v2` of the model's family."""
+        return self.family.ss_v2
 
     @property
     def base_model_version(self) -> str:
         """The `ss_base_model_version` the web UI files a LoRA under."""
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_768_v"}[self.model_type]
+        return self.family.base_model_version(self.model_type)
 
 
 @dataclass
@@ -169,6 +181,7 @@ class Concept(JsonConfig):
     class_negative_prompt: str = param("", "Classification Image Negative Prompt", "Negative prompt used when generating class pictures.", advanced=True)
     class_guidance_scale: float = param(7.5, "Class Images Guidance Scale", "CFG scale used when generating class pictures.", minimum=0.0, maximum=50.0, advanced=True)
     class_infer_steps: int = param(20, "Class Images Generation Steps", "Sampling steps used when generating class pictures.", minimum=1, maximum=150, advanced=True)
+    validation_data_dir: str = param("", "Validation Directory", "Folder of pictures (with captions, as the Dataset Directory) whose loss is measured but never trained on; blank: Validation Share of this concept's pictures, if set.", advanced=True)
     save_sample_prompt: str = param("", "Sample Image Prompt", "Prompt for preview pictures during training. Blank: the instance prompt.")
     save_sample_negative_prompt: str = param("", "Sample Negative Prompt", "Negative prompt for preview pictures.", advanced=True)
     n_save_sample: int = param(1, "Number of Samples to Generate", "Preview pictures drawn at each preview interval.", minimum=0, maximum=16, advanced=True)
@@ -261,8 +274,18 @@ class TrainingParams(JsonConfig):
     train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
     prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)
     cache_latents: bool = param(True, "Cache Latents", "Encode every picture once and move the VAE off the GPU (flip is cached too).")
+    cache_text_encoder_outputs: bool = param(False, "Cache Text Encoder Outputs", "Encode every prompt once before the first step and move the text encoders off the GPU (SDXL's two hold about 1.6 GB in fp16). Needs Train Text Encoder off.")
     snr_gamma: float = param(0.0, "Min SNR Gamma", "Min-SNR loss weighting (5 is common); 0 = off.", minimum=0.0, advanced=True)
     noise_offset: float = param(0.0, "Noise Offset", "Adds a per-channel offset to the noise, helping very dark or bright pictures (0.05 to 0.1); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
+    validation_split: float = param(0.0, "Validation Share", "Share of each concept's pictures held out from training to measure the validation loss on (0.1 = one in ten; a concept with a Validation Directory uses that instead); 0 = none.", minimum=0.0, maximum=0.5, advanced=True)
+    validation_every_n_steps: int = param(0, "Validation Frequency (Step)", "Measure the validation loss every N steps (and at every save and the end); 0 = only at saves and the end.", minimum=0, advanced=True)
+    use_ema: bool = param(False, "Use EMA", "Keep an exponential moving average of the trained weights and save and sample with it: smoother results, one more copy of the trained weights in memory.", advanced=True)
+    ema_decay: float = param(0.999, "EMA Decay", "How slowly the average follows the weights at each step: 0.999 averages over about the last 1000 steps.", minimum=0.0, maximum=1.0, advanced=True)
+    masked_loss: bool = param(False, "Masked Loss", "Weight the loss by a mask beside each picture (<name>.mask.png: white trains, black is ignored) or the picture's transparency; pictures without one train whole.", advanced=True)
+    shuffle_caption: bool = param(False, "Shuffle Caption", "[filewords] captions only: put the comma-separated tags after the first Keep Tokens in a new random order every epoch.", advanced=True)
+    keep_tokens: int = param(0, "Keep Tokens", "[filewords] captions: this many leading tags (e.g. the instance token and class) are never shuffled or dropped.", minimum=0, advanced=True)
+    caption_tag_dropout_rate: float = param(0.0, "Caption Tag Dropout Rate", "[filewords] captions: chance that each tag after the Keep Tokens is left out of a step's caption; 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
+    caption_dropout_rate: float = param(0.0, "Caption Dropout Rate", "[filewords] captions: chance that a picture is trained with an empty caption (unconditional); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
     seed: int = param(-1, "Seed", "Random seed of the run; -1 picks one.")
     save_every_n_steps: int = param(0, "Save Model Frequency (Step)", "Write the LoRA every N steps as well as at the end; 0 = only at the end.", minimum=0)
     save_every_n_epochs: int = param(0, "Save Model Frequency (Epochs)", "Write the LoRA after every N finished epochs as well (besides the steps frequency and the end); 0 = off.", minimum=0)
@@ -272,6 +295,7 @@ class TrainingParams(JsonConfig):
     save_preview_every_n_steps: int = param(0, "Save Preview(s) Frequency (Step)", "Draw sample pictures every N steps; 0 = none.", minimum=0)
     use_lifetime_steps: bool = param(True, "Use Lifetime Steps/Epochs When Saving", "Name files by the model's total steps over all runs instead of this run's.", advanced=True)
     custom_model_name: str = param("", "Custom Model Name", "Name of the LoRA and merged files; blank: the model's name.")
+    new_run: bool = param(False, "Start a New Run", "Start a new run even when the last one stopped before its end (Cancel, a crash); off: a run started again with the same settings finishes the interrupted one exactly. A new run continues from what the model learned.")
 
     def __post_init__(self):
         check_all_ranges(self)

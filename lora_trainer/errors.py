@@ -20,3 +20,7 @@ class ConfigError(LoraTrainerError, ValueError):
 
 class ModelError(LoraTrainerError):
     """A working model (the folder made by "Create Model") is missing or broken."""
+
+
+class DiskFullError(LoraTrainerError, OSError):
+    """A write ran out of disk space (the message names the folder and the space needed)."""

@@ -83,8 +83,13 @@ class ModelsDir:
         return self.working / validate_model_name(name)
 
     def existing_model_dir(self, name: str) -> Path:
-        """Raises ModelError when the model does not exist."""
+        """Raises ModelError when the model does not exist. What a killed process left in the models'
+        folder and the model's (an unfinished Create Model, temporaries) is cleaned first, with a line."""
+        from .leftovers import clean_leftovers
+
         path = self.model_dir(name)
+        clean_leftovers(self.working, what="Create Model")
+        clean_leftovers(path)
         if not (path / "model_info.json").is_file():
             known = ", ".join(self.list_models()) or "none"
             raise ModelError(f"Model: {name!r} not found under {self.working} (found: {known}); create it first")

@@ -1,6 +1,6 @@
 """Pictures in, training tensors out: finding, opening, resizing and flipping.
 
-Any picture Pillow reads is accepted in any mode (RGBA, LA, P, L, 1-bit, CMYK,
+Any picture Pillow reads (an animated GIF by its first frame) is accepted in any mode (RGBA, LA, P, L, 1-bit, CMYK,
 16-bit) and turned into 8-bit RGB with the EXIF rotation applied, because
 phone photos are stored sideways with an orientation tag. Transparent parts are
 composited on white (drawings exported with a transparent background are meant
@@ -9,6 +9,7 @@ to be seen on white).
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,11 @@ from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# Pictures larger than this are skipped before they are decoded: a few-KB "decompression bomb" PNG can claim
+# 30000 x 30000 pixels (2.7 GB as RGB). Pillow's own guard only refuses twice its 89 MP limit and decodes
+# below that; training pictures are resized to at most 2048 pixels anyway.
+MAX_PIXELS = 64 * 1024 * 1024
 # Padding of "keep the whole picture" resizes: the same white as transparent parts.
 PAD_COLOR = (255, 255, 255)
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
@@ -37,7 +42,8 @@ def list_images(folder: str | Path, *, recursive: bool = False) -> list[Path]:
     found = []
     for path in candidates:
         hidden = any(part.startswith(".") for part in path.relative_to(folder).parts)
-        if not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+        mask = path.stem.lower().endswith(".mask")  # `<name>.mask.png` is a picture's loss mask (masks.py)
+        if not hidden and not mask and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
             found.append(path)
     return sorted(found)
 
@@ -49,11 +55,23 @@ def load_image(path: str | Path) -> Image.Image | None:
     (broken, truncated, not a picture). Never raises for a bad file.
     """
     try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated file fails here, not halfway through training
+        with warnings.catch_warnings():  # Pillow's bomb warning: the size is checked here instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size  # from the header: nothing is decoded yet
+            if width * height > MAX_PIXELS:
+                log.warning("Skipping picture %s: %d x %d pixels is more than the %d million a picture may have "
+                            "(a decompression bomb, or scale it down)", path, width, height, MAX_PIXELS // 2**20)
+                return None
+            opened.load()  # decode now (an animated GIF's first frame): a truncated file fails here, not in training
             image = ImageOps.exif_transpose(opened)
             return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # Pillow's own refusal at open, above twice its limit
+        log.warning("Skipping picture %s: more pixels than a picture may have (a decompression bomb, or scale it "
+                    "down; %s)", path, e)
+        return None
+    except (OSError, ValueError, SyntaxError) as e:
         # Pillow reports broken files as OSError/UnidentifiedImageError, some decoders as SyntaxError/ValueError.
         log.warning("Skipping unreadable picture %s (%s)", path, e)
         return None
@@ -104,6 +122,20 @@ def resize_to(image: Image.Image, size: tuple[int, int], *, center_crop: bool) -
     canvas = Image.new("RGB", (width, height), PAD_COLOR)
     canvas.paste(resized, ((width - new_w) // 2, (height - new_h) // 2))
     return canvas
+
+
+def crop_top_left(image_size: tuple[int, int], size: tuple[int, int], *, center_crop: bool,
+                  flip: bool = False) -> tuple[int, int]:
+    """(top, left) of the part `resize_to` keeps of a (width, height) `image_size` picture at `size`,
+    in the resized picture's pixels, mirrored with `flip` (SDXL's crop_coords_top_left).
+    A padded picture is whole: (0, 0)."""
+    if not center_crop:
+        return 0, 0
+    width, height = size
+    scale = max(width / image_size[0], height / image_size[1])
+    new_w, new_h = max(round(image_size[0] * scale), width), max(round(image_size[1] * scale), height)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return top, (new_w - width - left) if flip else left
 
 
 def to_tensor(image: Image.Image, *, flip: bool = False) -> torch.Tensor:

@@ -71,6 +71,7 @@ class JobState:
     progress: Progress = field(default_factory=Progress)
     log: list[str] = field(default_factory=list)
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)   # (step, validation loss)
     samples: list[Path] = field(default_factory=list)
     result: Any = None
     error: Optional[str] = None
@@ -187,7 +188,8 @@ class JobRunner:
         with self._lock:
             s = self._state
             return dataclasses.replace(s, progress=dataclasses.replace(s.progress), log=list(s.log), notes=list(s.notes),
-                                       losses=list(s.losses), samples=list(s.samples))
+                                       losses=list(s.losses), val_losses=list(s.val_losses),
+                                       samples=list(s.samples))
 
     # -- what the job reports --------------------------------------------------
     def report(self, progress: Progress) -> None:
@@ -197,6 +199,8 @@ class JobRunner:
                 self._append_log(progress.message)  # "Training step 5/500" is not logged after "... 4/500"
             if progress.loss is not None and (not s.losses or s.losses[-1][0] != progress.step):
                 s.losses.append((progress.step, float(progress.loss)))
+            if progress.val_loss is not None and (not s.val_losses or s.val_losses[-1][0] != progress.step):
+                s.val_losses.append((progress.step, float(progress.val_loss)))
             for sample in progress.samples:
                 if Path(sample) not in s.samples:
                     s.samples.append(Path(sample))
@@ -248,6 +252,7 @@ class JobRunner:
             s.running, s.result, s.error, s.finished = False, result, error, time.time()
             if isinstance(result, TrainResult):
                 s.losses = s.losses or list(enumerate(result.losses, 1))
+                s.val_losses = s.val_losses or list(result.val_losses)
                 s.samples += [Path(p) for p in result.samples if Path(p) not in s.samples]
             s.finished_jobs += 1
             s.version += 1

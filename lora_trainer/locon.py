@@ -32,14 +32,14 @@ def conv_targets(unet: nn.Module) -> list[tuple[str, nn.Conv2d]]:
 
 
 def inject_locon(unet: nn.Module, *, rank: int, alpha: float, conv_rank: int, conv_alpha: float, prefix: str,
-                 dtype: torch.dtype = torch.float32, dora: bool = False) -> dict[str, LoRALinear]:
+                 dtype: torch.dtype = torch.float32, dora: bool = False, rename=None) -> dict[str, LoRALinear]:
     """Wrap the UNet's ResNet, downsampler and upsampler convolutions in adapters (kohya's rule for the rank:
     `conv_rank`/`conv_alpha` for kernels larger than 1x1, `rank`/`alpha` for 1x1). Returns kohya name -> adapter.
-    Raises ValueError when the UNet has no such convolution."""
+    `rename` as for `lora.inject_lora`. Raises ValueError when the UNet has no such convolution."""
     chosen = []
     for path, conv in conv_targets(unet):
         pointwise = tuple(conv.kernel_size) == (1, 1)
         chosen.append((path, conv, rank if pointwise else conv_rank, alpha if pointwise else conv_alpha))
     if not chosen:
         raise ValueError(f"{type(unet).__name__} has no convolution in a {', '.join(CONV_PARENTS)}")
-    return wrap_modules(unet, chosen, prefix=prefix, dtype=dtype, dora=dora)
+    return wrap_modules(unet, chosen, prefix=prefix, dtype=dtype, dora=dora, rename=rename)

@@ -153,10 +153,11 @@ def kohya_module_name(prefix: str, path: str) -> str:
 
 
 def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha: float, prefix: str,
-                dtype: torch.dtype = torch.float32, dora: bool = False) -> dict[str, LoRALinear]:
+                dtype: torch.dtype = torch.float32, rename=None, dora: bool = False) -> dict[str, LoRALinear]:
     """Wrap every `nn.Linear` of `model` whose path ends with one of `targets` in a `LoRALinear`.
 
-    `prefix` is "lora_unet" or "lora_te"; returns kohya module name -> adapter,
+    `prefix` is "lora_unet", "lora_te", "lora_te1" or "lora_te2"; `rename(path)` gives the path
+    the name is made of (the family's `unet_lora_path`; default the module's own); returns kohya module name -> adapter,
     in the model's module order (`dora`: DoRA adapters). The base weights stop requiring gradients; the
     adapters are made in `dtype` on the base weight's device: give the model its
     device and dtype first, as a later `model.to(dtype)` casts the adapters too.
@@ -168,19 +169,21 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha:
     chosen = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(path, targets)]
     if not chosen:
         raise ValueError(f"no nn.Linear of {type(model).__name__} ends with any of {', '.join(targets)}")
-    return wrap_modules(model, [(path, m, rank, alpha) for path, m in chosen], prefix=prefix, dtype=dtype, dora=dora)
+    return wrap_modules(model, [(path, m, rank, alpha) for path, m in chosen], prefix=prefix, dtype=dtype, dora=dora,
+                        rename=rename)
 
 
 def wrap_modules(model: nn.Module, chosen: list[tuple[str, nn.Module, int, float]], *, prefix: str,
-                 dtype: torch.dtype, dora: bool) -> dict[str, LoRALinear]:
-    """Wrap each (path, Linear or Conv2d, rank, alpha) of `model` in its adapter; kohya name -> adapter."""
+                 dtype: torch.dtype, dora: bool, rename=None) -> dict[str, LoRALinear]:
+    """Wrap each (path, Linear or Conv2d, rank, alpha) of `model` in its adapter; kohya name -> adapter
+    (named from `rename(path)` when given)."""
     injected: dict[str, LoRALinear] = {}
     for path, module, rank, alpha in chosen:
         kind = LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear
         adapter = kind(module, rank=rank, alpha=alpha, dtype=dtype, dora=dora)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, adapter)
-        injected[kohya_module_name(prefix, path)] = adapter
+        injected[kohya_module_name(prefix, rename(path) if rename else path)] = adapter
     return injected
 
 

@@ -26,6 +26,13 @@ PRESETS: dict[str, dict] = {
         "text_encoder_alpha": 4.0, "unet_learning_rate": 1e-4, "text_encoder_learning_rate": 5e-5,
         "resolution": 512, "train_text_encoder": True,
     },
+    # SDXL at its native 1024 px: text encoders frozen, their outputs computed once and moved off the GPU.
+    "8 GB GPU (SDXL)": {
+        "use_lora": True, "mixed_precision": "fp16", "use_8bit_adam": True, "attention": "flash_attention",
+        "gradient_checkpointing": True, "cache_latents": True, "cache_text_encoder_outputs": True,
+        "train_text_encoder": False, "train_batch_size": 1, "gradient_accumulation_steps": 1, "rank": 16,
+        "lora_alpha": 16.0, "unet_learning_rate": 1e-4, "resolution": 1024, "use_buckets": True,
+    },
     "Low memory (6 GB, no text encoder)": {
         "use_lora": True, "mixed_precision": "fp16", "use_8bit_adam": True, "attention": "flash_attention",
         "gradient_checkpointing": True, "cache_latents": True, "train_batch_size": 1, "rank": 4,

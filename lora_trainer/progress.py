@@ -26,6 +26,7 @@ class Progress:
     total_steps: int = 0
     epoch: int = 0
     loss: Optional[float] = None
+    val_loss: Optional[float] = None    # validation loss measured at this step
     lr: Optional[float] = None
     it_per_s: Optional[float] = None
     memory_mb: Optional[float] = None   # CUDA: peak allocated in this run
@@ -50,6 +51,9 @@ class TrainResult:
     cancelled: bool = False
     samples: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)   # (step, validation loss)
+    best_step: Optional[int] = None     # the step of the lowest validation loss
+    best_lora: Optional[Path] = None    # the LoRA saved at that step
 
 
 Report = Callable[[Progress], None]

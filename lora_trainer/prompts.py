@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from .config import Concept
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,25 @@ def caption_path(image_path: str | Path) -> Path:
 def read_caption(image_path: str | Path) -> str:
     """The caption `.txt` beside the picture, stripped; "" when there is none.
 
-    An unreadable caption (not UTF-8, no permission) is logged and read as "".
+    UTF-8 (with or without a byte-order mark) and UTF-16 with its byte-order
+    mark (Windows Notepad's "Unicode") are read. Raises ConfigError naming the
+    file for any other encoding (Latin-1, ...): guessing would put wrong letters
+    into the prompt. A caption that cannot be opened (no permission) is logged and read as "".
     """
     path = caption_path(image_path)
     if not path.is_file():
         return ""
     try:
-        return path.read_text(encoding="utf-8-sig").strip()
-    except (OSError, UnicodeDecodeError) as e:
+        raw = path.read_bytes()
+    except OSError as e:
         log.warning("Ignoring unreadable caption %s (%s)", path, e)
         return ""
+    try:
+        text = raw.decode("utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the caption is not UTF-8 (byte 0x{raw[e.start]:02x} at position {e.start}); "
+                          "save it as UTF-8") from None
+    return text.strip()
 
 
 def uses_filewords(template: str) -> bool:

@@ -71,7 +71,8 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
     """
     blob = encode_header(layout, metadata)
     path = Path(path)
-    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
+    need = 8 + len(blob) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
+    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         expected = iter(layout.items())

@@ -8,6 +8,7 @@ It runs under `accelerate launch` on several GPUs unchanged (data parallel).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .caption_augment import CaptionAugment
 from .classimages import generate_class_images, plan_class_images
 from .compat import new_accelerator
 from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
@@ -23,21 +25,28 @@ from .data import collect_examples, instance_examples
 from .errors import ConfigError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
+from .leftovers import clean_leftovers
+from .modellock import model_lock
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
-from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.loop import OUT_OF_MEMORY, Loop, TextCache, run_loop, steps_per_epoch, total_steps
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention)
-from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
+from .training.ema import EMA, ema_applied
+from .training.resume import (RESUME_DIR, check_resume_fits, interrupted_run, load_ema_state, load_resume_state,
+                              restore_optimizer, run_plan)
 from .training.samples import draw_samples, sample_prompts
 from .training.saving import Retention, SaveSchedule, draw_grid, grid_prompts, grid_seeds
+from .training.logs import RunLog, group_names
 from .training.snapshots import Snapshots
+from .training.validation import (Validator, best_line, build_validation_set, check_validation_dirs, evaluate,
+                                  hold_out, result_fields)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +62,25 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     Raises ConfigError for option pairs the machine cannot run (before any weight
     is loaded), bad concepts or running out of GPU memory; ModelError for a missing
     or broken model, or when the model's last LoRA was trained with another rank,
-    alpha or Train Text Encoder (also before loading).
+    alpha or Train Text Encoder (also before loading); ModelBusy when another job is writing the model.
     """
+    with model_lock(models.existing_model_dir(model_name), "train"):
+        return _train(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
+
+
+def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *,
+           report: Report, cancel: CancelFlag | None, device: str | None) -> TrainResult:
+    model_dir = models.existing_model_dir(model_name)
+    for folder in (models.lora, model_dir / RESUME_DIR):
+        clean_leftovers(folder)  # what a killed run left (its lock is taken over by model_lock)
     model_dir, info, hardware = check_before_loading(models, model_name, params, concepts, device)
     name = output_name(info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
-    dtypes = part_dtypes(params, accelerator.device)
+    dtypes = part_dtypes(params, accelerator.device, info.family)
     check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
     if accelerator.is_main_process:
-        params.save(model_dir / PARAMS_FILE)
+        dataclasses.replace(params, new_run=False).save(model_dir / PARAMS_FILE)  # a new run is asked for once
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
         make_class_pictures(models, model_name, concepts, accelerator.device, report, cancel)
     accelerator.wait_for_everyone()
@@ -70,40 +88,70 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         log.info("Training cancelled before the first step")
         return TrainResult(None, info.lifetime_steps, info.revision, 0, cancelled=True)
     instance, class_ = collect_examples(concepts, model_dir)
-    seed = run_seed(params, accelerator)
+    instance, held_out = hold_out(instance, concepts, model_dir, params.validation_split)
+    pictures = [str(e.image_path) for e in instance + class_]
+    interrupted = interrupted_run(model_dir, info, params, concepts, pictures) if params.use_lora else None
+    start_info = interrupted.start_info if interrupted else info
+    seed = run_seed(params, accelerator, interrupted.seed if interrupted else None)
     report(Progress(job="train", message=f"Loading {model_name}"))
     model = load_working_model(model_dir, info, dtypes)
     adapters = prepare_model(model, params, accelerator.device, dtypes)
+    validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
-    run = build_run(accelerator, model, adapters, params, instance, class_, info, seed, optimizer_state)
-    snapshots = Snapshots(models, model_dir, info, params, name, seed, len(instance), time.time(),
-                          source_checkpoint=source_checkpoint(models, info))
+    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state)
+    started_at = interrupted.plan["started_at"] if interrupted else time.time()
+    if interrupted and interrupted.total_steps == run.total_steps:
+        run.resume_at = interrupted.position
+        resuming = f"Resuming the interrupted run at step {interrupted.position.step + 1} of {run.total_steps}"
+        log.info(resuming)
+        report(Progress(job="train", message=resuming, step=interrupted.position.step, total_steps=run.total_steps))
+    elif interrupted:  # same settings and pictures, yet another step count: a library counts batches otherwise
+        log.warning("The interrupted run planned %d steps, this one %d; a new run starts from what it learned",
+                    interrupted.total_steps, run.total_steps)
+        start_info, run.first_epoch, started_at = info, info.lifetime_epochs, time.time()
+    run.ema = make_ema(params, run.trainable, model_dir if adapters is not None else None)
+    snapshots = Snapshots(models, model_dir, start_info, params, name, seed, len(instance), started_at,
+                          source_checkpoint=source_checkpoint(models, info),
+                          plan=run_plan(params, concepts, pictures, seed=seed, total_steps=run.total_steps,
+                                        start_info=start_info, started_at=started_at))
+    snapshots.saved_at_step = run.resume_at.step if run.resume_at else -1  # saved when it stopped
     display = ProgressDisplay(run.total_steps, report=report, device=accelerator.device,
-                              lifetime_start=info.lifetime_steps, enabled=accelerator.is_main_process)
+                              lifetime_start=start_info.lifetime_steps, enabled=accelerator.is_main_process,
+                              first_step=run.resume_at.step if run.resume_at else 0)
     samples = sample_prompts(concepts, instance)
     saving = Saving(SaveSchedule(params, run.total_steps), Retention(params.keep_last_n_saves),
                     next((c for c in concepts if c.is_set), None))
-    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs, saving)
+    runlog = RunLog(model_dir, info.revision + 1, group_names(len(run.optimizer.param_groups))) \
+        if accelerator.is_main_process else None
+    run.on_step = lambda step, epochs: after_step(run, snapshots, display, samples, adapters, step, epochs, saving,
+                                                  validator=validator, runlog=runlog)
     run.cancel = cancel
     try:
         outcome = run_loop(run, display)
         if outcome.steps and accelerator.is_main_process:
             display.message("Saving", outcome.steps)
             save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
+            name_best(validator, snapshots, display, outcome.steps)
             sample_grid(run, snapshots, display, saving, outcome.steps)
     finally:
         display.close()
+        if runlog is not None:
+            runlog.close()
     accelerator.wait_for_everyone()
     # The main process saved; the others read what it wrote, so every process returns the same result.
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
-    lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
-    if accelerator.is_main_process:
+    added = outcome.steps - (run.resume_at.step if run.resume_at is not None else 0)  # by this start
+    lora_path = models.lora / final.latest_lora if adapters is not None and added else None
+    if accelerator.is_main_process and not outcome.out_of_memory:
         log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
                     if adapters is not None and outcome.steps else model_dir)
-    result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
-                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
+    result = TrainResult(lora_path, final.lifetime_steps, final.revision, added,
+                         cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses),
+                         **result_fields(validator))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
+    if outcome.out_of_memory:
+        raise ConfigError(out_of_memory_message(model_dir, params, dtypes, accelerator.device, outcome, final))
     return result
 
 
@@ -116,9 +164,13 @@ def check_before_loading(models: ModelsDir, model_name: str, params: TrainingPar
     """
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    if not params.use_lora and not info.family.full_finetune:
+        raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {info.family.title} models is not supported; "
+                          "tick Use LORA")
     hardware = probe_hardware(device)
     check_options(params, hardware)
     check_trains_something(params)
+    check_feature_pairs(params, concepts, info)
     output_name(info, params)
     grid_seeds(params)
     check_concepts(concepts, model_dir)
@@ -136,6 +188,18 @@ def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> No
         log.info("Training cancelled before the first step; nothing saved")
 
 
+def out_of_memory_message(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype],
+                          device: torch.device, outcome, final: ModelInfo) -> str:
+    """The one line of a run stopped by running out of GPU memory: the memory count, what was kept,
+    and the options that lower the need."""
+    figures = describe(least_memory(model_dir, params, dtypes), free_gpu_memory(device))
+    if device.type == "cuda":
+        figures += f"; peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GB"
+    saved = (f"the {outcome.steps} steps before it are saved ({final.latest_lora or model_dir}) and the next start "
+             "finishes the run" if outcome.steps else "nothing was learned yet")
+    return OUT_OF_MEMORY.format(step=outcome.steps + 1, figures=figures, saved=saved)
+
+
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
     """Before anything is written or loaded: every concept that names a Dataset Directory has readable
     pictures with a prompt (Instance Prompt or captions), at least one does, and missing class pictures
@@ -145,7 +209,20 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
         raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
     for index, concept in chosen:
         instance_examples(concept, index, model_dir)
+    check_validation_dirs(concepts, model_dir)
     plan_class_images(model_dir, concepts, quiet=True)
+
+
+def check_feature_pairs(params: TrainingParams, concepts: list[Concept], info: ModelInfo) -> None:
+    """Refuse features that cannot work together (before loading). Raises ConfigError naming both."""
+    if params.cache_text_encoder_outputs and CaptionAugment.from_params(params).active:
+        raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') encodes each caption once, so "
+                          "Shuffle Caption and the caption dropout rates cannot change it; turn one of them off")
+    validating = params.validation_split > 0 or any(c.validation_data_dir.strip() for c in concepts if c.is_set)
+    if validating and info.family.time_ids:
+        raise ConfigError(f"Validation Share / Validation Directory: the validation loss of {info.family.title} "
+                          "models is not measured yet; set Validation Share ('validation_split') to 0 and clear "
+                          "the Validation Directory")
 
 
 def check_trains_something(params: TrainingParams) -> None:
@@ -182,12 +259,12 @@ def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, 
     log.info(describe(need, free))
 
 
-def run_seed(params: TrainingParams, accelerator) -> int:
-    """Seed every random generator with the run's seed (-1: one picked at random, the same on every
-    process: they must shuffle the batches alike to share them out)."""
+def run_seed(params: TrainingParams, accelerator, seed: int | None = None) -> int:
+    """Seed every random generator with `seed`, else the run's seed (-1: one picked at random, the same on
+    every process: they must shuffle the batches alike to share them out)."""
     from accelerate.utils import broadcast_object_list, set_seed
 
-    seed = [random.randrange(2**31) if params.seed < 0 else params.seed]
+    seed = [seed if seed is not None else random.randrange(2**31) if params.seed < 0 else params.seed]
     if accelerator.num_processes > 1:
         broadcast_object_list(seed)
     set_seed(seed[0])
@@ -232,7 +309,8 @@ def resume_from_last_run(models: ModelsDir, model_dir: Path, info: ModelInfo, ad
 def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, params: TrainingParams,
               instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None) -> Loop:
     """Batches, optimizer and schedule, prepared by accelerate."""
-    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed)
+    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed,
+                           tokenizer_2=model.tokenizer_2, time_ids=model.info.family.time_ids)
     if isinstance(dataset, LatentDataset):
         dataset.fill_cache(model.vae, device=accelerator.device, dtype=next(model.vae.parameters()).dtype)
         model.vae.to("cpu")  # not needed again until samples: free the GPU for training
@@ -247,16 +325,25 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
     lr_scheduler = make_lr_scheduler(optimizer, params, steps, accelerator.num_processes)
     train_text = params.train_text_encoder
     if train_text:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            model.unet, model.text_encoder, optimizer, loader, lr_scheduler)
+        unet, *encoders, optimizer, loader, lr_scheduler = accelerator.prepare(
+            model.unet, *model.text_encoders, optimizer, loader, lr_scheduler)
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(model.unet, optimizer, loader, lr_scheduler)
-        text_encoder = model.text_encoder
+        encoders = model.text_encoders
     unet.train()
-    text_encoder.train(train_text)
+    for encoder in encoders:
+        encoder.train(train_text)
     trainable = [p for group in groups for p in group["params"]]
-    return Loop(accelerator, model, unet, text_encoder, train_text, trainable, optimizer, lr_scheduler, loader,
-                sampler, dataset, params, steps, info.lifetime_epochs)
+    text_cache = None
+    if params.cache_text_encoder_outputs:
+        text_cache = TextCache()
+        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_], accelerator.device)
+        for encoder in encoders:
+            encoder.to("cpu")  # not needed again until samples: free the GPU for training
+        free_device_memory(accelerator.device)
+    return Loop(accelerator, model, unet, encoders[0], train_text, trainable, optimizer, lr_scheduler, loader,
+                sampler, dataset, params, steps, info.lifetime_epochs,
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache)
 
 
 @dataclass
@@ -269,27 +356,43 @@ class Saving:
 
 
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
-               epochs: int, saving: Saving) -> None:
-    """Save at the "Save Model Frequency" (steps or epochs, keeping the last N files, with a sample grid)
-    and draw previews at the "Save Preview(s) Frequency"."""
+               epochs: int, plan: Saving, *, validator: Validator | None = None, runlog: RunLog | None = None) -> None:
+    """Measure the validation loss when due, write the step's figures to the logs, save at the "Save Model
+    Frequency" (steps or epochs; keeping the last N intermediate files and the best by validation, with a
+    sample grid) and draw previews at the "Save Preview(s) Frequency"."""
     if not run.accelerator.is_main_process:
         return
     params = run.params
-    if saving.schedule.due(step, epochs):
+    saving = plan.schedule.due(step, epochs)
+    val_loss = evaluate(run, validator, step, saving=saving)
+    if val_loss is not None:
+        display.validation(step, val_loss)
+    if runlog is not None:
+        runlog.row(step=step, lifetime_step=snapshots.start_info.lifetime_steps + step, epoch=epochs,
+                   loss=run.losses[-1], val_loss=val_loss, lrs=run.lr_scheduler.get_last_lr(),
+                   memory_mb=display.memory_mb())
+    if saving:
         display.message(f"Saving at step {step}", step)
         save_snapshot(run, snapshots, adapters, step, epochs)
+        if validator is not None:
+            validator.files[step] = snapshots.lora_path
+            snapshots.keep = {path for path in [validator.best_file()] if path is not None}
         if adapters is not None:
-            saving.retention.saved(snapshots.lora_path)
-        sample_grid(run, snapshots, display, saving, step)
+            plan.retention.protected = set(snapshots.keep)
+            plan.retention.saved(snapshots.lora_path)
+        sample_grid(run, snapshots, display, plan, step)
     if params.save_preview_every_n_steps and step % params.save_preview_every_n_steps == 0:
         display.message(f"Drawing samples at step {step}", step)
         lifetime = snapshots.start_info.lifetime_steps + step
         stem = f"{snapshots.name}_{lifetime if params.use_lifetime_steps else step}"
         unwrap = run.accelerator.unwrap_model
-        display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
-                                        folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
-                                        device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed)
+        # Previews must not move the training's generators: a resumed run would not match one that never stopped.
+        with ema_applied(run.ema), torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
+            display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
+                                            folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
+                                            device=run.accelerator.device, autocast=run.accelerator.autocast,
+                                            seed=snapshots.seed,
+                                            text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
         display.message(f"Samples of step {step} saved", step)
 
 
@@ -301,11 +404,14 @@ def sample_grid(run: Loop, snapshots: Snapshots, display: ProgressDisplay, savin
     display.message(f"Drawing the sample grid of step {step}", step)
     lifetime = snapshots.start_info.lifetime_steps + step
     unwrap = run.accelerator.unwrap_model
-    path = draw_grid(run.model, unwrap(run.unet), unwrap(run.text_encoder), prompts, grid_seeds(run.params),
-                     saving.concept, folder=snapshots.model_dir,
-                     stem=f"{snapshots.name}_{lifetime if run.params.use_lifetime_steps else step}",
-                     resolution=run.params.resolution, device=run.accelerator.device,
-                     autocast=run.accelerator.autocast)
+    # As the previews: the EMA weights when on, and the training's generators left where they were.
+    with ema_applied(run.ema), torch.random.fork_rng(devices=[run.accelerator.device] if run.accelerator.device.type == "cuda" else []):
+        path = draw_grid(run.model, unwrap(run.unet), unwrap(run.text_encoder), prompts, grid_seeds(run.params),
+                         saving.concept, folder=snapshots.model_dir,
+                         stem=f"{snapshots.name}_{lifetime if run.params.use_lifetime_steps else step}",
+                         resolution=run.params.resolution, device=run.accelerator.device,
+                         autocast=run.accelerator.autocast,
+                         text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
     display.samples.append(path)
     display.message(f"Sample grid of step {step} saved", step)
 
@@ -314,7 +420,40 @@ def save_snapshot(run: Loop, snapshots: Snapshots, adapters: Adapters | None, st
     """Save the LoRA (or the fine-tuned weights), the resume state and the model info after `step` steps."""
     unwrap = run.accelerator.unwrap_model
     snapshots.save(step, epochs, adapters=adapters, optimizer=run.optimizer, unet=unwrap(run.unet),
-                   text_encoder=unwrap(run.text_encoder))
+                   text_encoder=unwrap(run.text_encoder), position=run.position, ema=run.ema)
+
+
+def make_validator(model: WorkingModel, held_out: list, params: TrainingParams, accelerator) -> Validator | None:
+    """The validation set (encoded once, on the main process) when there are validation pictures."""
+    if not held_out or not accelerator.is_main_process:
+        return None
+    vset = build_validation_set(held_out, model, resolution=params.resolution, center_crop=params.center_crop,
+                                device=accelerator.device)
+    return Validator(vset, params.validation_every_n_steps, among_saves=bool(params.save_every_n_steps))
+
+
+def name_best(validator: Validator | None, snapshots: Snapshots, display: ProgressDisplay, steps: int) -> None:
+    """At the end: the step with the lowest validation loss, and its LoRA, in the log and the console."""
+    if validator is None:
+        return
+    validator.files[steps] = snapshots.lora_path
+    snapshots.keep = {path for path in [validator.best_file()] if path is not None}
+    line = best_line(validator, snapshots.start_info.lifetime_steps)
+    if line:
+        log.info(line)
+        display.message(line, steps)
+
+
+def make_ema(params: TrainingParams, trainable: list, resume_dir: Path | None) -> EMA | None:
+    """"Use EMA": averages of the trained weights, continuing the ones kept in `resume_dir`'s resume
+    state (a LoRA run's model folder) when they fit."""
+    if not params.use_ema:
+        return None
+    ema = EMA(trainable, params.ema_decay)
+    state = load_ema_state(resume_dir) if resume_dir is not None else None
+    if state is not None and ema.load_state_dict(state):
+        log.info("Continuing the EMA of the previous run")
+    return ema
 
 
 def source_checkpoint(models: ModelsDir, info: ModelInfo) -> Path | None:

@@ -76,13 +76,16 @@ MODES = [  # name, writer, left pixel, right pixel (after conversion to RGB)
 
 
 @pytest.mark.parametrize("name,write,left,right", MODES, ids=[m[0] for m in MODES])
-def test_every_mode_loads_as_rgb(tmp_path, name, write, left, right):
+def test_every_mode_loads_as_rgb(tmp_path, name, write, left, right, reliability):
     path = tmp_path / name
     write(path)
+    stored = Image.open(path).mode
     image = load_image(path)
     assert image.mode == "RGB" and image.size == (8, 4)
     assert close(image.getpixel((1, 2)), left), image.getpixel((1, 2))
     assert close(image.getpixel((6, 2)), right), image.getpixel((6, 2))
+    reliability(f"Picture {name} stored in mode {stored}",
+                f"read as {image.mode} (left {image.getpixel((1, 2))}, right {image.getpixel((6, 2))})")
 
 
 @pytest.mark.parametrize("orientation,top,bottom,size", [
@@ -91,7 +94,7 @@ def test_every_mode_loads_as_rgb(tmp_path, name, write, left, right):
     (6, RED, BLUE, (20, 40)),     # stored turned; shown rotated 90 degrees clockwise: left becomes top
     (8, BLUE, RED, (20, 40)),     # rotated 90 degrees counter-clockwise: left becomes bottom
 ])
-def test_exif_rotation_applied(tmp_path, orientation, top, bottom, size):
+def test_exif_rotation_applied(tmp_path, orientation, top, bottom, size, reliability):
     path = halves(tmp_path / "raw.png")
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -101,9 +104,11 @@ def test_exif_rotation_applied(tmp_path, orientation, top, bottom, size):
     assert image.size == size
     assert close(image.getpixel((0, 0)), top, 40)
     assert close(image.getpixel((0, image.height - 1)), bottom, 40)
+    reliability(f"JPEG with EXIF orientation {orientation} (stored 40 x 20)",
+                f"read upright as {image.size[0]} x {image.size[1]}")
 
 
-def test_broken_pictures_skipped_and_named(tmp_path, caplog):
+def test_broken_pictures_skipped_and_named(tmp_path, caplog, reliability):
     good = solid(tmp_path / "data" / "good.png")
     (tmp_path / "data" / "garbage.jpg").write_bytes(b"this is not a picture")
     whole = (tmp_path / "whole.png")
@@ -115,6 +120,11 @@ def test_broken_pictures_skipped_and_named(tmp_path, caplog):
     assert [e.image_path for e in instance] == [good]
     assert "garbage.jpg" in caplog.text and "truncated.png" in caplog.text
     assert load_image(tmp_path / "data" / "garbage.jpg") is None
+    for name in ("truncated.png", "garbage.jpg"):
+        line = next(r.getMessage() for r in caplog.records if name in r.getMessage())
+        reliability({"truncated.png": "A PNG whose file ends early (60 of its bytes)",
+                     "garbage.jpg": "A .jpg that is not a picture"}[name],
+                    f"skipped with a line: \"{line.replace(str(tmp_path), '...')}\"")
 
 
 def test_all_pictures_broken_is_an_error(tmp_path):

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from helpers_lora import metadata_for, randomize
-from helpers_merge import load_checkpoint_parts, load_parts, make_model, text_output, unet_output
+from helpers_merge import load_checkpoint_parts, make_model, text_output, unet_output
 from helpers_train import instance_pictures, private_models
 from lora_trainer.checkpoint import load_model_spec
-from lora_trainer.config import Concept, TrainingParams
+from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ModelError
 from lora_trainer.kohya import read_kohya_lora, resolve, target_table
 from lora_trainer.lora import LoRAConv2d, lora_state_dict, remove_lora, save_lora
 from lora_trainer.merge import merge_lora
 from lora_trainer.train import train
 from lora_trainer.training.adapters import attach_lora
+from lora_trainer.training.parts import load_working_model
 from webui_env import StandinWebUI
 
 KINDS = {"locon": dict(conv_rank=3, conv_alpha=2.0), "dora": dict(use_dora=True),
@@ -30,9 +31,10 @@ KINDS = {"locon": dict(conv_rank=3, conv_alpha=2.0), "dora": dict(use_dora=True)
 def _adapters(folder, kind: str):
     """The tiny model's UNet and text encoder with trained-looking adapters of `kind` (non-zero up, DoRA
     magnitudes away from the base's norms)."""
-    unet, text = load_parts(folder)
+    model = load_working_model(folder, ModelInfo.load(folder / "model_info.json"))
+    unet, text = model.unet.float().eval(), model.text_encoder.float().eval()
     params = TrainingParams(rank=4, lora_alpha=2.0, text_encoder_rank=4, text_encoder_alpha=2.0, **KINDS[kind])
-    adapters = attach_lora(SimpleNamespace(unet=unet, text_encoder=text), params)
+    adapters = attach_lora(model, params)
     randomize(adapters.unet, 3)
     randomize(adapters.text, 4)
     generator = torch.Generator().manual_seed(5)

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 # Concept fields settable one by one on the command line (one concept).
 CONCEPT_FLAGS = ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt", "instance_token",
                  "class_token", "num_class_images", "num_class_images_per_image", "class_negative_prompt",
-                 "class_guidance_scale", "class_infer_steps")
+                 "class_guidance_scale", "class_infer_steps", "validation_data_dir")
 
 
 def add_concept_args(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import PARAMS_FILE, Concept, TrainingParams, field_meta, load_concepts
+from ..config import MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, field_meta, load_concepts
 from ..errors import ConfigError, LoraTrainerError
 from ..host import ModelsDir
 from ..train import train
@@ -74,12 +74,15 @@ def add_param_args(parser: argparse.ArgumentParser) -> None:
 
 
 def params_from_args(args: argparse.Namespace, model_dir: Path) -> TrainingParams:
-    """Defaults, then the JSON file (or the model's saved parameters), then the flags given.
+    """The model's defaults, then the JSON file (or the model's saved parameters), then the flags given.
 
     Raises ConfigError for a bad file or value.
     """
     source = Path(args.config) if args.config else model_dir / PARAMS_FILE
-    base = TrainingParams.load(source).to_dict() if args.config or source.is_file() else {}
+    if args.config or source.is_file():
+        base = TrainingParams.load(source).to_dict()
+    else:
+        base = ModelInfo.load(model_dir / MODEL_INFO_FILE).default_params().to_dict()
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingParams)
              if getattr(args, f.name, None) is not None}
     return TrainingParams.from_dict({**base, **given}, source="command line")

@@ -1,7 +1,9 @@
 """`ui`: the LoRA Trainer tab as a standalone app, no web UI needed.
 
 Serves the same tabs as the extension on http://127.0.0.1:PORT (another
-address only when given with --host). The built-in tiny checkpoint is written
+address only when given with --host, with a warning in the console). Its file
+routes serve the models folder only: the current folder (which gradio 3 serves
+as "the app's folder") is blocked unless it is inside the models folder. The built-in tiny checkpoint is written
 into Stable-diffusion/ when it is not there, so "Create Model" has something to
 start from on a fresh machine.
 """
@@ -11,6 +13,7 @@ import errno
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -72,6 +75,36 @@ def page_scripts() -> str | None:
     return "".join(f"<script>{p.read_text(encoding='utf-8')}</script>" for p in scripts) or None
 
 
+LOCAL_ADDRESSES = ("127.0.0.1", "localhost", "::1")
+
+
+def launch_options(models_dir: str | Path, host: str, port: int) -> dict:
+    """gradio's launch arguments: this address and port, files from the models folder only."""
+    models = Path(models_dir).resolve()
+    gradio_temp = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    return dict(server_name=host, server_port=port, inbrowser=False, share=False, show_api=False,
+                allowed_paths=[str(models)], blocked_paths=blocked_beside(Path.cwd().resolve(), [models, gradio_temp]),
+                quiet=False)
+
+
+def blocked_beside(folder: Path, keep: list[Path]) -> list[str]:
+    """`folder` (which gradio 3 serves whole, as the app's folder) to block, all but the paths in `keep`
+    (the models folder, gradio's own temporary files): `folder` itself when none lies inside it, else
+    every entry beside the way down to them."""
+    inside = [k for k in keep if k.is_relative_to(folder)]
+    if not inside:
+        return [str(folder)]
+    if folder in inside:
+        return []
+    blocked = []
+    for entry in sorted(folder.iterdir()):
+        if any(k.is_relative_to(entry) for k in inside):
+            blocked += blocked_beside(entry, inside) if entry.is_dir() and not entry.is_symlink() else []
+        else:
+            blocked.append(str(entry))
+    return blocked
+
+
 def check_port_free(address: str, port: int) -> None:
     """Raise ConfigError naming the port and --port when `address:port` cannot be served on (before anything
     is written or gradio starts: its own refusal is a long traceback)."""
@@ -102,9 +135,12 @@ def run(args) -> int:
 
     compat.queue(demo)
     log.info("LoRA Trainer on http://%s:%d (models in %s)", args.host, args.port, Path(args.models_dir).resolve())
+    if args.host not in LOCAL_ADDRESSES:
+        log.warning("Bound to %s, not only this machine: anyone who can reach it on port %d can train, merge and "
+                    "read the files in %s; use --host 127.0.0.1 to keep it to this machine", args.host, args.port,
+                    Path(args.models_dir).resolve())
     try:
-        compat.launch(demo, server_name=args.host, server_port=args.port, inbrowser=False, share=False,
-                      show_api=False, allowed_paths=[str(Path(args.models_dir).resolve())], quiet=False)
+        compat.launch(demo, **launch_options(args.models_dir, args.host, args.port))
     except OSError as e:
         # Taken between the check and the launch: gradio says "Cannot find empty port in range".
         if "port" not in str(e).lower():

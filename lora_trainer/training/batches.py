@@ -14,6 +14,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ..caption_augment import CaptionAugment
 from ..compat import shardable_batch_sampler
 from ..data import DreamBoothDataset, Example, bucket_batch_sampler, collate_examples
 
@@ -71,17 +72,22 @@ class LatentDataset(DreamBoothDataset):
 
 
 def make_dataset(instance: list[Example], class_: list[Example], params, tokenizer, *, cached: bool,
-                 seed: int) -> DreamBoothDataset:
-    """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills."""
+                 seed: int, tokenizer_2=None, time_ids: bool = False) -> DreamBoothDataset:
+    """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills.
+    SDXL passes its second tokenizer and `time_ids` (each picture's size and crop)."""
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
-                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed)
+                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed, tokenizer_2=tokenizer_2,
+                time_ids=time_ids, augment=CaptionAugment.from_params(params), masked=params.masked_loss)
 
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):
     """Shuffled batches of one size each (aspect buckets when on; otherwise every picture has the same size)."""
     sampler = shardable_batch_sampler(bucket_batch_sampler(dataset, batch_size, shuffle=True, seed=seed))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=0)
+    # Its own generator: starting an epoch would otherwise draw from torch's global one, and a run
+    # resumed in the middle of an epoch would then draw once more than the run that never stopped.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_examples, num_workers=0,
+                                         generator=torch.Generator().manual_seed(seed))
     return loader, sampler
 
 

@@ -85,6 +85,9 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
                               "choose flash_attention (as fast, built into torch) or install xformers")
     if params.attention == "flash_attention" and not hw.sdpa:
         raise ConfigError(f"{ATTN} flash_attention needs torch 2 (scaled_dot_product_attention); choose default or xformers")
+    if params.cache_text_encoder_outputs and params.train_text_encoder:
+        raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') needs the text encoders frozen: "
+                          "untick Train Text Encoder ('train_text_encoder') or Cache Text Encoder Outputs")
     if params.use_8bit_adam:
         if not hw.cuda and not hw.bitsandbytes_cpu:
             which = "an older bitsandbytes" if hw.bitsandbytes else "no bitsandbytes"

@@ -15,11 +15,14 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
+from ..masks import latent_weights
 from ..progress import CancelFlag
 from .batches import batch_latents
 from .console import ProgressDisplay
+from .ema import EMA
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
+from .position import RunPosition, capture, restore
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +31,11 @@ MAX_NON_FINITE_STEPS = 3  # losses that are not numbers in a row before the run 
 NOT_A_NUMBER = ("the loss was not a number (NaN/inf) for {count} steps in a row at step {step} with Mixed Precision "
                 "'{precision}': choose bf16 or 'no' ('mixed_precision') or lower the learning rates; "
                 "nothing of these steps was saved")
-OUT_OF_MEMORY = ("out of GPU memory at step {step}: tick Mixed Precision fp16, Use 8bit Adam, Gradient Checkpointing "
-                 "and Cache Latents, untick Train Text Encoder, or lower Batch Size ('train_batch_size') or "
-                 "Max Resolution ('resolution')")
+OUT_OF_MEMORY = ("out of GPU memory at step {step} ({figures}); {saved}: tick Mixed Precision fp16, Use 8bit Adam, "
+                 "Gradient Checkpointing and Cache Latents, untick Train Text Encoder, or lower Batch Size "
+                 "('train_batch_size') or Max Resolution ('resolution')")
+# torch >= 2.5 names it torch.OutOfMemoryError (also raised by other devices); older ones only torch.cuda's
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 @dataclass
@@ -54,6 +59,15 @@ class Loop:
     on_step: Callable[[int, int], None] = lambda step, epochs: None   # after each step: save / samples
     cancel: CancelFlag | None = None
     losses: list[float] = field(default_factory=list)
+    text_encoder_2: torch.nn.Module | None = None   # SDXL's second encoder, prepared like the first
+    text_cache: "TextCache | None" = None           # "Cache Text Encoder Outputs": prompt -> encoder outputs
+    resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
+    position: RunPosition | None = None    # after the last completed step (what a save keeps)
+    ema: EMA | None = None                 # "Use EMA": averaged after every optimizer step
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
 
 @dataclass
@@ -61,6 +75,7 @@ class Outcome:
     steps: int
     epochs: int
     cancelled: bool
+    out_of_memory: bool = False     # stopped by it after `steps` completed steps (what they learned is kept)
 
 
 def steps_per_epoch(batches: int, num_processes: int, accumulation: int) -> int:
@@ -81,14 +96,46 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     noise = sample_noise(latents, params.noise_offset)
     timesteps = sample_timesteps(model.noise_scheduler, latents.shape[0], device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    input_ids = batch["input_ids"].to(device)
-    with torch.set_grad_enabled(loop.train_text):
-        hidden = loop.text_encoder(input_ids)[0]
-    prediction = loop.unet(noisy, timesteps, hidden, return_dict=False)[0]
+    family = model.info.family
+    if loop.text_cache is not None:
+        hidden, pooled = loop.text_cache.lookup(batch["prompts"], device)
+        added = family.added_conditioning(pooled, batch, device, hidden.dtype)
+    else:
+        with torch.set_grad_enabled(loop.train_text):
+            hidden, added = family.condition(loop.text_encoders, batch, device)
+    extra = {"added_cond_kwargs": added} if added is not None else {}
+    prediction = loop.unet(noisy, timesteps, hidden, return_dict=False, **extra)[0]
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
+    mask = latent_weights(batch["loss_mask"], latents) if "loss_mask" in batch else None
     return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
-                           weights=weights)
+                           weights=weights, pixel_weights=mask)
+
+
+class TextCache:
+    """What the frozen text encoders give for every prompt of the run, encoded once ("Cache Text Encoder
+    Outputs"); kept on the CPU, a batch's rows are looked up by prompt."""
+
+    def __init__(self):
+        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def fill(self, family, encoders: list, dataset, prompts: list[str], device, batch_size: int = 8) -> None:
+        unique = list(dict.fromkeys(prompts))
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start:start + batch_size]
+            rows = [dataset.conditioning_of_prompt(p) for p in chunk]
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            hidden, pooled = family.encode_text(encoders, batch, device)
+            for i, prompt in enumerate(chunk):
+                self.outputs[prompt] = (hidden[i].cpu(), None if pooled is None else pooled[i].cpu())
+        log.info("Cached the text encoders' outputs of %d prompts", len(unique))
+
+    def lookup(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = [self.outputs[p] for p in prompts]
+        hidden = torch.stack([r[0] for r in rows]).to(device)
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows]).to(device)
+        return hidden, pooled
 
 
 def cancelled(loop: Loop) -> bool:
@@ -108,19 +155,27 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
     after MAX_NON_FINITE_STEPS of them in a row the run stops with a ConfigError
     instead of going on with a broken model (fp16's black pictures).
     """
-    accelerator, step, micro_batches, pending, non_finite = loop.accelerator, 0, 0, [], 0
+    accelerator, pending, non_finite, start = loop.accelerator, [], 0, loop.resume_at
+    step, micro_batches, epoch, skip = (start.step, start.micro_batches, start.epoch, start.batch_in_epoch) \
+        if start is not None else (0, 0, 0, 0)
     batches_per_epoch = max(len(loop.loader), 1)
-    epoch = 0
+    if start is not None:
+        restore(loop, start)
     while step < loop.total_steps:
         set_epoch(loop, loop.first_epoch + epoch)
+        loop.sampler.skip = skip * accelerator.num_processes  # an interrupted epoch goes on where it stopped
+        in_epoch, skip = skip, 0
         for batch in loop.loader:
             if cancelled(loop):
                 return Outcome(step, micro_batches // batches_per_epoch, True)
             try:
                 pending.append(optimizer_micro_step(loop, batch))
-            except torch.cuda.OutOfMemoryError:
-                raise ConfigError(OUT_OF_MEMORY.format(step=step + 1)) from None
+            except OutOfMemoryError:
+                # Stop at the last completed step: its weights are intact; this step's gradients go.
+                loop.optimizer.zero_grad(set_to_none=True)
+                return Outcome(step, micro_batches // batches_per_epoch, True, out_of_memory=True)
             micro_batches += 1
+            in_epoch += 1
             if accelerator.sync_gradients:
                 step += 1
                 loop.losses.append(sum(pending) / len(pending))
@@ -129,6 +184,8 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
                 if non_finite >= MAX_NON_FINITE_STEPS:
                     raise ConfigError(NOT_A_NUMBER.format(count=non_finite, step=step,
                                                           precision=loop.params.mixed_precision))
+                loop.position = capture(loop, step=step, micro_batches=micro_batches, epoch=epoch,
+                                        batch_in_epoch=in_epoch)
                 display.step(step, loop.first_epoch + epoch, loop.losses[-1], loop.lr_scheduler.get_last_lr()[0])
                 loop.on_step(step, micro_batches // batches_per_epoch)
                 if step >= loop.total_steps:
@@ -157,6 +214,8 @@ def optimizer_micro_step(loop: Loop, batch: dict) -> float:
             loop.optimizer.step()
         loop.lr_scheduler.step()
         loop.optimizer.zero_grad(set_to_none=True)
+        if loop.ema is not None and accelerator.sync_gradients:
+            loop.ema.update()
     return float(loss.total.detach().item())
 
 

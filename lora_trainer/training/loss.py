@@ -63,10 +63,15 @@ class Loss:
 
 
 def dreambooth_loss(prediction: torch.Tensor, target: torch.Tensor, is_class: torch.Tensor, *,
-                    prior_loss_weight: float, weights: torch.Tensor | None = None) -> Loss:
+                    prior_loss_weight: float, weights: torch.Tensor | None = None,
+                    pixel_weights: torch.Tensor | None = None) -> Loss:
     """Instance error + prior_loss_weight * class error, each the mean over its rows of the
-    (weighted) per-row mean squared error, computed in fp32."""
-    per_row = ((prediction.float() - target.float()) ** 2).mean(dim=tuple(range(1, prediction.dim())))
+    (weighted) per-row mean squared error, computed in fp32. `pixel_weights` [B, 1, h, w]
+    (Masked Loss) weight each latent pixel's error before the mean."""
+    error = (prediction.float() - target.float()) ** 2
+    if pixel_weights is not None:
+        error = error * pixel_weights.float()
+    per_row = error.mean(dim=tuple(range(1, prediction.dim())))
     if weights is not None:
         per_row = per_row * weights.float()
     is_class = is_class.to(per_row.device)

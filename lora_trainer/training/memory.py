@@ -24,7 +24,7 @@ from ..lora import TEXT_TARGETS, UNET_TARGETS, is_target
 from ..safetensors_stream import read_layout
 from .parts import part_dtypes
 
-PARTS = ("unet", "text_encoder", "vae")
+PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
 GB = 2**30
 
@@ -64,7 +64,7 @@ def least_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torc
 
 def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer updates: the adapters' down and up matrices, or whole parts."""
-    parts = ["unet"] + (["text_encoder"] if params.train_text_encoder else [])
+    parts = ["unet"] + (["text_encoder", "text_encoder_2"] if params.train_text_encoder else [])
     if not params.use_lora:
         return [shape for part in parts for dtype, shape in layouts[part].values() if dtype.is_floating_point]
     shapes = []

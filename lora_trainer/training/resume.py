@@ -6,7 +6,11 @@ and step counts, or 8-bit AdamW's moments with their quantile maps and scales,
 as tensors, the rest as JSON in its metadata; a pickle would
 be refused by the web UI's checked `torch.load` when written by a newer torch) and `state.json` (lifetime steps and the LoRA file it belongs to). It
 is rewritten, as a whole and atomically, whenever a LoRA is saved, so a crash
-or a Cancel loses at most the steps since the last save. Without it (deleted,
+or a Cancel loses at most the steps since the last save. `state.json` also
+holds the run's plan (its settings, concepts, pictures, seed, step count and
+the model info it started from) and `position.safetensors` where it stood
+(see `position.py`): a run that stopped before its planned end is finished by
+the next run with the same settings, exactly as if it had never stopped. Without it (deleted,
 or an older model) the model's latest LoRA file is the starting point, with
 fresh optimizer moments. A full fine-tune continues from the weights saved in
 the model folder; its optimizer state (twice the UNet's size) is not kept.
@@ -23,11 +27,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..checkpoint_io import save_checkpoint
-from ..config import ModelInfo, TrainingParams
+from ..config import Concept, ModelInfo, TrainingParams
 from ..errors import ModelError
 from ..fileio import atomic_dir
 from ..lora import read_lora
 from ..safetensors_stream import read_layout
+from .position import POSITION_FILE, RunPosition, load_position, save_position
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ RESUME_DIR = "resume"
 ADAPTERS_FILE = "lora.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+# Settings that change neither what a step computes nor how many steps a run has: changing them
+# between a cancel and the next start still finishes the interrupted run.
+NOT_PART_OF_THE_RUN = ("new_run", "save_every_n_steps", "save_preview_every_n_steps")
+EMA_FILE = "ema.safetensors"
 
 
 @dataclass
@@ -45,16 +54,95 @@ class ResumeState:
     lifetime_steps: int
 
 
+@dataclass
+class InterruptedRun:
+    """A run that stopped before its planned end, to be finished: its plan and where it stood."""
+
+    plan: dict
+    position: RunPosition
+
+    @property
+    def start_info(self) -> ModelInfo:
+        return ModelInfo.from_dict(self.plan["start_info"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.plan["seed"])
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.plan["total_steps"])
+
+
+def run_plan(params: TrainingParams, concepts: list[Concept], pictures: list[str], *, seed: int, total_steps: int,
+             start_info: ModelInfo, started_at: float) -> dict:
+    """What defines a run (compared when it is started again) and what it started from."""
+    return {"settings": run_settings(params), "concepts": [c.to_dict() for c in concepts], "pictures": pictures,
+            "seed": seed, "total_steps": total_steps, "start_info": start_info.to_dict(), "started_at": started_at}
+
+
+def run_settings(params: TrainingParams) -> dict:
+    return {k: v for k, v in params.to_dict().items() if k not in NOT_PART_OF_THE_RUN}
+
+
 def save_resume_state(model_dir: Path, adapters: dict[str, torch.Tensor], optimizer_state: dict | None, *,
-                      lifetime_steps: int, lora_file: str) -> None:
-    """Replace `<model>/resume/` with the current adapters and optimizer state, atomically."""
-    with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True) as tmp:
+                      lifetime_steps: int, lora_file: str, plan: dict | None = None,
+                      position: RunPosition | None = None, ema: dict[str, torch.Tensor] | None = None) -> None:
+    """Replace `<model>/resume/` with the current adapters, optimizer state (and the EMA averages) and the
+    run's plan and position (after `position.step` steps of it), atomically."""
+    state = {"lifetime_steps": lifetime_steps, "lora": lora_file}
+    if plan is not None and position is not None:
+        state["run"] = {**plan, "steps": position.step}
+    moments = [v for entry in (optimizer_state or {}).get("state", {}).values() for v in entry.values()
+               if torch.is_tensor(v)]
+    need = sum(v.numel() * 4 for v in adapters.values()) + sum(v.numel() * v.element_size()
+                                                             for v in [*moments, *(ema or {}).values()])
+    with atomic_dir(Path(model_dir) / RESUME_DIR, overwrite=True, need=need) as tmp:
         save_checkpoint({k: v.float() if v.is_floating_point() else v for k, v in adapters.items()},
                         tmp / ADAPTERS_FILE, overwrite=True)
         if optimizer_state is not None:
             save_optimizer_state(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps({"lifetime_steps": lifetime_steps, "lora": lora_file}, indent=2),
-                                      encoding="utf-8")
+        if ema is not None:
+            save_checkpoint(ema, tmp / EMA_FILE, overwrite=True)
+        if "run" in state:
+            save_position(position, tmp / POSITION_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def interrupted_run(model_dir: Path, info: ModelInfo, params: TrainingParams, concepts: list[Concept],
+                    pictures: list[str]) -> InterruptedRun | None:
+    """The model's last run when it stopped before its planned end and this run is the same one started
+    again (same settings, concepts and pictures; "Start a New Run" off); None otherwise, saying why
+    when a run was left unfinished."""
+    folder = Path(model_dir) / RESUME_DIR
+    try:
+        state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+        run = state["run"]
+        done, total = int(run["steps"]), int(run["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no run recorded (an older model, a full fine-tune, or never trained)
+    if done >= total or int(state.get("lifetime_steps", -1)) != info.lifetime_steps:
+        return None
+    stopped = f"The last run of {info.model_name} stopped at step {done} of {total}"
+    if params.new_run:
+        log.info("%s; starting a new run from what it learned, as Start a New Run ('new_run') asks", stopped)
+        return None
+    changed = sorted(k for k, v in run_settings(params).items() if run["settings"].get(k) != v)
+    if run["concepts"] != [c.to_dict() for c in concepts]:
+        changed.append("concepts")
+    if run["pictures"] != pictures:
+        changed.append("the pictures")
+    if changed:
+        log.warning("%s; its settings differ (%s), so a new run starts from what it learned: set them back to "
+                    "finish the interrupted run", stopped, ", ".join(changed))
+        return None
+    try:
+        position = load_position(folder / POSITION_FILE)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s, but its position in %s cannot be read (%s); a new run starts from what it learned",
+                    stopped, folder, e)
+        return None
+    return InterruptedRun(run, position)
 
 
 def previous_adapters(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Path | None:
@@ -145,6 +233,18 @@ def load_resume_state(model_dir: Path, lora_dir: Path, info: ModelInfo) -> Resum
     return None
 
 
+def load_ema_state(model_dir: Path) -> dict[str, torch.Tensor] | None:
+    """The EMA averages kept with the resume state; None when there are none (or they cannot be read)."""
+    path = Path(model_dir) / RESUME_DIR / EMA_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # a damaged file: the average starts again from the resumed weights
+        log.warning("Ignoring the EMA state %s (%s); the average starts again", path, e)
+        return None
+
+
 def save_optimizer_state(state: dict, path: Path) -> None:
     """An optimizer's `state_dict()` as safetensors: its tensors by their path (`state.<index>.<name>`, and
     deeper for nested dicts such as bitsandbytes' `__bnb_optimizer_quant_state__`), the rest as JSON."""
@@ -161,7 +261,8 @@ def save_optimizer_state(state: dict, path: Path) -> None:
 
     plain = {"param_groups": state["param_groups"],
              "state": {str(index): without_tensors(entry, f"state.{index}") for index, entry in state["state"].items()}}
-    # Through our own writer, as every other file: safetensors' save_file gives its file mode 0600.
+    # Through our own writer, as every other file: safetensors' save_file gives its file mode 0600,
+    # and a full disk then gives its one line.
     save_checkpoint(tensors, path, metadata={"optimizer": json.dumps(plain)}, overwrite=True)
 
 

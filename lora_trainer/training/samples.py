@@ -38,31 +38,36 @@ def sample_prompts(concepts: list[Concept], instance: list[Example]) -> list[tup
 
 
 @contextmanager
-def drawing_pipeline(model: WorkingModel, unet, text_encoder, device: torch.device):
-    """A pipeline of the models being trained, in eval mode with the VAE on `device`; all put back after."""
-    vae_device = next(model.vae.parameters()).device
-    model.vae.to(device)
+def drawing_pipeline(model: WorkingModel, unet, text_encoder, device: torch.device, text_encoder_2=None):
+    """A pipeline of the models being trained, in eval mode on `device`; all put back after."""
+    # The VAE (Cache Latents) and the text encoders (Cache Text Encoder Outputs) may wait on the CPU.
+    resting = [(m, next(m.parameters()).device) for m in (model.vae, text_encoder, text_encoder_2) if m is not None]
+    for module, _ in resting:
+        module.to(device)
     was_training = unet.training, text_encoder.training
     unet.eval()
     text_encoder.eval()
     try:
         yield pipeline_from_parts(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
-                                  scheduler=model.noise_scheduler)
+                                  scheduler=model.noise_scheduler, text_encoder_2=text_encoder_2,
+                                  tokenizer_2=model.tokenizer_2)
     finally:
         unet.train(was_training[0])
         text_encoder.train(was_training[1])
-        model.vae.to(vae_device)
+        for module, where in resting:
+            module.to(where)
 
 
 @torch.no_grad()
 def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int, Concept, str]], *,
-                 folder: Path, stem: str, resolution: int, device: torch.device, autocast, seed: int) -> list[Path]:
-    """Draw and save the samples; return their paths. `unet`/`text_encoder` are the models being trained
-    (unwrapped), `autocast` the training's autocast context factory."""
+                 folder: Path, stem: str, resolution: int, device: torch.device, autocast, seed: int,
+                 text_encoder_2=None) -> list[Path]:
+    """Draw and save the samples; return their paths. `unet`/`text_encoder` (and SDXL's `text_encoder_2`)
+    are the models being trained (unwrapped), `autocast` the training's autocast context factory."""
     if not wanted:
         return []
     paths = []
-    with drawing_pipeline(model, unet, text_encoder, device) as pipe:
+    with drawing_pipeline(model, unet, text_encoder, device, text_encoder_2) as pipe:
         for index, concept, prompt in wanted:
             base_seed = concept.sample_seed if concept.sample_seed >= 0 else seed
             for n in range(concept.n_save_sample):

@@ -95,7 +95,8 @@ def grid_seeds(params: TrainingParams) -> list[int]:
 
 @torch.no_grad()
 def draw_grid(model: WorkingModel, unet, text_encoder, prompts: list[str], seeds: list[int], concept: Concept | None, *,
-              folder: Path, stem: str, resolution: int, device: torch.device, autocast) -> Path | None:
+              folder: Path, stem: str, resolution: int, device: torch.device, autocast,
+              text_encoder_2=None) -> Path | None:
     """Draw every prompt with every seed and save them as one grid picture; return its path (None without
     prompts). Steps, CFG scale and negative prompt are those of the first concept's samples."""
     if not prompts:
@@ -104,7 +105,7 @@ def draw_grid(model: WorkingModel, unet, text_encoder, prompts: list[str], seeds
 
     concept = concept or Concept()
     grid = Image.new("RGB", (resolution * len(seeds), resolution * len(prompts)))
-    with drawing_pipeline(model, unet, text_encoder, device) as pipe:
+    with drawing_pipeline(model, unet, text_encoder, device, text_encoder_2) as pipe:
         for row, prompt in enumerate(prompts):
             for column, seed in enumerate(seeds):
                 with autocast():

@@ -84,7 +84,7 @@ class Controller:
     def settings_values(self, model_name: str, keys: list[str]) -> tuple[str, dict[str, Any]]:
         """The Parameters and Concepts widgets among `keys` as `model_name` holds them, and a message.
 
-        A model without saved parameters gets the defaults at its native resolution and
+        A model without saved parameters gets its defaults (`ModelInfo.default_params`) and
         empty concepts, so nothing of the previously chosen model is carried over (and
         written into this one by Train). The message is empty unless a saved file is broken.
         """
@@ -96,8 +96,7 @@ class Controller:
             except LoraTrainerError as e:
                 message = f"Error: {e}"
         if params is None:
-            params = TrainingParams() if info is None else dataclasses.replace(TrainingParams(),
-                                                                               resolution=info.resolution)
+            params = TrainingParams() if info is None else info.default_params()
         values = fields.named_from_params(params, keys)
         try:
             values.update(fields.named_from_concepts(concepts or [], keys))

@@ -200,7 +200,7 @@ def _train_tab(w: Widgets, ctl: Controller) -> None:
     w.add("progress", compat.component(gr.HTML, value=render.progress_html(state), elem_id=eid("progress")))
     with gr.Row():
         w.add("loss_plot", compat.component(gr.Image, label="Loss", type="pil", interactive=False,
-                                            value=render.loss_plot(state.losses), elem_id=eid("loss_plot")))
+                                            value=render.loss_plot(state.losses, state.val_losses), elem_id=eid("loss_plot")))
         w.add("samples", compat.component(gr.Gallery, label="Samples", columns=4, height=260,
                                           value=compat.gallery_value(state.samples) or None, elem_id=eid("samples")))
     w.add("log", compat.component(gr.Textbox, label="Log", lines=12, max_lines=12, interactive=False, autoscroll=True,
@@ -328,8 +328,8 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
     if seen.get("version") == state.version and seen.get("finished") == state.finished_jobs:
         return {}
     out: dict[str, Any] = {"status": render.status_html(state), "progress": render.progress_html(state)}
-    if seen.get("losses") != len(state.losses) or seen.get("job") != state.started:
-        out["loss_plot"] = render.loss_plot(state.losses)
+    if seen.get("losses") != len(state.losses) + len(state.val_losses) or seen.get("job") != state.started:
+        out["loss_plot"] = render.loss_plot(state.losses, state.val_losses)
     if seen.get("samples") != len(state.samples) or seen.get("job") != state.started:
         out["samples"] = compat.gallery_value(state.samples)
     log_mark = (len(state.log), state.log[-1] if state.log else "")
@@ -343,7 +343,8 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
     elif "finished" not in seen:  # a page's first look: checkpoints may be newer than the page
         out.update({"create.source": compat.update(choices=ctl.source_choices()),
                     "into": compat.update(choices=[""] + ctl.source_choices())})
-    out["seen"] = {"version": state.version, "finished": state.finished_jobs, "losses": len(state.losses),
+    out["seen"] = {"version": state.version, "finished": state.finished_jobs,
+                   "losses": len(state.losses) + len(state.val_losses),
                    "samples": len(state.samples), "log": list(log_mark), "job": state.started}
     return out
 

@@ -64,8 +64,12 @@ def status_html(state: JobState) -> str:
     return f'<div id="lora_trainer_status_line" data-running="{str(state.running).lower()}">{html.escape(state.status)}</div>'
 
 
-def loss_plot(losses: list[tuple[int, float]], size: tuple[int, int] = PLOT_SIZE) -> Image.Image:
-    """Loss over steps as a line with its range written on the axes; a moving average when noisy."""
+VALIDATION_COLOR = "#2563eb"
+
+def loss_plot(losses: list[tuple[int, float]], val_losses: list[tuple[int, float]] = (),
+              size: tuple[int, int] = PLOT_SIZE) -> Image.Image:
+    """Loss over steps as a line with its range written on the axes; a moving average when noisy; the
+    validation loss (when measured) as a blue line with dots on the same axes."""
     width, height = size
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -75,12 +79,13 @@ def loss_plot(losses: list[tuple[int, float]], size: tuple[int, int] = PLOT_SIZE
     if not points:
         draw.text((left + 10, (top + bottom) // 2 - 6), "no loss yet", fill="#666666")
         return image
+    validation = [(s, l) for s, l in val_losses if math.isfinite(l)]
     steps = [s for s, _ in points]
     values = [l for _, l in points]
-    lo, hi = min(values), max(values)
+    lo, hi = min(values + [l for _, l in validation]), max(values + [l for _, l in validation])
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
-    s0, s1 = min(steps), max(steps)
+    s0, s1 = min(steps + [s for s, _ in validation]), max(steps + [s for s, _ in validation])
     span = max(s1 - s0, 1)
 
     def xy(step: float, loss: float) -> tuple[float, float]:
@@ -92,6 +97,13 @@ def loss_plot(losses: list[tuple[int, float]], size: tuple[int, int] = PLOT_SIZE
         smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
                   for i in range(len(values))]
         draw.line([xy(s, l) for s, l in zip(steps, smooth)], fill="#c2410c", width=2)
+    if validation:
+        dots = [xy(s, l) for s, l in validation]
+        if len(dots) > 1:
+            draw.line(dots, fill=VALIDATION_COLOR, width=2)
+        for x, y in dots:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=VALIDATION_COLOR)
+        draw.text((left + 46, top + 2), "validation", fill=VALIDATION_COLOR)
     draw.text((2, top), f"{hi:.3g}", fill="#333333")
     draw.text((2, bottom - 10), f"{lo:.3g}", fill="#333333")
     draw.text((left, bottom + 5), f"step {s0}", fill="#333333")

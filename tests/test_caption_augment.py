@@ -1,0 +1,67 @@
+"""Caption augmentation of [filewords] captions: shuffled tags behind the first K, dropped tags and
+captions, the same for the same seed and epoch (so a resumed run sees what the first one would have)."""
+from __future__ import annotations
+
+import pytest
+from helpers_data import solid
+
+from lora_trainer.config import Concept, TrainingParams
+from lora_trainer.data import DreamBoothDataset, collect_examples
+from lora_trainer.caption_augment import CaptionAugment
+from lora_trainer.errors import ConfigError
+
+TAGS = ["red hair", "blue eyes", "smiling", "hat", "scarf", "outdoors", "sunset"]
+
+
+def _dataset(tmp_path, *, seed=0, prompt="[filewords]", **options):
+    folder = tmp_path / "pictures"
+    for name in ("a", "b"):
+        solid(folder / f"{name}.png", size=(16, 16), caption=", ".join(["scs girl"] + TAGS))
+    concept = Concept(instance_data_dir=str(folder), instance_prompt=prompt, instance_token="scs", class_token="girl")
+    instance, class_ = collect_examples([concept], tmp_path)
+    augment = CaptionAugment.from_params(TrainingParams(**options))
+    return DreamBoothDataset(instance, class_, resolution=16, center_crop=True, hflip=False, seed=seed,
+                             augment=augment)
+
+
+def _prompts(dataset, epochs=6):
+    prompts = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        prompts += [dataset[i]["prompt"] for i in range(len(dataset))]
+    return prompts
+
+
+def test_shuffle_keeps_the_first_k_tags_and_repeats_with_the_seed(tmp_path):
+    dataset = _dataset(tmp_path, shuffle_caption=True, keep_tokens=2)
+    prompts = _prompts(dataset)
+    for prompt in prompts:
+        tags = prompt.split(", ")
+        assert tags[:2] == ["scs girl", "red hair"] and sorted(tags[2:]) == sorted(TAGS[1:])
+    assert len(set(prompts)) > 3  # the rest does move
+    assert _prompts(_dataset(tmp_path, shuffle_caption=True, keep_tokens=2)) == prompts
+    assert _prompts(_dataset(tmp_path, seed=1, shuffle_caption=True, keep_tokens=2)) != prompts
+
+
+def test_tag_and_caption_dropout(tmp_path):
+    thinned = _prompts(_dataset(tmp_path, keep_tokens=1, caption_tag_dropout_rate=0.5))
+    assert all(p.startswith("scs girl") for p in thinned)
+    assert min(len(p.split(", ")) for p in thinned) < len(TAGS) + 1
+    for prompt in thinned:  # the tags that stay keep their order without shuffling
+        kept = prompt.split(", ")[1:]
+        assert kept == [t for t in TAGS if t in kept]
+    dropped = _prompts(_dataset(tmp_path, caption_dropout_rate=0.5), epochs=10)
+    assert "" in dropped and ", ".join(["scs girl"] + TAGS) in dropped
+
+
+def test_off_by_default_and_never_for_written_prompts(tmp_path):
+    plain = _prompts(_dataset(tmp_path), epochs=2)
+    assert set(plain) == {", ".join(["scs girl"] + TAGS)}
+    written = _prompts(_dataset(tmp_path, prompt="scs girl, hat, scarf", shuffle_caption=True,
+                                caption_dropout_rate=0.9), epochs=3)
+    assert set(written) == {"scs girl, hat, scarf"}
+
+
+def test_rates_out_of_range_are_refused():
+    with pytest.raises(ConfigError, match="caption_dropout_rate"):
+        TrainingParams(caption_dropout_rate=1.5)
