@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import pickle
+import pickletools
 import re
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -92,9 +94,10 @@ class CheckpointReader:
             with torch.serialization.safe_globals(_allowed_globals()):
                 data = self._torch_load()
         except pickle.UnpicklingError as e:
+            # torch's own text (a page about changed defaults and re-running with weights_only=False)
+            # is advice to run the code: say what was refused in our words instead.
             unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
-            what = f"it asks to run '{unsafe.group(1)}'" if unsafe else _first_line(e)
-            raise CheckpointError(f"{self.path}: refused to load: {what}. Only plain weights are loaded from .ckpt files; use a .safetensors version of this model") from None
+            raise CheckpointError(refusal(self.path, unsafe.group(1) if unsafe else None)) from None
         except Exception as e:  # torch.load fails in many ways on damaged or foreign files
             raise CheckpointError(f"{self.path}: not a readable checkpoint ({_first_line(e)}); it may be truncated, download or copy it again") from None
         if not isinstance(data, dict):
@@ -107,13 +110,17 @@ class CheckpointReader:
         self._keys = list(self._tensors)
 
     def _torch_load(self):
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # Files saved by PyTorch before 1.6 cannot be memory-mapped.
-            return torch.load(self.path, map_location="cpu", weights_only=True)
+        # torch warns about pickle protocols of plain and pre-1.6 files on stderr; what matters is said by
+        # our own message (or nothing, when the file loads).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                # Files saved by PyTorch before 1.6 cannot be memory-mapped.
+                return torch.load(self.path, map_location="cpu", weights_only=True)
 
     def keys(self) -> list[str]:
         return self._keys
@@ -144,6 +151,41 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def refusal(path: Path, code: str | None) -> str:
+    """The one line for a .ckpt the weights-only loader refused; `code` is what torch named, else it is
+    looked for in the pickle itself (read as opcodes: nothing in it runs)."""
+    code = code or _code_in_pickle(path)
+    what = f"it asks to run code ('{code}')" if code else "it is a plain Python pickle, which can run code when loaded"
+    return (f"{path}: refused to load: {what}, and only plain weights are loaded from a .ckpt; convert it to "
+            ".safetensors with a tool you trust, or use a .safetensors version of this model")
+
+
+# What a PyTorch checkpoint's pickle names to rebuild its tensors: not code we need to point at.
+_TORCH_REBUILD = re.compile(r"^(torch\.|torch\._utils\.|collections\.OrderedDict$|_codecs\.encode$)")
+
+
+def _code_in_pickle(path: Path) -> str | None:
+    """The first callable a pickle names beyond torch's tensor rebuilding, from its opcodes; None when none
+    (or the file is not a pickle we can walk)."""
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for opcode, arg, _ in pickletools.genops(f):
+                if isinstance(arg, str):
+                    strings = (strings + [arg])[-2:]
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = str(arg).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL" and len(strings) == 2:
+                    name = ".".join(strings)
+                else:
+                    continue
+                if not _TORCH_REBUILD.match(name):
+                    return name
+    except Exception:  # a damaged or foreign stream: the caller's sentence stands without a name
+        return None
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -53,28 +53,30 @@ class ClassImageJob:
     prompts: list[str]
 
 
-def plan_class_images(model_dir: Path, concepts: list[Concept]) -> list[ClassImageJob]:
+def plan_class_images(model_dir: Path, concepts: list[Concept], *, quiet: bool = False) -> list[ClassImageJob]:
     """What each concept with prior preservation is missing, logging the console lines
-    `Concept requires N images.` and `Class dir DIR has M images.`
+    `Concept requires N images.` and `Class dir DIR has M images.` (at debug level when `quiet`:
+    a check before the real plan).
 
     Concepts without a Dataset Directory take part when they have a class
     prompt and a total; a per-image count or [filewords] needs the pictures.
     Raises ConfigError for a missing or empty Dataset Directory where one is needed,
     or a blank class prompt.
     """
+    say = log.debug if quiet else log.info
     jobs = []
     for index, concept in enumerate(concepts):
         if not concept.is_set and not concept.class_prompt.strip():
             continue  # an empty slot of the UI's three concepts
         if not concept.with_prior_preservation:
-            log.info("Concept requires 0 images.")
+            say("Concept requires 0 images.")
             continue
         pictures = instance_pictures(concept, index, model_dir) if _needs_pictures(concept) else []
         wanted = num_class_images_wanted(concept, len(pictures))
-        log.info("Concept requires %d images.", wanted)
+        say("Concept requires %d images.", wanted)
         folder = class_dir_for(concept, index, model_dir)
         existing = count_class_images(folder)
-        log.info("Class dir %s has %d images.", folder, existing)
+        say("Class dir %s has %d images.", folder, existing)
         prompts = [_generation_prompt(concept, index, pictures, n) for n in range(existing, wanted)]
         jobs.append(ClassImageJob(index, concept, folder, existing, prompts))
     return jobs

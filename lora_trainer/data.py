@@ -92,11 +92,7 @@ def collect_examples(concepts: list[Concept], model_dir: Path) -> tuple[list[Exa
     for index, concept in enumerate(concepts):
         if not concept.is_set:
             continue
-        pictures = instance_pictures(concept, index, model_dir)
-        found = [e for e in (_instance_example(p, concept, index) for p in pictures) if e is not None]
-        if not found:
-            raise ConfigError(f"Concept {index + 1} Dataset Directory ('instance_data_dir'): none of the "
-                              f"{len(pictures)} pictures in {concept.instance_data_dir} can be read; see the warnings above")
+        pictures, found = instance_examples(concept, index, model_dir)
         instance += found
         wanted = num_class_images_wanted(concept, len(pictures))
         classes = _class_examples(concept, index, Path(model_dir), wanted) if wanted else []
@@ -105,6 +101,20 @@ def collect_examples(concepts: list[Concept], model_dir: Path) -> tuple[list[Exa
     if not instance:
         raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
     return instance, class_
+
+
+def instance_examples(concept: Concept, index: int, model_dir: Path) -> tuple[list[Path], list[Example]]:
+    """(picture files, readable examples with their prompts) of one concept's Dataset Directory.
+
+    Raises ConfigError for a missing or empty dataset, pictures that are all
+    unreadable, or a blank Instance Prompt where a picture has no caption.
+    """
+    pictures = instance_pictures(concept, index, model_dir)
+    found = [e for e in (_instance_example(p, concept, index) for p in pictures) if e is not None]
+    if not found:
+        raise ConfigError(f"Concept {index + 1} Dataset Directory ('instance_data_dir'): none of the "
+                          f"{len(pictures)} pictures in {concept.instance_data_dir} can be read; see the warnings above")
+    return pictures, found
 
 
 def _instance_example(path: Path, concept: Concept, index: int) -> Example | None:

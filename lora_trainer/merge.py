@@ -115,6 +115,9 @@ def _check_options(fmt: str, unet_weight: float, text_weight: float) -> None:
     for label, value in (("Lora Weight ('unet_weight')", unet_weight), ("Lora Text Weight ('text_weight')", text_weight)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{label} must be a finite number; got {value!r}")
+    if unet_weight == 0 and text_weight == 0:
+        raise ConfigError("Lora Weight ('unet_weight') and Lora Text Weight ('text_weight') are both 0, so the "
+                          "merge would change nothing; set either above 0")
 
 
 def output_path(models: ModelsDir, info: ModelInfo, *, custom_name: str | None = None, subdir: bool = False,

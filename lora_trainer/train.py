@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .classimages import generate_class_images
+from .classimages import generate_class_images, plan_class_images
 from .compat import new_accelerator
 from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
-from .data import collect_examples, instance_pictures
+from .data import collect_examples, instance_examples
 from .errors import ConfigError
 from .host import ModelsDir
 from .lora import load_lora_state_dict
@@ -58,6 +58,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     hardware = probe_hardware(device)
     check_options(params, hardware)
+    check_trains_something(params)
     name = output_name(info, params)
     check_concepts(concepts, model_dir)
     check_resume_fits(model_dir, models.lora, info, params)
@@ -109,12 +110,29 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
-    """Every concept that names a Dataset Directory has pictures; at least one does (before loading anything)."""
+    """Before anything is written or loaded: every concept that names a Dataset Directory has readable
+    pictures with a prompt (Instance Prompt or captions), at least one does, and missing class pictures
+    have a Class Prompt to be generated from. Raises ConfigError naming the concept and field."""
     chosen = [(i, c) for i, c in enumerate(concepts) if c.is_set]
     if not chosen:
         raise ConfigError("Concepts: no concept has a Dataset Directory; set Concept 1's Dataset Directory ('instance_data_dir')")
     for index, concept in chosen:
-        instance_pictures(concept, index, model_dir)
+        instance_examples(concept, index, model_dir)
+    plan_class_images(model_dir, concepts, quiet=True)
+
+
+def check_trains_something(params: TrainingParams) -> None:
+    """Refuse a run whose every trained part has learning rate 0: it would save a copy of what was there."""
+    if params.use_lora:
+        rates = {"Lora UNET Learning Rate ('unet_learning_rate')": params.unet_learning_rate}
+        if params.train_text_encoder:
+            rates["Lora Text Encoder Learning Rate ('text_encoder_learning_rate')"] = params.text_encoder_learning_rate
+    else:
+        rates = {"Learning Rate ('learning_rate')": params.learning_rate}
+    if all(rate == 0 for rate in rates.values()):
+        names = " and ".join(rates)
+        raise ConfigError(f"{names} {'are' if len(rates) > 1 else 'is'} 0, so training would change nothing; "
+                          "set a learning rate above 0")
 
 
 def make_accelerator(params: TrainingParams, hardware: Hardware):

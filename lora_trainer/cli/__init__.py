@@ -9,9 +9,13 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import re
 import sys
+from pathlib import Path
 
 from ..errors import LoraTrainerError
+
+INTERRUPTED = 130  # the shell's status for a command ended by Ctrl-C (128 + SIGINT)
 
 
 def command_modules() -> list[str]:
@@ -19,8 +23,29 @@ def command_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse that reads `-1e-4` (and `-.5`, `-2`) as a value, not as an unknown option.
+
+    argparse only knows plain negative numbers (`-2`, `-0.5`); anything with an
+    exponent became an option and ended in the whole usage text instead of the
+    range error the value deserves. No option of ours looks like a number.
+    """
+
+    NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self.NEGATIVE_NUMBER
+
+
+def program_name() -> str:
+    """How the user started us, for the usage line: `lora-trainer` (installed) or `python -m lora_trainer`."""
+    started = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return started if started.startswith("lora-trainer") else "python -m lora_trainer"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lora_trainer",
+    parser = Parser(prog=program_name(),
                                      description="Train LoRA adapters for Stable Diffusion checkpoints.")
     parser.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,4 +72,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED

@@ -35,6 +35,9 @@ def add_concept_args(parser: argparse.ArgumentParser) -> None:
 def concepts_from_args(args: argparse.Namespace, model_dir: Path) -> list[Concept]:
     """The concepts the flags describe.
 
+    Single-concept flags change only those fields of the first saved concept (the
+    model folder's concepts_list.json), so `--instance_data_dir X` alone keeps its
+    prompts and class-picture count; without a saved file they describe a new concept.
     Raises ConfigError when both a concepts file and single-concept flags are
     given, or when nothing describes a concept.
     """
@@ -44,10 +47,12 @@ def concepts_from_args(args: argparse.Namespace, model_dir: Path) -> list[Concep
         raise ConfigError(f"--concepts_list and {flags}: give either a concepts file or one concept's flags")
     if args.concepts_list:
         return load_concepts(args.concepts_list)
+    saved_file = Path(model_dir) / CONCEPTS_FILE
+    saved = load_concepts(saved_file) if saved_file.is_file() else []
     if given:
-        return [Concept.from_dict(given, source="command line")]
-    saved = Path(model_dir) / CONCEPTS_FILE
-    if saved.is_file():
-        return load_concepts(saved)
+        first = saved[0].to_dict() if saved else {}
+        return [Concept.from_dict({**first, **given}, source="command line"), *saved[1:]]
+    if saved:
+        return saved
     raise ConfigError(f"Concepts: give --concepts_list FILE.json or --instance_data_dir/--class_prompt "
                       f"(no {CONCEPTS_FILE} saved in {model_dir})")

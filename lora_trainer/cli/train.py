@@ -5,7 +5,9 @@ diffusers' `train_dreambooth_lora.py`), with the UI's label and help; the
 concept flags are `classimages`'s. Settings come from, in order: the defaults,
 `--config FILE.json` (or the model's saved params.json), then the flags.
 Ctrl-C cancels like the UI's Cancel button: what was learned and the state to
-resume are saved; a second Ctrl-C stops at once.
+resume are saved, and the exit status is 130 (interrupted). A second Ctrl-C
+while it saves changes nothing: stopping half-way through the save would lose
+the run, so one and two Ctrl-C end the same way.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from ..config import PARAMS_FILE, TrainingParams, field_meta
 from ..host import ModelsDir
 from ..train import train
-from . import add_models_dir
+from . import INTERRUPTED, add_models_dir
 from ._concepts import add_concept_args, concepts_from_args
 
 # diffusers' default when --with_prior_preservation is given without --num_class_images.
@@ -77,23 +79,25 @@ def params_from_args(args: argparse.Namespace, model_dir: Path) -> TrainingParam
 def run(args) -> int:
     models = ModelsDir.at(args.models_dir)
     model_dir = models.existing_model_dir(args.model)
-    if args.with_prior_preservation and args.num_class_images is None and not args.concepts_list:
-        args.num_class_images = DEFAULT_CLASS_IMAGES
     concepts = concepts_from_args(args, model_dir)
+    if args.with_prior_preservation and args.num_class_images is None and not args.concepts_list \
+            and not concepts[0].with_prior_preservation:
+        concepts[0] = dataclasses.replace(concepts[0], num_class_images=DEFAULT_CLASS_IMAGES)
     params = params_from_args(args, model_dir)
     with cancel_on_ctrl_c() as cancel:
         result = train(models, args.model, params, concepts, cancel=cancel, device=args.device)
     if os.environ.get("RANK", "0") != "0":  # under accelerate launch / torchrun: one process prints
         return 0
+    print(result.lora_path if result.lora_path is not None else model_dir)
     if result.cancelled:
         print("Training cancelled; what was learned is saved", file=sys.stderr)
-    print(result.lora_path if result.lora_path is not None else model_dir)
+        return INTERRUPTED
     return 0
 
 
 @contextmanager
 def cancel_on_ctrl_c():
-    """The first Ctrl-C sets the cancel flag (training saves and stops); the second interrupts at once."""
+    """Ctrl-C sets the cancel flag: training saves and stops. Further presses only say that it is saving."""
     cancel = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield cancel
@@ -102,9 +106,9 @@ def cancel_on_ctrl_c():
 
     def handler(signum, frame):
         if cancel.is_set():
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-        print("\nCancelling: saving the LoRA and the state to resume (Ctrl-C again to stop at once)", file=sys.stderr)
+            print("\nStill cancelling: saving what was learned, then stopping", file=sys.stderr)
+            return
+        print("\nCancelling: saving the LoRA and the state to resume", file=sys.stderr)
         cancel.set()
 
     signal.signal(signal.SIGINT, handler)

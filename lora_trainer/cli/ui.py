@@ -7,18 +7,29 @@ start from on a fresh machine.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..hosts import Host
 from ..tiny import TINY_NAME, write_tiny_checkpoint
 from . import add_models_dir
 
 log = logging.getLogger(__name__)
-EXTENSION_ROOT = Path(__file__).resolve().parents[2]
-STYLE_FILE = EXTENSION_ROOT / "style.css"
-SCRIPTS_DIR = EXTENSION_ROOT / "javascript"
+
+
+def web_files_root() -> Path:
+    """Where style.css and javascript/ are: the extension folder (a clone, an editable install), else the
+    copies an installed wheel carries in lora_trainer/web/ (setup.py puts them there)."""
+    package = Path(__file__).resolve().parents[1]
+    return package.parent if (package.parent / "style.css").is_file() else package / "web"
+
+
+STYLE_FILE = web_files_root() / "style.css"
+SCRIPTS_DIR = web_files_root() / "javascript"
 
 
 def add_parser(sub) -> None:
@@ -61,12 +72,42 @@ def page_scripts() -> str | None:
     return "".join(f"<script>{p.read_text(encoding='utf-8')}</script>" for p in scripts) or None
 
 
+def check_port_free(address: str, port: int) -> None:
+    """Raise ConfigError naming the port and --port when `address:port` cannot be served on (before anything
+    is written or gradio starts: its own refusal is a long traceback)."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as e:
+        raise ConfigError(f"--host {address}: not an address of this machine ({e}); use 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by an app that just ended is free, a listening one is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(where)
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {address}: not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+            raise port_in_use(address, port, e) from None
+
+
+def port_in_use(address: str, port: int, error: OSError) -> ConfigError:
+    reason = "in use by another program (the web UI?)" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+    return ConfigError(f"port {port} on {address}: {reason}; choose another with --port, e.g. --port {port + 1}")
+
+
 def run(args) -> int:
+    check_port_free(args.host, args.port)
     host, demo = make_app(args.models_dir)
     from ..ui import gradio_compat as compat
 
     compat.queue(demo)
     log.info("LoRA Trainer on http://%s:%d (models in %s)", args.host, args.port, Path(args.models_dir).resolve())
-    compat.launch(demo, server_name=args.host, server_port=args.port, inbrowser=False, share=False,
-                  show_api=False, allowed_paths=[str(Path(args.models_dir).resolve())], quiet=False)
+    try:
+        compat.launch(demo, server_name=args.host, server_port=args.port, inbrowser=False, share=False,
+                      show_api=False, allowed_paths=[str(Path(args.models_dir).resolve())], quiet=False)
+    except OSError as e:
+        # Taken between the check and the launch: gradio says "Cannot find empty port in range".
+        if "port" not in str(e).lower():
+            raise
+        raise port_in_use(args.host, args.port, e) from None
     return 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..checkpoint_io import save_checkpoint
 from ..config import ModelInfo, TrainingParams
@@ -143,7 +143,8 @@ def save_optimizer_state(state: dict, path: Path) -> None:
 
     plain = {"param_groups": state["param_groups"],
              "state": {str(index): without_tensors(entry, f"state.{index}") for index, entry in state["state"].items()}}
-    save_file(tensors, str(path), metadata={"optimizer": json.dumps(plain)})
+    # Through our own writer, as every other file: safetensors' save_file gives its file mode 0600.
+    save_checkpoint(tensors, path, metadata={"optimizer": json.dumps(plain)}, overwrite=True)
 
 
 def load_optimizer_state(path: Path) -> dict:
