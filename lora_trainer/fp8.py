@@ -96,16 +96,14 @@ class _Fp8Conv2d(torch.autograd.Function):
         return (grad_x,) + (None,) * 8
 
 
-class Fp8Linear(nn.Linear):
-    """A frozen `nn.Linear` whose weight is stored as float8 e4m3 with a scale (see the module docstring)."""
+class _StoredInFp8:
+    """What both float8 layers share: the values and scale as buffers, the bias, the dtype made for."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        values, scale = quantize(linear.weight)
+    def _keep(self, layer: nn.Module, compute_dtype: torch.dtype) -> None:
+        values, scale = quantize(layer.weight)
         self.register_buffer("weight_fp8", values)
         self.register_buffer("weight_scale", scale)
-        self.bias = linear.bias
+        self.bias = layer.bias
         self.compute_dtype = compute_dtype
 
     @property
@@ -113,12 +111,21 @@ class Fp8Linear(nn.Linear):
         """The stored float8 values (for code that reads `.weight.device`; multiply by `weight_scale`)."""
         return self.weight_fp8
 
+
+class Fp8Linear(_StoredInFp8, nn.Linear):
+    """A frozen `nn.Linear` whose weight is stored as float8 e4m3 with a scale (see the module docstring)."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._keep(linear, compute_dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x, self.compute_dtype)
         return _Fp8Linear.apply(x, self.weight_fp8, self.weight_scale, self.bias, dtype)
 
 
-class Fp8Conv2d(nn.Conv2d):
+class Fp8Conv2d(_StoredInFp8, nn.Conv2d):
     """A frozen zero-padded `nn.Conv2d` whose weight is stored as float8 e4m3 with a scale."""
 
     def __init__(self, conv: nn.Conv2d, compute_dtype: torch.dtype):
@@ -126,15 +133,7 @@ class Fp8Conv2d(nn.Conv2d):
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
             setattr(self, name, getattr(conv, name))
-        values, scale = quantize(conv.weight)
-        self.register_buffer("weight_fp8", values)
-        self.register_buffer("weight_scale", scale)
-        self.bias = conv.bias
-        self.compute_dtype = compute_dtype
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_fp8
+        self._keep(conv, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x, self.compute_dtype)
