@@ -10,6 +10,9 @@
 //     pressed while the tab is on screen, every second while a job runs and
 //     every five seconds otherwise, because gradio 3's own `every=` loop runs
 //     on the server and keeps "Reload UI" from finishing.
+//  3. Keep the Log box's newest line in view: whenever its text changes, scroll
+//     it to the end, unless the user has scrolled up to read (gradio's own
+//     autoscroll does not act on values set by an event on every version).
 // The web UI injects every file of javascript/ into its page; the standalone
 // app does the same. Everything here is keyed on ids starting with
 // "lora_trainer_", so nothing touches the host's own elements.
@@ -144,6 +147,27 @@
             button.click();
         }
     }, POLL_MS);
+
+    var LOG_BOX = "lora_trainer_log";
+    var logText = null;
+    var logAtEnd = true;
+
+    function followLog() {
+        var box = byId(LOG_BOX);
+        var area = box && box.querySelector("textarea");
+        if (!area || !isShown(area)) {
+            return;  // a hidden box cannot scroll; it is scrolled when shown again
+        }
+        if (area.value !== logText) {
+            logText = area.value;
+            if (logAtEnd) {
+                area.scrollTop = area.scrollHeight;
+            }
+        }
+        logAtEnd = area.scrollTop + area.clientHeight >= area.scrollHeight - 4;
+    }
+
+    window.setInterval(followLog, 250);
 
     document.addEventListener("visibilitychange", function () {
         if (!document.hidden) {

@@ -10,6 +10,7 @@ so writing the model back gives the original keys and tensors exactly.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import keymap
-from .architecture import UNET_PREFIX, ModelSpec, decide_sd2_prediction, read_spec, spec_from_original_config
+from .architecture import UNET_PREFIX, ModelSpec, read_spec, spec_from_original_config
 from .compat import canonical_clip_name, installed_clip_name
 from .checkpoint_io import CheckpointReader, file_sha256, save_checkpoint
 from .config import MODEL_INFO_FILE, ModelInfo
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 EXTRAS_FILE = "original_extras.safetensors"
 ORIGINAL_CONFIG_FILE = "original_config.yaml"
 PART_FILES = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-              "text_encoder": "model.safetensors"}
-PARTS = ("unet", "vae", "text_encoder")
+              "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
 EMA_PREFIX = "model_ema."
 
 Progress = Callable[[str, float], None]
@@ -56,8 +56,13 @@ class Part:
 PART_BUILDERS = {
     "unet": Part("unet", keymap.build_unet, keymap.unet_links),
     "vae": Part("vae", keymap.build_vae, keymap.vae_links),
-    "text_encoder": Part("text_encoder", keymap.build_text_encoder, keymap.text_links),
+    **{part: Part(part, functools.partial(keymap.build_text_encoder, part=part),
+                  functools.partial(keymap.text_links, part=part)) for part in ("text_encoder", "text_encoder_2")},
 }
+
+
+def is_text_part(part: str) -> bool:
+    return part.startswith("text_encoder")
 
 
 def ema_key(unet_key: str) -> str:
@@ -84,15 +89,17 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
         if extract_ema and not use_ema:
             log.warning("%s has no EMA weights (model_ema.*); using its normal weights", checkpoint.name)
         used: set[str] = set()
-        bar = tqdm(PARTS, desc=f"Converting {checkpoint.name}", unit="part")
+        parts = spec.family.parts
+        bar = tqdm(parts, desc=f"Converting {checkpoint.name}", unit="part")
         for i, part in enumerate(bar):
-            progress(f"Converting {part}", i / (len(PARTS) + 2))
+            progress(f"Converting {part}", i / (len(parts) + 2))
             used |= convert_part(reader, spec, part, tmp / part, use_ema=use_ema)
-        progress("Writing tokenizer and configs", len(PARTS) / (len(PARTS) + 2))
+        progress("Writing tokenizer and configs", len(parts) / (len(parts) + 2))
         _save_extras(reader, used, tmp / EXTRAS_FILE)
-        save_tokenizer(tmp / "tokenizer", pad_token="!" if spec.text_family == "openclip" else "<|endoftext|>")
+        for te in spec.family.text_encoders:
+            save_tokenizer(tmp / te.tokenizer, pad_token=te.pad_token)
         _save_pipeline_files(spec, tmp)
-        progress("Hashing the source checkpoint", (len(PARTS) + 1) / (len(PARTS) + 2))
+        progress("Hashing the source checkpoint", (len(parts) + 1) / (len(parts) + 2))
         info = ModelInfo(model_name=name, source_checkpoint=_display_name(models, checkpoint),
                          source_checkpoint_hash=file_sha256(checkpoint), model_type=spec.model_type,
                          prediction_type=spec.prediction_type, resolution=spec.resolution,
@@ -121,9 +128,9 @@ def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: 
     """
     tensors, used = convert_part_tensors(reader, spec, part, use_ema=use_ema)
     builder = PART_BUILDERS[part]
-    if part == "unet" and spec.model_type == "sd2?":
-        decide_sd2_prediction(spec, _materialise(builder.build(spec), tensors))
-    if part == "text_encoder":
+    if part == "unet" and spec.model_type == spec.family.provisional:
+        spec.family.settle(spec, _materialise(builder.build(spec), tensors))
+    if is_text_part(part):
         # Canonical `text_model.` names load in every transformers version (>= 5 maps them itself).
         tensors = {canonical_clip_name(k): v for k, v in tensors.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -184,7 +191,7 @@ def _check_strict(path: Path, part: str, tensors: dict, expected: dict) -> None:
 
 
 def _save_part_config(part: str, model, out_dir: Path) -> None:
-    if part == "text_encoder":
+    if is_text_part(part):
         model.config.save_pretrained(str(out_dir))
     else:
         model.save_config(str(out_dir))
@@ -203,11 +210,14 @@ def _save_pipeline_files(spec: ModelSpec, folder: Path) -> None:
     scheduler.mkdir(exist_ok=True)
     config = {"_class_name": "DDIMScheduler", "_diffusers_version": diffusers.__version__, **spec.scheduler}
     (scheduler / "scheduler_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}
+    family = spec.family
+    index = {"_class_name": family.pipeline_class, "_diffusers_version": diffusers.__version__,
+             **family.pipeline_extras, "scheduler": ["diffusers", "DDIMScheduler"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for te in family.text_encoders:
+        index[te.part] = ["transformers", "CLIPTextModelWithProjection" if te.with_projection else "CLIPTextModel"]
+        index[te.tokenizer] = ["transformers", "CLIPTokenizer"]
+    index = dict(sorted(index.items()))
     (folder / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
@@ -216,17 +226,19 @@ def load_model_spec(model_dir: Path) -> ModelSpec:
 
     Raises ModelError when the folder is not a complete working model.
     """
-    try:
-        spec = spec_from_original_config((model_dir / ORIGINAL_CONFIG_FILE).read_text(encoding="utf-8"),
-                                         source=str(model_dir / ORIGINAL_CONFIG_FILE))
-        text = json.loads((model_dir / "text_encoder" / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise ModelError(f"{model_dir}: not a complete model ({Path(e.filename).name} is missing); create it again") from None
     from transformers import CLIPTextConfig
 
     names = set(CLIPTextConfig().to_dict())
-    spec.text = {k: v for k, v in text.items() if k in names and not k.startswith("_") and k not in (
-        "architectures", "transformers_version", "model_type", "torch_dtype", "dtype")}
+    try:
+        spec = spec_from_original_config((model_dir / ORIGINAL_CONFIG_FILE).read_text(encoding="utf-8"),
+                                         source=str(model_dir / ORIGINAL_CONFIG_FILE))
+        for te in spec.family.text_encoders:
+            text = json.loads((model_dir / te.part / "config.json").read_text(encoding="utf-8"))
+            setattr(spec, "text_2" if te.part == "text_encoder_2" else "text", {
+                k: v for k, v in text.items() if k in names and not k.startswith("_") and k not in (
+                    "architectures", "transformers_version", "model_type", "torch_dtype", "dtype")})
+    except FileNotFoundError as e:
+        raise ModelError(f"{model_dir}: not a complete model ({Path(e.filename).name} is missing); create it again") from None
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
     spec.model_type, spec.prediction_type = info.model_type, info.prediction_type
     return spec
@@ -247,11 +259,13 @@ def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensor
     """
     spec = load_model_spec(model_dir)
     tensors: dict[str, torch.Tensor] = {}
-    for i, part in enumerate(tqdm(PARTS, desc=f"Writing {Path(out_path).name}", unit="part")):
-        progress(f"Writing {part}", i / (len(PARTS) + 1))
+    parts = spec.family.parts
+    for i, part in enumerate(tqdm(parts, desc=f"Writing {Path(out_path).name}", unit="part")):
+        progress(f"Writing {part}", i / (len(parts) + 1))
         stored = load_file(str(model_dir / part / PART_FILES[part]))
-        if part == "text_encoder":
-            stored = {installed_clip_name(k): v for k, v in stored.items()}
+        if is_text_part(part):
+            stored = {installed_clip_name(k, spec.family.text_encoder(part).with_projection): v
+                      for k, v in stored.items()}
         links = PART_BUILDERS[part].links(spec)
 
         def get(key: str, part=part, stored=stored) -> torch.Tensor:
@@ -266,7 +280,7 @@ def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensor
             tensors.setdefault(key, tensor)
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    progress("Saving", len(PARTS) / (len(PARTS) + 1))
+    progress("Saving", len(parts) / (len(parts) + 1))
     save_checkpoint(tensors, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
     progress("Saved", 1.0)
     return Path(out_path)

@@ -17,26 +17,35 @@ CLIP_PREFIX = "text_model."
 
 
 @functools.lru_cache(maxsize=None)
-def clip_has_text_model_level() -> bool:
-    """Whether the installed `CLIPTextModel` nests its weights under `text_model.`."""
+def clip_has_text_model_level(with_projection: bool = False) -> bool:
+    """Whether the installed `CLIPTextModel` (or `CLIPTextModelWithProjection`) nests its weights under `text_model.`.
+
+    transformers 5 dropped the level from CLIPTextModel but kept it in CLIPTextModelWithProjection.
+    """
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                            num_attention_heads=1, max_position_embeddings=4)
+                            num_attention_heads=1, max_position_embeddings=4, projection_dim=8,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
     with torch.device("meta"):
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     return any(k.startswith(CLIP_PREFIX) for k in model.state_dict())
 
 
 def canonical_clip_name(name: str) -> str:
-    """A CLIPTextModel key or module name with the `text_model.` level, whatever is installed."""
-    return name if name.startswith(CLIP_PREFIX) else CLIP_PREFIX + name
+    """A CLIPTextModel key or module name with the `text_model.` level, whatever is installed.
+
+    `text_projection` (CLIPTextModelWithProjection) sits beside `text_model` in every version.
+    """
+    if name.startswith(CLIP_PREFIX) or name.split(".", 1)[0] == "text_projection":
+        return name
+    return CLIP_PREFIX + name
 
 
-def installed_clip_name(name: str) -> str:
-    """A canonical (`text_model.`) name as the installed CLIPTextModel spells it."""
-    if clip_has_text_model_level():
+def installed_clip_name(name: str, with_projection: bool = False) -> str:
+    """A canonical (`text_model.`) name as the installed CLIPTextModel (or ...WithProjection) spells it."""
+    if clip_has_text_model_level(with_projection):
         return canonical_clip_name(name)
     return name[len(CLIP_PREFIX):] if name.startswith(CLIP_PREFIX) else name
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .families import all_model_types, family_of
 from .fileio import atomic_write_text
 
 MODEL_INFO_FILE = "model_info.json"
@@ -118,7 +119,7 @@ def check_all_ranges(obj) -> None:
         check_range(obj, f.name)
 
 
-MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+MODEL_TYPES = all_model_types()
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -129,7 +130,7 @@ class ModelInfo(JsonConfig):
     model_name: str = param("", "Loaded Model", "Name of the working model (its folder under lora_trainer/).")
     source_checkpoint: str = param("", "Source Checkpoint", "File name of the checkpoint the model was created from.")
     source_checkpoint_hash: str = param("", "Source Checkpoint Hash", "SHA-256 of the source checkpoint file (the web UI shows its first 10 characters).")
-    model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon) or sd2-v (768, v-prediction).", choices=MODEL_TYPES)
+    model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon), sd2-v (768, v-prediction) or sdxl (SDXL 1.0 base and its fine-tunes).", choices=MODEL_TYPES)
     prediction_type: str = param("epsilon", "Prediction Type", "What the UNet predicts: the noise (epsilon) or the velocity (v_prediction).", choices=PREDICTION_TYPES)
     resolution: int = param(512, "Resolution", "Native picture size of the model in pixels.", minimum=8)
     revision: int = param(0, "Model Revision", "Goes up by one with every training run.", minimum=0)
@@ -142,13 +143,19 @@ class ModelInfo(JsonConfig):
         check_all_ranges(self)
 
     @property
+    def family(self):
+        """The model's family (`lora_trainer.families`)."""
+        return family_of(self.model_type)
+
+    @property
     def v2(self) -> bool:
-        return self.model_type.startswith("sd2")
+        """kohya's `ss_v2` of the model's family."""
+        return self.family.ss_v2
 
     @property
     def base_model_version(self) -> str:
         """The `ss_base_model_version` the web UI files a LoRA under."""
-        return {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_768_v"}[self.model_type]
+        return self.family.base_model_version(self.model_type)
 
 
 @dataclass
@@ -254,6 +261,7 @@ class TrainingParams(JsonConfig):
     train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
     prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)
     cache_latents: bool = param(True, "Cache Latents", "Encode every picture once and move the VAE off the GPU (flip is cached too).")
+    cache_text_encoder_outputs: bool = param(False, "Cache Text Encoder Outputs", "Encode every prompt once before the first step and move the text encoders off the GPU (SDXL's two hold about 1.6 GB in fp16). Needs Train Text Encoder off.")
     snr_gamma: float = param(0.0, "Min SNR Gamma", "Min-SNR loss weighting (5 is common); 0 = off.", minimum=0.0, advanced=True)
     noise_offset: float = param(0.0, "Noise Offset", "Adds a per-channel offset to the noise, helping very dark or bright pictures (0.05 to 0.1); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
     seed: int = param(-1, "Seed", "Random seed of the run; -1 picks one.")

@@ -21,7 +21,7 @@ import torch
 from .buckets import BucketBatchSampler, bucket_resolutions, closest_bucket
 from .config import Concept
 from .errors import ConfigError
-from .images import IMAGE_EXTENSIONS, list_images, load_image, resize_to, to_tensor
+from .images import IMAGE_EXTENSIONS, crop_top_left, list_images, load_image, resize_to, to_tensor
 from .prompts import build_prompt, read_caption, tidy, uses_filewords
 
 __all__ = ["IMAGE_EXTENSIONS", "list_images", "load_image", "read_caption", "build_prompt", "Example",
@@ -171,19 +171,24 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     of them than instance pictures. Prior preservation is per concept: items of
     a concept without class pictures have no class partner (and no class keys).
     H x W is resolution x resolution, or the instance picture's bucket with
-    `use_buckets` (its class partner is made at the same size).
+    `use_buckets` (its class partner is made at the same size). With `tokenizer_2`
+    (SDXL) items also hold "input_ids_2"; with `time_ids` "time_ids" [6]: the
+    picture's real (height, width), the (top, left) of the crop and the (height,
+    width) trained at, as SDXL's size/crop conditioning wants them (and the class_ keys alike).
     Flips are random but reproducible: they depend on `seed`, the epoch and the index.
     """
 
     row_key = "pixel_values"
 
     def __init__(self, instance: list[Example], class_: list[Example], *, resolution: int, center_crop: bool,
-                 hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0):
+                 hflip: bool, use_buckets: bool = False, tokenizer=None, seed: int = 0, tokenizer_2=None,
+                 time_ids: bool = False):
         if not instance:
             raise ConfigError("Concepts: no instance pictures to train on; set a Dataset Directory")
         self.instance, self.class_ = list(instance), list(class_)
         self.resolution, self.center_crop, self.hflip = resolution, center_crop, hflip
         self.use_buckets, self.tokenizer, self.seed = use_buckets, tokenizer, seed
+        self.tokenizer_2, self.with_time_ids = tokenizer_2, time_ids
         self.epoch = 0
         buckets = bucket_resolutions(resolution) if use_buckets else [(resolution, resolution)]
         self.sizes = [closest_bucket(_size_of(e), buckets) if use_buckets else buckets[0] for e in self.instance]
@@ -235,23 +240,46 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         training's latent cache gives the encoded picture instead."""
         return self.pixels(example, size, flip=flip)
 
-    def tokenize(self, prompt: str) -> torch.Tensor:
-        ids = self.tokenizer(prompt, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+    def tokenize(self, prompt: str, tokenizer=None) -> torch.Tensor:
+        tokenizer = tokenizer or self.tokenizer
+        ids = tokenizer(prompt, padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
         return ids[0]
 
-    def __getitem__(self, index: int) -> dict:
-        example, size = self.instance[index], self.sizes[index]
-        item = {self.row_key: self.row(example, size, flip=self.flips(index)),
-                "prompt": example.prompt, "is_class": False}
+    def time_ids(self, example: Example, size: tuple[int, int], flip: bool) -> torch.Tensor:
+        """SDXL's [original height, width, crop top, left, target height, width] of `example` at `size`."""
+        width, height = _size_of(example)
+        top, left = crop_top_left((width, height), size, center_crop=self.center_crop, flip=flip)
+        return torch.tensor([height, width, top, left, size[1], size[0]], dtype=torch.float32)
+
+    def conditioning_of_prompt(self, prompt: str) -> dict:
+        """The token ids of `prompt` (of each tokenizer), as a row holds them."""
+        out = {"input_ids": self.tokenize(prompt)}
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = self.tokenize(prompt, self.tokenizer_2)
+        return out
+
+    def conditioning(self, example: Example, size: tuple[int, int], flip: bool) -> dict:
+        """The prompt-side keys of one row: token ids (of each tokenizer) and time ids."""
+        out = {}
         if self.tokenizer is not None:
-            item["input_ids"] = self.tokenize(example.prompt)
+            out["input_ids"] = self.tokenize(example.prompt)
+        if self.tokenizer_2 is not None:
+            out["input_ids_2"] = self.tokenize(example.prompt, self.tokenizer_2)
+        if self.with_time_ids:
+            out["time_ids"] = self.time_ids(example, size, flip)
+        return out
+
+    def __getitem__(self, index: int) -> dict:
+        example, size, flip = self.instance[index], self.sizes[index], self.flips(index)
+        item = {self.row_key: self.row(example, size, flip=flip), "prompt": example.prompt, "is_class": False,
+                **self.conditioning(example, size, flip)}
         partner = self.class_partner(index)
         if partner is not None:
-            item["class_" + self.row_key] = self.row(partner, size, flip=self.flips(index, "class"))
+            flip = self.flips(index, "class")
+            item["class_" + self.row_key] = self.row(partner, size, flip=flip)
             item["class_prompt"] = partner.prompt
-            if self.tokenizer is not None:
-                item["class_input_ids"] = self.tokenize(partner.prompt)
+            item.update({"class_" + k: v for k, v in self.conditioning(partner, size, flip).items()})
         return item
 
     def _class_pools(self):
@@ -273,6 +301,7 @@ def _size_of(example: Example) -> tuple[int, int]:
 
 
 ROW_KEYS = ("pixel_values", "latent_dist")
+CONDITIONING_KEYS = ("input_ids", "input_ids_2", "time_ids")
 
 
 def collate_examples(batch: list[dict]) -> dict:
@@ -281,22 +310,23 @@ def collate_examples(batch: list[dict]) -> dict:
 
     Returns "pixel_values" [B + class rows, 3, H, W] (or "latent_dist" [B + class rows, 8, h, w]
     from training's latent cache: mean and std of the VAE's latent distribution), "prompts" (list of str),
-    "is_class" BoolTensor [B + class rows], and "input_ids" when the items have them.
+    "is_class" BoolTensor [B + class rows], and "input_ids" ("input_ids_2", "time_ids") when the items have them.
     """
     key = next(k for k in ROW_KEYS if k in batch[0])
     rows = [item[key] for item in batch]
     prompts = [item["prompt"] for item in batch]
-    ids = [item["input_ids"] for item in batch if "input_ids" in item]
     is_class = [bool(item.get("is_class", False)) for item in batch]
     partnered = [item for item in batch if "class_" + key in item]
     rows += [item["class_" + key] for item in partnered]
     prompts += [item["class_prompt"] for item in partnered]
-    ids += [item["class_input_ids"] for item in partnered if "class_input_ids" in item]
     is_class += [True] * len(partnered)
     out = {key: torch.stack(rows).contiguous().float(), "prompts": prompts,
            "is_class": torch.tensor(is_class, dtype=torch.bool)}
-    if ids:
-        out["input_ids"] = torch.stack(ids)
+    for extra in CONDITIONING_KEYS:
+        values = [item[extra] for item in batch if extra in item]
+        values += [item["class_" + extra] for item in partnered if "class_" + extra in item]
+        if values:
+            out[extra] = torch.stack(values)
     return out
 
 

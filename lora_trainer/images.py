@@ -106,6 +106,20 @@ def resize_to(image: Image.Image, size: tuple[int, int], *, center_crop: bool) -
     return canvas
 
 
+def crop_top_left(image_size: tuple[int, int], size: tuple[int, int], *, center_crop: bool,
+                  flip: bool = False) -> tuple[int, int]:
+    """(top, left) of the part `resize_to` keeps of a (width, height) `image_size` picture at `size`,
+    in the resized picture's pixels, mirrored with `flip` (SDXL's crop_coords_top_left).
+    A padded picture is whole: (0, 0)."""
+    if not center_crop:
+        return 0, 0
+    width, height = size
+    scale = max(width / image_size[0], height / image_size[1])
+    new_w, new_h = max(round(image_size[0] * scale), width), max(round(image_size[1] * scale), height)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return top, (new_w - width - left) if flip else left
+
+
 def to_tensor(image: Image.Image, *, flip: bool = False) -> torch.Tensor:
     """An RGB picture as a float tensor [3, H, W] in [-1, 1] (the VAE's input range)."""
     array = np.asarray(image, dtype=np.float32)

@@ -76,6 +76,7 @@ class JobState:
     error: Optional[str] = None
     started: Optional[float] = None
     finished: Optional[float] = None
+    notes: list[str] = field(default_factory=list)  # lines the outcome carries (`Progress.note`)
     finished_jobs: int = 0              # goes up by one whenever a job ends
     version: int = 0                    # goes up with every change
 
@@ -97,7 +98,10 @@ class JobState:
 
     @property
     def outcome(self) -> str:
-        """What the ended job made, in a few words."""
+        """What the ended job made, in a few words, with the job's notes."""
+        return "; ".join([self._made(), *self.notes]).strip("; ")
+
+    def _made(self) -> str:
         r = self.result
         if isinstance(r, TrainResult):
             made = f"; LoRA {Path(r.lora_path).name}" if r.lora_path else ""
@@ -182,7 +186,7 @@ class JobRunner:
     def snapshot(self) -> JobState:
         with self._lock:
             s = self._state
-            return dataclasses.replace(s, progress=dataclasses.replace(s.progress), log=list(s.log),
+            return dataclasses.replace(s, progress=dataclasses.replace(s.progress), log=list(s.log), notes=list(s.notes),
                                        losses=list(s.losses), samples=list(s.samples))
 
     # -- what the job reports --------------------------------------------------
@@ -196,6 +200,9 @@ class JobRunner:
             for sample in progress.samples:
                 if Path(sample) not in s.samples:
                     s.samples.append(Path(sample))
+            if progress.note and progress.note not in s.notes:
+                s.notes.append(progress.note)
+                self._append_log(progress.note)
             s.progress = dataclasses.replace(progress, samples=list(progress.samples))
             s.version += 1
 

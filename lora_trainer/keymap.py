@@ -8,7 +8,11 @@ list, which is what makes original -> diffusers -> original exact.
 Kinds of link:
 - "same":    one tensor, renamed;
 - "conv1x1": VAE attention weights, [c, c, 1, 1] in the original, [c, c] in diffusers;
-- "split3":  OpenCLIP's fused attention in-projection <-> separate q, k, v.
+- "split3":  OpenCLIP's fused attention in-projection <-> separate q, k, v;
+- "transpose": OpenCLIP's `text_projection` (used as x @ P) <-> a Linear's weight (P transposed).
+
+Where each part lives in the original layout is the family's (`families`);
+the text-encoder maps are chosen by the part's `TextEncoder.kind`.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .architecture import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ModelSpec
+from .families import UNET_PREFIX, VAE_PREFIX, ModelSpec
 from .compat import canonical_clip_name
 
 
@@ -43,11 +47,13 @@ def build_vae(spec: ModelSpec, device="meta"):
         return AutoencoderKL(**spec.vae)
 
 
-def build_text_encoder(spec: ModelSpec, device="meta"):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_text_encoder(spec: ModelSpec, device="meta", part: str = "text_encoder"):
+    """The CLIPTextModel (or CLIPTextModelWithProjection, as the family says) of text-encoder `part`."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    cls = CLIPTextModelWithProjection if spec.family.text_encoder(part).with_projection else CLIPTextModel
     with torch.device(device):
-        return CLIPTextModel(CLIPTextConfig(**spec.text))
+        return cls(CLIPTextConfig(**spec.text_config(part)))
 
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -55,7 +61,9 @@ _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj":
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
                "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
-               "mid_block.resnets.1": "middle_block.2"}
+               "mid_block.resnets.1": "middle_block.2",
+               # SDXL's size/crop ("text_time") additional embedding
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def unet_module_to_original(name: str, config) -> str:
@@ -142,15 +150,20 @@ _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 
-def text_links(spec: ModelSpec, model=None) -> list[Link]:
-    """Links for the text encoder; diffusers-side keys are as the installed transformers spells them."""
-    model = model if model is not None else build_text_encoder(spec)
+def text_links(spec: ModelSpec, model=None, part: str = "text_encoder") -> list[Link]:
+    """Links for text-encoder `part`; diffusers-side keys are as the installed transformers spells them."""
+    te = spec.family.text_encoder(part)
+    model = model if model is not None else build_text_encoder(spec, part=part)
     keys = list(model.state_dict())
-    if spec.text_family == "clip":
-        return [Link((CLIP_PREFIX + canonical_clip_name(k),), (k,)) for k in keys]
+    if te.kind == "clip":
+        return [Link((te.prefix + canonical_clip_name(k),), (k,)) for k in keys]
+    prefix = te.prefix
     by_canonical = {canonical_clip_name(k): k for k in keys}
     links, done = [], set()
     for canonical, key in by_canonical.items():
+        if canonical == "text_projection.weight":
+            links.append(Link((prefix + "text_projection",), (key,), "transpose"))
+            continue
         name = canonical[len("text_model."):]
         if name == "embeddings.position_ids":
             continue  # OpenCLIP stores no position ids; the model's own default is used
@@ -161,9 +174,9 @@ def text_links(spec: ModelSpec, model=None) -> list[Link]:
                 continue
             done.add((layer, leaf))
             parts = tuple(by_canonical[f"text_model.encoder.layers.{layer}.self_attn.{x}_proj.{leaf}"] for x in "qkv")
-            links.append(Link((f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{leaf}",), parts, "split3"))
+            links.append(Link((f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{leaf}",), parts, "split3"))
             continue
-        links.append(Link((OPENCLIP_PREFIX + _openclip_name(name),), (key,)))
+        links.append(Link((prefix + _openclip_name(name),), (key,)))
     return links
 
 
@@ -191,6 +204,8 @@ def to_diffusers(links: list[Link], get: Callable[[str], torch.Tensor]) -> dict[
         elif link.kind == "split3":
             for key, part in zip(link.diffusers, tensor.chunk(3, dim=0)):
                 out[key] = part.clone()
+        elif link.kind == "transpose":
+            out[link.diffusers[0]] = tensor.t().contiguous()
     return out
 
 
@@ -205,6 +220,8 @@ def to_original(links: list[Link], get: Callable[[str], torch.Tensor]) -> dict[s
             out[link.original[0]] = tensor.reshape(*tensor.shape, 1, 1)
         elif link.kind == "split3":
             out[link.original[0]] = torch.cat([get(k) for k in link.diffusers], dim=0)
+        elif link.kind == "transpose":
+            out[link.original[0]] = get(link.diffusers[0]).t().contiguous()
     return out
 
 

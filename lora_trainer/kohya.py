@@ -26,16 +26,12 @@ from pathlib import Path
 import torch
 
 from . import keymap
-from .architecture import UNET_PREFIX, ModelSpec
 from .checkpoint_io import CheckpointReader
 from .compat import CLIP_PREFIX, canonical_clip_name
 from .errors import ModelError
+from .families import FAMILIES, UNET_PREFIX, ModelSpec, family_named
 
 LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
-FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-# Width of the text the UNet attends to: the one shape that tells the families apart.
-CONTEXT_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-_ORIGINAL_TEXT_PREFIX = "cond_stage_model."
 
 
 @dataclass
@@ -73,7 +69,7 @@ class KohyaLora:
     metadata: dict[str, str]
 
     def family(self) -> str | None:
-        """'sd1', 'sd2' or 'sdxl' from the metadata or the shapes; None when neither tells."""
+        """The family name ('sd1', 'sd2', ...) from the metadata or the shapes; None when neither tells."""
         return family_from_metadata(self.metadata) or family_from_shapes(self.modules.values())
 
 
@@ -123,24 +119,28 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
     """The base family a LoRA's kohya (`ss_*`) or `modelspec.*` metadata names, if any."""
     version = metadata.get("ss_base_model_version", "").lower()
     architecture = metadata.get("modelspec.architecture", "").lower()
-    for text, rules in ((version, (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1"))),
-                        (architecture, (("stable-diffusion-xl", "sdxl"), ("stable-diffusion-v2", "sd2"),
-                                        ("stable-diffusion-v1", "sd1")))):
-        for prefix, family in rules:
-            if text.startswith(prefix):
-                return family
-    return {"true": "sd2", "false": "sd1"}.get(metadata.get("ss_v2", "").lower())
+    for family in FAMILIES:
+        if any(version.startswith(prefix) for prefix in family.lora_versions):
+            return family.name
+    for family in FAMILIES:
+        if architecture.startswith(family.modelspec_prefix):
+            return family.name
+    ss_v2 = metadata.get("ss_v2", "").lower()
+    if ss_v2 in ("true", "false"):
+        return next(f.name for f in FAMILIES if f.ss_v2 == (ss_v2 == "true"))
+    return None
 
 
 def family_from_shapes(modules) -> str | None:
     """The family of the UNet's cross-attention width, for LoRAs without metadata (real model sizes only)."""
+    second_encoder = {te.kohya_prefix + "_": f.name for f in FAMILIES for te in f.text_encoders[1:]}
+    widths = {f.context_width: f.name for f in FAMILIES}
     for module in modules:
-        if module.name.startswith("lora_te2_"):
-            return "sdxl"
-        if re.search(r"attn2_to_[kv]$", module.name):
-            family = CONTEXT_WIDTHS.get(module.down.shape[1])
-            if family:
+        for prefix, family in second_encoder.items():
+            if module.name.startswith(prefix):
                 return family
+        if re.search(r"attn2_to_[kv]$", module.name) and module.down.shape[1] in widths:
+            return widths[module.down.shape[1]]
     return None
 
 
@@ -148,17 +148,20 @@ def family_from_shapes(modules) -> str | None:
 class Target:
     """The weight one LoRA module adapts, in both layouts."""
 
-    part: str                       # "unet" | "text_encoder"
+    part: str                       # "unet" | "text_encoder" | "text_encoder_2"
     diffusers_key: str              # key in the diffusers part, as the installed library spells it
     original_key: str               # key in an original-layout checkpoint
-    rows: tuple[int, int] | None    # rows of original_key this weight is (SD 2.x fused q/k/v), None: all
+    rows: tuple[int, int] | None    # rows of original_key this weight is (OpenCLIP fused q/k/v), None: all
     shape: tuple[int, ...]          # the weight's shape
 
 
 def target_table(spec: ModelSpec) -> dict[str, Target]:
     """Every kohya module name a LoRA for this architecture may use -> the weight it adapts."""
     table: dict[str, Target] = {}
-    for name, target in _unet_targets(spec) + _text_targets(spec):
+    targets = _unet_targets(spec)
+    for te in spec.family.text_encoders:
+        targets += _text_targets(spec, te)
+    for name, target in targets:
         table.setdefault(name.replace(".", "_"), target)
     return table
 
@@ -180,9 +183,9 @@ def _unet_targets(spec: ModelSpec) -> list[tuple[str, Target]]:
     return out
 
 
-def _text_targets(spec: ModelSpec) -> list[tuple[str, Target]]:
-    model = keymap.build_text_encoder(spec)
-    links = {key: link for link in keymap.text_links(spec, model) for key in link.diffusers}
+def _text_targets(spec: ModelSpec, te) -> list[tuple[str, Target]]:
+    model = keymap.build_text_encoder(spec, part=te.part)
+    links = {key: link for link in keymap.text_links(spec, model, part=te.part) for key in link.diffusers}
     out = []
     for name, module in _adaptable(model):
         key = name + ".weight"
@@ -196,10 +199,11 @@ def _text_targets(spec: ModelSpec) -> list[tuple[str, Target]]:
             original_name = original[:-len("in_proj_weight")] + "qkv"[index] + "_proj"
         else:
             rows, original_name = None, original[:-len(".weight")]
-        target = Target("text_encoder", key, original, rows, shape)
-        for path in (canonical, canonical[len(CLIP_PREFIX):]):
-            out += [("lora_te_" + path, target), ("lora_te1_" + path, target)]
-        out.append(("lora_te_" + original_name[len(_ORIGINAL_TEXT_PREFIX):], target))
+        target = Target(te.part, key, original, rows, shape)
+        for path in (canonical, canonical[len(CLIP_PREFIX):] if canonical.startswith(CLIP_PREFIX) else canonical):
+            out += [(prefix + "_" + path, target) for prefix in (te.kohya_prefix, *te.kohya_aliases)]
+        if te.webui_strip:
+            out.append((te.kohya_prefix + "_" + original_name[len(te.webui_strip):], target))
     return out
 
 
@@ -214,14 +218,15 @@ def shapes_fit(delta_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> b
 def resolve(lora: KohyaLora, table: dict[str, Target], *, family: str, where: str) -> dict[str, Target]:
     """Map each module of `lora` to its target weight in `table`.
 
-    `family` is the target's ('sd1' or 'sd2'), `where` names it in messages.
+    `family` is the target's family name ('sd1', 'sd2', ...), `where` names it in messages.
     Raises ModelError when the LoRA is for another family (by name), when keys
     match no weight (with their count and examples) or when shapes do not fit.
     """
     lora_family = lora.family()
     if lora_family and lora_family != family:
-        raise ModelError(f"{lora.path.name}: this LoRA is for {FAMILY_NAMES[lora_family]}, {where} is "
-                         f"{FAMILY_NAMES[family]}; choose a LoRA trained on an {FAMILY_NAMES[family]} model")
+        theirs, ours = family_named(lora_family).title, family_named(family).title
+        raise ModelError(f"{lora.path.name}: this LoRA is for {theirs}, {where} is "
+                         f"{ours}; choose a LoRA trained on an {ours} model")
     unmatched = [key for name, module in lora.modules.items() if name not in table for key in module.keys]
     if unmatched:
         raise ModelError(f"{lora.path.name}: {len(unmatched)} LoRA keys match no weight of {where} "

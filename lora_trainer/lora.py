@@ -93,10 +93,11 @@ def kohya_module_name(prefix: str, path: str) -> str:
 
 
 def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha: float, prefix: str,
-                dtype: torch.dtype = torch.float32) -> dict[str, LoRALinear]:
+                dtype: torch.dtype = torch.float32, rename=None) -> dict[str, LoRALinear]:
     """Wrap every `nn.Linear` of `model` whose path ends with one of `targets` in a `LoRALinear`.
 
-    `prefix` is "lora_unet" or "lora_te"; returns kohya module name -> adapter,
+    `prefix` is "lora_unet", "lora_te", "lora_te1" or "lora_te2"; `rename(path)` gives the path
+    the name is made of (the family's `unet_lora_path`; default the module's own); returns kohya module name -> adapter,
     in the model's module order. The base weights stop requiring gradients; the
     adapters are made in `dtype` on the base weight's device: give the model its
     device and dtype first, as a later `model.to(dtype)` casts the adapters too.
@@ -113,7 +114,7 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], *, rank: int, alpha:
         adapter = LoRALinear(linear, rank=rank, alpha=alpha, dtype=dtype)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path), child, adapter)
-        injected[kohya_module_name(prefix, path)] = adapter
+        injected[kohya_module_name(prefix, rename(path) if rename else path)] = adapter
     return injected
 
 

@@ -20,15 +20,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .architecture import config_beside, read_spec, shipped_config
+from .architecture import config_beside, read_spec
 from .compat import installed_clip_name
-from .checkpoint import MODEL_INFO_FILE, ORIGINAL_CONFIG_FILE, PART_FILES, export_checkpoint, load_model_spec
+from .checkpoint import MODEL_INFO_FILE, ORIGINAL_CONFIG_FILE, PART_FILES, export_checkpoint, is_text_part, load_model_spec
 from .checkpoint_io import FORMATS, CheckpointReader, file_sha256, save_checkpoint
 from .config import ModelInfo, param
 from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .host import ModelsDir, validate_model_name
-from .kohya import FAMILY_NAMES, KohyaLora, Target, read_kohya_lora, resolve, target_table
+from .kohya import KohyaLora, Target, read_kohya_lora, resolve, target_table
 from .modelspec import modelspec
 from .safetensors_stream import Layout, read_layout, write_safetensors
 
@@ -88,7 +88,7 @@ def merge_lora(models: ModelsDir, model_name: str, *, lora: str | None = None, i
     metadata = {"lora_trainer_model": info.model_name, "lora_trainer_lifetime_steps": str(info.lifetime_steps),
                 "lora_trainer_lora": lora_path.name, "lora_trainer_lora_sha256": file_sha256(lora_path),
                 "lora_trainer_unet_weight": repr(float(unet_weight)), "lora_trainer_text_weight": repr(float(text_weight))}
-    weights = {"unet": float(unet_weight), "text_encoder": float(text_weight)}
+    weights = {"unet": float(unet_weight), **{te.part: float(text_weight) for te in info.family.text_encoders}}
     if source is None:
         _merge_into_model(model_dir, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
                           overwrite=overwrite, progress=progress)
@@ -201,17 +201,13 @@ def model_yaml(model_dir: Path, info: ModelInfo) -> str | None:
     if not path.is_file():
         return None
     text = path.read_text(encoding="utf-8")
-    return text if info.model_type == "sd2-v" or text != shipped_config(info.model_type) else None
+    return text if info.family.yaml_needed(info.model_type, text) else None
 
 
 def source_yaml(source: Path) -> str | None:
     """The source's own config beside it, if any: without one the web UI recognises the merge as it did the source."""
     path = config_beside(source)
     return path.read_text(encoding="utf-8") if path is not None else None
-
-
-def _family(model_type: str) -> str:
-    return "sd1" if model_type == "sd1" else "sd2"
 
 
 class Merger:
@@ -267,7 +263,7 @@ class Merger:
 def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
                       half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
     spec = load_model_spec(model_dir)
-    targets = resolve(lora, target_table(spec), family=_family(info.model_type),
+    targets = resolve(lora, target_table(spec), family=info.family.name,
                       where=f"the model {info.model_name!r}")
     merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.9))
     metadata = {**modelspec(info.model_type, info.resolution, info.prediction_type, out_path.stem),
@@ -278,7 +274,7 @@ def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_pat
         if fraction >= 0.75:  # export's last step is saving the file
             progress(message, 0.9 + 0.1 * fraction)
 
-    _check_targets_stored(model_dir, targets)
+    _check_targets_stored(model_dir, spec, targets)
     try:
         export_checkpoint(model_dir, out_path, fmt=fmt, half=half, hook=merger.diffusers_hook, metadata=metadata,
                           overwrite=overwrite, progress=export_progress)
@@ -290,11 +286,11 @@ def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_p
                            half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
     with CheckpointReader(source) as reader:
         spec = read_spec(reader)
-        family = _family(spec.model_type)
-        if family != _family(info.model_type):
-            raise ModelError(f"Merge Into: {source.name} is {FAMILY_NAMES[family]}, the model {info.model_name!r} is "
-                             f"{FAMILY_NAMES[_family(info.model_type)]}; choose a checkpoint of the same family")
-        targets = resolve(lora, target_table(spec), family=family, where=source.name)
+        family = spec.family
+        if family is not info.family:
+            raise ModelError(f"Merge Into: {source.name} is {family.title}, the model {info.model_name!r} is "
+                             f"{info.family.title}; choose a checkpoint of the same family")
+        targets = resolve(lora, target_table(spec), family=family.name, where=source.name)
         _check_targets_in(reader, targets)
         progress(f"Hashing {source.name}", 0.02)
         metadata = {**modelspec(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
@@ -322,7 +318,7 @@ def _output_layout(reader: CheckpointReader, half: bool) -> Layout:
             for key, (dtype, shape) in layout.items()}
 
 
-def _check_targets_stored(model_dir: Path, targets: dict[str, Target]) -> None:
+def _check_targets_stored(model_dir: Path, spec, targets: dict[str, Target]) -> None:
     """Raises ModelError when the working model's files lack a weight the LoRA adapts (a damaged model)."""
     from safetensors import safe_open
 
@@ -331,7 +327,8 @@ def _check_targets_stored(model_dir: Path, targets: dict[str, Target]) -> None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 # The text encoder is stored with canonical `text_model.` names.
-                stored = {installed_clip_name(k) if part == "text_encoder" else k for k in f.keys()}
+                stored = {installed_clip_name(k, spec.family.text_encoder(part).with_projection) if is_text_part(part)
+                          else k for k in f.keys()}
         except Exception as e:  # missing or damaged file: safetensors has its own error types
             raise ModelError(f"{path}: cannot be read ({type(e).__name__}); create the model again") from None
         missing = sorted(t.diffusers_key for t in targets.values() if t.part == part and t.diffusers_key not in stored)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import datetime
 
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sd2-v": "stable-diffusion-v2-768-v"}
+from .families import family_of
+
 STABILITY_AI = "https://github.com/Stability-AI/generative-models"
 
 
 def modelspec(model_type: str, resolution: int, prediction_type: str, title: str, *, lora: bool = False,
               timestamp: float | None = None) -> dict[str, str]:
-    """The `modelspec.*` keys of a checkpoint (or, with `lora`, a LoRA) of `model_type` ("sd1", "sd2", "sd2-v")."""
+    """The `modelspec.*` keys of a checkpoint (or, with `lora`, a LoRA) of `model_type` ("sd1", "sd2-v", ...)."""
     when = datetime.datetime.fromtimestamp(timestamp) if timestamp is not None else datetime.datetime.now()
-    architecture = ARCHITECTURES.get(model_type, ARCHITECTURES["sd2"])
+    architecture = family_of(model_type).modelspec_architecture(model_type)
     return {"modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": architecture + ("/lora" if lora else ""),
             "modelspec.implementation": "diffusers" if lora else STABILITY_AI,

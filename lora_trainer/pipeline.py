@@ -1,6 +1,7 @@
 """Loading a working model as a diffusers pipeline, for pictures (class images, samples, demo)."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,31 +15,42 @@ log = logging.getLogger(__name__)
 
 def load_pipeline(model_dir: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   text_encoder=None, unet=None):
-    """A StableDiffusionPipeline of the working model in `model_dir`, read from local files only.
+    """The diffusers pipeline its model_index.json names (StableDiffusionPipeline, StableDiffusionXLPipeline)
+    of the working model in `model_dir`, read from local files only.
 
     `text_encoder` / `unet` reuse models already in memory (e.g. the ones being trained).
     Raises ModelError when the folder is not a complete model.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
+    index_path = model_dir / "model_index.json"
+    if not index_path.is_file():
         raise ModelError(f"{model_dir}: not a working model (no model_index.json); create it first")
+    index = json.loads(index_path.read_text(encoding="utf-8"))
     extra = {k: v for k, v in (("text_encoder", text_encoder), ("unet", unet)) if v is not None}
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), **dtype_argument("diffusers", dtype),
-                                                   safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False,
-                                                   local_files_only=True, **extra)
+    # Optional parts the folder leaves empty are passed as None, so nothing is looked for elsewhere.
+    extra.update({k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index})
+    if "requires_safety_checker" in index:
+        extra["requires_safety_checker"] = False
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(
+        str(model_dir), **dtype_argument("diffusers", dtype), local_files_only=True, **extra)
     return _fast_quiet(pipe).to(device)
 
 
-def pipeline_from_parts(*, unet, vae, text_encoder, tokenizer, scheduler):
-    """A StableDiffusionPipeline around models already in memory (e.g. during training: samples).
+def pipeline_from_parts(*, unet, vae, text_encoder, tokenizer, scheduler, text_encoder_2=None, tokenizer_2=None):
+    """A StableDiffusionPipeline (StableDiffusionXLPipeline with a second text encoder) around
+    models already in memory (e.g. during training: samples).
 
     `scheduler` is any diffusers scheduler of the model (its config is reused).
     Nothing is moved or copied.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if text_encoder_2 is not None:
+        return _fast_quiet(StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                                     scheduler=scheduler))
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,

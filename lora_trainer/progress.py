@@ -32,6 +32,7 @@ class Progress:
     seconds_left: Optional[float] = None
     lifetime_steps: Optional[int] = None
     samples: list[Path] = field(default_factory=list)   # sample pictures written so far, newest last
+    note: str = ""                      # a line the job's outcome must carry (e.g. a LoRA of another model)
 
     @property
     def fraction(self) -> float:

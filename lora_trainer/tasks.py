@@ -86,8 +86,18 @@ def used_concepts(concepts: list[Concept]) -> list[Concept]:
 
 
 def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept], *, device=None):
-    """"Train": the job that saves the settings beside the model, then trains it."""
+    """"Train": the job that saves the settings beside the model, then trains it.
+
+    The checks that need no weights run here, before the job starts, so a refused run never
+    makes the host give up its GPU (the web UI unloads its checkpoint for a training job).
+    Raises ConfigError or ModelError (`train.check_before_loading`).
+    """
     concepts = used_concepts(concepts)
+    try:
+        from .train import check_before_loading
+    except ImportError as e:
+        raise ModelError(f"Train: the training module cannot be loaded ({e})") from None
+    check_before_loading(models, model_name, params, concepts, device)
 
     def job(report: Report, cancel: CancelFlag) -> TrainResult:
         try:
@@ -95,10 +105,7 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
         except ImportError as e:
             raise ModelError(f"Train: the training module cannot be loaded ({e})") from None
         save_settings(models, model_name, params, concepts)
-        result = train_model(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
-        if result.cancelled:
-            log.info("Training cancelled after %d steps. Total lifetime steps: %d", result.steps, result.lifetime_steps)
-        return result
+        return train_model(models, model_name, params, concepts, report=report, cancel=cancel, device=device)
 
     return job
 
@@ -143,6 +150,11 @@ def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: b
         if lora.strip():
             from .merge import merge_lora
 
+            note = lora_of_another_model(models, model_name, lora)
+            if note:
+                log.warning("%s", note)
+                report(Progress(job="merge", message=note, note=note))
+
             return merge_lora(models, model_name, lora=lora, into=into.strip() or None, unet_weight=unet_weight,
                               text_weight=text_weight, half=half, subdir=subdir, fmt=fmt,
                               custom_name=custom_name or None, overwrite=overwrite, progress=progress)
@@ -152,6 +164,27 @@ def generate_ckpt(models: ModelsDir, model_name: str, *, lora: str = "", half: b
                             overwrite=overwrite, progress=progress)
 
     return job
+
+
+def lora_of_another_model(models: ModelsDir, model_name: str, lora: str) -> str:
+    """A line saying so when the chosen LoRA was trained on another working model, else "".
+
+    The LoRA's `lora_trainer_model` metadata names its model; a LoRA without it (made by
+    another tool) or that cannot be read says nothing here (the merge itself reports that).
+    """
+    from .merge import find_lora
+
+    try:
+        path = find_lora(models, ModelInfo.load(models.existing_model_dir(model_name) / MODEL_INFO_FILE), lora)
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            trained_on = (f.metadata() or {}).get("lora_trainer_model", "")
+    except Exception:  # noqa: BLE001 - the merge reports an unreadable or missing LoRA with its own error
+        return ""
+    if trained_on and trained_on != model_name:
+        return f"LoRA {path.stem} was trained on {trained_on!r}; merged into {model_name!r}"
+    return ""
 
 
 def export_model(models: ModelsDir, model_name: str, *, half: bool = False, subdir: bool = False, custom_name: str = "",

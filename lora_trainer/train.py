@@ -27,11 +27,11 @@ from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
 from .training.hardware import Hardware, check_options, check_parallel, probe_hardware
-from .training.loop import Loop, run_loop, steps_per_epoch, total_steps
+from .training.loop import Loop, TextCache, run_loop, steps_per_epoch, total_steps
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
-from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
+from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention, store_base_in_fp8)
 from .training.resume import check_resume_fits, load_resume_state, restore_optimizer
@@ -54,17 +54,11 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     or broken model, or when the model's last LoRA was trained with another rank,
     alpha or Train Text Encoder (also before loading).
     """
-    model_dir = models.existing_model_dir(model_name)
-    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    hardware = probe_hardware(device)
-    check_options(params, hardware)
-    check_trains_something(params)
+    model_dir, info, hardware = check_before_loading(models, model_name, params, concepts, device)
     name = output_name(info, params)
-    check_concepts(concepts, model_dir)
-    check_resume_fits(model_dir, models.lora, info, params)
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
-    dtypes = part_dtypes(params, accelerator.device)
+    dtypes = part_dtypes(params, accelerator.device, info.family)
     check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name,
                      prior_preservation=any(c.with_prior_preservation for c in concepts if c.is_set))
     if accelerator.is_main_process:
@@ -101,12 +95,44 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
     final = ModelInfo.load(model_dir / MODEL_INFO_FILE) if outcome.steps else info
     lora_path = models.lora / final.latest_lora if adapters is not None and outcome.steps else None
     if accelerator.is_main_process:
-        log.info("Training finished. Total lifetime steps: %d", final.lifetime_steps)
+        log_outcome(outcome.cancelled, outcome.steps, final, models.lora / final.latest_lora
+                    if adapters is not None and outcome.steps else model_dir)
     result = TrainResult(lora_path, final.lifetime_steps, final.revision, outcome.steps,
                          cancelled=outcome.cancelled, samples=list(display.samples), losses=list(run.losses))
     accelerator.free_memory()
     free_device_memory(accelerator.device)
     return result
+
+
+def check_before_loading(models: ModelsDir, model_name: str, params: TrainingParams, concepts: list[Concept],
+                         device: str | None = None) -> tuple[Path, ModelInfo, Hardware]:
+    """The checks of `train` that need no weights and write nothing: the model, the options this
+    machine runs, that something trains, the output name, the concepts' pictures, and that the last
+    LoRA's shape fits. The UI runs them before a job, so a refused run never makes the host give up
+    its GPU. Returns the model folder, its info and the hardware. Raises ConfigError or ModelError.
+    """
+    model_dir = models.existing_model_dir(model_name)
+    info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
+    if not params.use_lora and not info.family.full_finetune:
+        raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {info.family.title} models is not supported; "
+                          "tick Use LORA")
+    hardware = probe_hardware(device)
+    check_options(params, hardware)
+    check_trains_something(params)
+    output_name(info, params)
+    check_concepts(concepts, model_dir)
+    check_resume_fits(model_dir, models.lora, info, params)
+    return model_dir, info, hardware
+
+
+def log_outcome(cancelled: bool, steps: int, info: ModelInfo, saved: Path) -> None:
+    """The run's one closing console line: finished, or cancelled with what was saved."""
+    if not cancelled:
+        log.info("Training finished. Total lifetime steps: %d", info.lifetime_steps)
+    elif steps:
+        log.info("Training cancelled after %d steps; saved %s", steps, saved)
+    else:
+        log.info("Training cancelled before the first step; nothing saved")
 
 
 def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
@@ -153,6 +179,9 @@ def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, 
         return
     need = least_memory(model_dir, params, dtypes)
     check_memory(need, free, gpu)
+    if not predicts(model_dir):
+        log.info(describe(need, free))
+        return
     configs = PartConfigs.from_model_dir(model_dir)
     estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
     check_peak(configs, params, estimate, free, gpu, prior_preservation=prior_preservation)
@@ -211,7 +240,8 @@ def resume_from_last_run(models: ModelsDir, model_dir: Path, info: ModelInfo, ad
 def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, params: TrainingParams,
               instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None) -> Loop:
     """Batches, optimizer and schedule, prepared by accelerate."""
-    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed)
+    dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed,
+                           tokenizer_2=model.tokenizer_2, time_ids=model.info.family.time_ids)
     if isinstance(dataset, LatentDataset):
         dataset.fill_cache(model.vae, device=accelerator.device, dtype=next(model.vae.parameters()).dtype)
         model.vae.to("cpu")  # not needed again until samples: free the GPU for training
@@ -226,16 +256,25 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
     lr_scheduler = make_lr_scheduler(optimizer, params, steps, accelerator.num_processes)
     train_text = params.train_text_encoder
     if train_text:
-        unet, text_encoder, optimizer, loader, lr_scheduler = accelerator.prepare(
-            model.unet, model.text_encoder, optimizer, loader, lr_scheduler)
+        unet, *encoders, optimizer, loader, lr_scheduler = accelerator.prepare(
+            model.unet, *model.text_encoders, optimizer, loader, lr_scheduler)
     else:
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(model.unet, optimizer, loader, lr_scheduler)
-        text_encoder = model.text_encoder
+        encoders = model.text_encoders
     unet.train()
-    text_encoder.train(train_text)
+    for encoder in encoders:
+        encoder.train(train_text)
     trainable = [p for group in groups for p in group["params"]]
-    return Loop(accelerator, model, unet, text_encoder, train_text, trainable, optimizer, lr_scheduler, loader,
-                sampler, dataset, params, steps, info.lifetime_epochs)
+    text_cache = None
+    if params.cache_text_encoder_outputs:
+        text_cache = TextCache()
+        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_], accelerator.device)
+        for encoder in encoders:
+            encoder.to("cpu")  # not needed again until samples: free the GPU for training
+        free_device_memory(accelerator.device)
+    return Loop(accelerator, model, unet, encoders[0], train_text, trainable, optimizer, lr_scheduler, loader,
+                sampler, dataset, params, steps, info.lifetime_epochs,
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache)
 
 
 def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, samples, adapters, step: int,
@@ -255,7 +294,8 @@ def after_step(run: Loop, snapshots: Snapshots, display: ProgressDisplay, sample
         display.samples += draw_samples(run.model, unwrap(run.unet), unwrap(run.text_encoder), samples,
                                         folder=snapshots.model_dir, stem=stem, resolution=params.resolution,
                                         device=run.accelerator.device, autocast=run.accelerator.autocast,
-                                        seed=snapshots.seed)
+                                        seed=snapshots.seed,
+                                        text_encoder_2=unwrap(run.text_encoder_2) if run.text_encoder_2 else None)
         display.message(f"Samples of step {step} saved", step)
 
 

@@ -47,6 +47,14 @@ def tiny_sd2v(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt-sd2v"), v2=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """Path of the tiny SDXL checkpoint (with its sd_xl_base-shaped .yaml) in a session folder."""
+    from lora_trainer.tiny_sdxl import write_tiny_xl_checkpoint
+
+    return write_tiny_xl_checkpoint(tmp_path_factory.mktemp("ckpt-sdxl"))
+
+
 @pytest.fixture
 def models_dir(tmp_path):
     """An empty models folder laid out like the web UI's."""
@@ -57,17 +65,27 @@ def models_dir(tmp_path):
     return models
 
 
-@pytest.fixture(scope="session")
-def created_sd1(tmp_path_factory, tiny_sd1):
-    """A working model created from the tiny SD 1.x checkpoint (shared, do not modify)."""
+def _created(tmp_path_factory, checkpoint, folder: str, name: str):
     import shutil
 
     from lora_trainer.checkpoint import create_model
     from lora_trainer.host import ModelsDir
 
-    models = ModelsDir.at(tmp_path_factory.mktemp("models-sd1"))
+    models = ModelsDir.at(tmp_path_factory.mktemp(folder))
     models.checkpoints.mkdir(parents=True)
-    for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
+    for p in (checkpoint, checkpoint.with_suffix(".yaml")):
         shutil.copy(p, models.checkpoints / p.name)
-    create_model(models, tiny_sd1.name, "tiny")
+    create_model(models, checkpoint.name, name)
     return models
+
+
+@pytest.fixture(scope="session")
+def created_sd1(tmp_path_factory, tiny_sd1):
+    """A working model created from the tiny SD 1.x checkpoint (shared, do not modify)."""
+    return _created(tmp_path_factory, tiny_sd1, "models-sd1", "tiny")
+
+
+@pytest.fixture(scope="session")
+def created_xl(tmp_path_factory, tiny_sdxl):
+    """A working model "xl" created from the tiny SDXL checkpoint (shared, do not modify)."""
+    return _created(tmp_path_factory, tiny_sdxl, "models-sdxl", "xl")

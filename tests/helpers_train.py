@@ -11,11 +11,11 @@ from lora_trainer.host import ModelsDir
 from lora_trainer.images import load_image, resize_to, to_tensor
 
 
-def private_models(created_sd1, root: Path) -> ModelsDir:
-    """A copy of the session's tiny working model (and its checkpoint) that a test may train."""
+def private_models(created, root: Path, name: str = "tiny") -> ModelsDir:
+    """A copy of a session's tiny working model `name` (and its checkpoint) that a test may train."""
     models = ModelsDir.at(root)
-    shutil.copytree(created_sd1.model_dir("tiny"), models.model_dir("tiny"))
-    shutil.copytree(created_sd1.checkpoints, models.checkpoints)
+    shutil.copytree(created.model_dir(name), models.model_dir(name))
+    shutil.copytree(created.checkpoints, models.checkpoints)
     return models
 
 

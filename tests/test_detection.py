@@ -124,15 +124,70 @@ def test_detection_and_strict_conversion_of_real_shapes(family):
     assert unused - expected_unused == set()
 
 
-def test_sdxl_inpainting_and_foreign_files_are_refused_by_name():
-    with pytest.raises(CheckpointError, match="SDXL"):
-        detect_family(ShapeReader({"conditioner.embedders.0.transformer.x": (1,), "model.diffusion_model.x": (1,)}))
+def test_inpainting_and_foreign_files_are_refused_by_name():
     inpaint = real_shapes("sd1")
     inpaint["model.diffusion_model.input_blocks.0.0.weight"] = (320, 9, 3, 3)
     with pytest.raises(CheckpointError, match="9-channel"):
         detect_family(ShapeReader(inpaint))
     with pytest.raises(CheckpointError, match="no Stable Diffusion UNet"):
         detect_family(ShapeReader({"encoder.weight": (2, 2)}))
+
+
+REAL_XL_TEXT = (dict(REAL_TEXT["sd1"]),
+                dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                     num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280))
+
+
+def real_xl_shapes() -> dict[str, tuple]:
+    spec = spec_from_original_config(shipped_config("sdxl"))
+    spec.text, spec.text_2 = REAL_XL_TEXT
+    shapes = {}
+    parts = [(keymap.build_unet, keymap.unet_links), (keymap.build_vae, keymap.vae_links)]
+    parts += [(lambda s, p=p: keymap.build_text_encoder(s, part=p), lambda s, m, p=p: keymap.text_links(s, m, part=p))
+              for p in ("text_encoder", "text_encoder_2")]
+    for build, links in parts:
+        model = build(spec)
+        sd = model.state_dict()
+        original = keymap.to_original(links(spec, model), lambda k: torch.empty(sd[k].shape, device="meta"))
+        shapes.update({k: tuple(v.shape) for k, v in original.items()})
+    shapes["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = (1, 77)
+    shapes["conditioner.embedders.1.model.logit_scale"] = ()
+    return shapes
+
+
+def test_sdxl_base_key_set_matches_the_released_file_and_converts_strictly():
+    shapes = real_xl_shapes()
+    # sd_xl_base_1.0.safetensors holds 2515 tensors: 1680 UNet, 248 VAE, 197 CLIP-L, 390 OpenCLIP bigG.
+    assert (_count(shapes, "model.diffusion_model."), _count(shapes, "first_stage_model."),
+            _count(shapes, "conditioner.embedders.0."), _count(shapes, "conditioner.embedders.1.")) == (1680, 248, 197, 390)
+    for key, shape in {"model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+                       "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight": (1280, 2048),
+                       "model.diffusion_model.middle_block.1.transformer_blocks.9.attn2.to_v.weight": (1280, 2048),
+                       "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+                       "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+                       "conditioner.embedders.1.model.text_projection": (1280, 1280)}.items():
+        assert shapes[key] == shape, key
+    reader = ShapeReader(shapes)
+    assert detect_family(reader) == "sdxl"
+    spec = read_spec(reader)
+    assert (spec.model_type, spec.resolution, spec.prediction_type) == ("sdxl", 1024, "epsilon")
+    assert spec.text_2["num_hidden_layers"] == 32 and spec.text_2["hidden_size"] == 1280
+    used = set()
+    for part in spec.family.parts:
+        used |= convert_part_tensors(reader, spec, part)[1]
+    assert set(reader.keys()) - used <= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
+                                         "conditioner.embedders.1.model.logit_scale"}
+
+
+def test_sdxl_refiner_and_inpainting_are_refused_by_name():
+    base = real_xl_shapes()
+    refiner = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in base.items()
+               if not k.startswith("conditioner.embedders.0.")}
+    with pytest.raises(CheckpointError, match="SDXL refiner"):
+        detect_family(ShapeReader(refiner))
+    inpaint = dict(base, **{"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)})
+    with pytest.raises(CheckpointError, match="SDXL inpainting model .9 input channels"):
+        detect_family(ShapeReader(inpaint))
 
 
 @pytest.mark.parametrize("bias,expected", [(-3.0, "sd2-v"), (0.5, "sd2")])

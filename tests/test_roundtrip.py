@@ -6,7 +6,7 @@ from lora_trainer.checkpoint import create_model, export_checkpoint
 from lora_trainer.checkpoint_io import CheckpointReader
 
 
-@pytest.mark.parametrize("variant", ["tiny_sd1", "tiny_sd2v"])
+@pytest.mark.parametrize("variant", ["tiny_sd1", "tiny_sd2v", "tiny_sdxl"])
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
 def test_round_trip_is_exact(request, variant, fmt, models_dir, tmp_path):
     source = request.getfixturevalue(variant)

@@ -115,10 +115,17 @@ def tick(page, elem_id: str, on: bool = True) -> None:
 
 
 def choose(page, elem_id: str, option: str) -> None:
-    box = field(page, elem_id)
-    box.click()
     quoted = option.replace('"', '\\"')
-    page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first.click()
+    item = page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first
+    for attempt in range(3):  # a poll that updates the dropdown's choices closes an open list: open it again
+        field(page, elem_id).click()
+        try:
+            item.click(timeout=5_000)
+            break
+        except sync_api.TimeoutError:
+            page.keyboard.press("Escape")
+    else:
+        item.click()
     page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }",
                            arg=[elem_id, option])
 
@@ -128,8 +135,13 @@ def click(page, elem_id: str) -> None:
 
 
 def wait_message(page, pattern: str) -> str:
-    page.wait_for_function("([id, p]) => { const e = document.querySelector('#' + id + ' textarea');"
-                           " return e && new RegExp(p).test(e.value); }", arg=["lora_trainer_message", pattern])
+    try:
+        page.wait_for_function("([id, p]) => { const e = document.querySelector('#' + id + ' textarea');"
+                               " return e && new RegExp(p).test(e.value); }", arg=["lora_trainer_message", pattern])
+    except sync_api.TimeoutError:
+        shot(page, "message-timeout")
+        raise AssertionError(f"the Message box never matched {pattern!r}; it shows "
+                             f"{value(page, 'lora_trainer_message')!r}") from None
     return value(page, "lora_trainer_message")
 
 
@@ -167,8 +179,10 @@ def test_create_model_from_the_tiny_checkpoint(page, app):
     open_tab(page, "Create Model")
     type_into(page, "lora_trainer_create_name", "cat")
     click(page, "lora_trainer_create_button")
-    wait_message(page, "Started create model 'cat'")
     wait_status(page, "create model 'cat' finished")
+    # The Message box ends with the outcome, not "Started ...".
+    assert wait_message(page, "^Create model 'cat' finished: wrote ") == \
+        f"Create model 'cat' finished: wrote {models / 'lora_trainer' / 'cat'}"
     assert (models / "lora_trainer" / "cat" / "model_info.json").is_file()
     # The poll puts the new model into the dropdown and shows its info.
     page.wait_for_function("() => document.querySelector('#lora_trainer_info_model_name textarea, "
@@ -177,6 +191,14 @@ def test_create_model_from_the_tiny_checkpoint(page, app):
     assert value(page, "lora_trainer_info_model_type") == "sd1"
     assert value(page, "lora_trainer_info_source_checkpoint") == "tiny-sd1.safetensors"
     shot(page, "1-created")
+
+
+def test_a_failed_create_model_shows_its_error_in_the_message_box(page):
+    open_tab(page, "Create Model")
+    type_into(page, "lora_trainer_create_name", "cat")  # exists, Overwrite not ticked
+    click(page, "lora_trainer_create_button")
+    message = wait_message(page, "^Create model 'cat' failed: ")
+    assert "already exists" in message and "overwrite" in message.lower(), message
 
 
 def test_set_parameters_and_a_concept(page, app, tmp_path_factory):
@@ -221,6 +243,78 @@ def test_set_parameters_and_a_concept(page, app, tmp_path_factory):
     shot(page, "2-parameters")
 
 
+def choose_model(page, name: str) -> None:
+    choose(page, "lora_trainer_model", name)
+    page.wait_for_function("n => { const e = document.querySelector('#lora_trainer_info_model_name textarea, "
+                           "#lora_trainer_info_model_name input'); return e && e.value === n; }", arg=name)
+
+
+def wait_value(page, elem_id: str, expected: str) -> None:
+    page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' textarea, #' + id + "
+                           "' input:not([type=checkbox]):not([type=range])'); return e && e.value === v; }",
+                           arg=[elem_id, expected])
+
+
+def shows_settings(page, steps: str, pictures: str, prompt: str) -> None:
+    """The Parameters and Concepts tabs hold these values (waiting for the model's change to land)."""
+    open_tab(page, "Parameters")
+    wait_value(page, "lora_trainer_param_max_train_steps", steps)
+    open_tab(page, "Concepts")
+    wait_value(page, "lora_trainer_concept1_instance_data_dir", pictures)
+    wait_value(page, "lora_trainer_concept1_instance_prompt", prompt)
+
+
+def test_the_form_follows_the_chosen_model_and_a_reload(page, app, tmp_path_factory):
+    """Model A then B then A: each shows its own saved fields; a new model starts from the defaults."""
+    from lora_trainer.config import ModelInfo, TrainingParams
+
+    _, models, _ = app
+    cat_pictures = value(page, "lora_trainer_concept1_instance_data_dir")
+    assert cat_pictures  # saved for 'cat' by the test before
+    open_tab(page, "Create Model")
+    type_into(page, "lora_trainer_create_name", "dog")
+    click(page, "lora_trainer_create_button")
+    wait_message(page, "^Create model 'dog' finished")
+    wait_value(page, "lora_trainer_model", "dog")  # the new model is chosen: its (default) settings show
+    native = ModelInfo.load(models / "lora_trainer" / "dog" / "model_info.json").resolution
+    shows_settings(page, str(TrainingParams().max_train_steps), "", "")
+    open_tab(page, "Parameters")
+    wait_value(page, "lora_trainer_param_resolution", str(native))
+    assert value(page, "lora_trainer_preset") == ""  # no preset claimed for fields it did not set
+    assert value(page, "lora_trainer_lora") == ""  # 'dog' has no LoRA
+    type_into(page, "lora_trainer_param_max_train_steps", "7")
+    open_tab(page, "Concepts")
+    dog_pictures = str(tmp_path_factory.mktemp("dog"))
+    type_into(page, "lora_trainer_concept1_instance_data_dir", dog_pictures)
+    type_into(page, "lora_trainer_concept1_instance_prompt", "scs dog")
+    click(page, "lora_trainer_save_params")
+    wait_message(page, "Saved parameters")
+
+    choose_model(page, "cat")
+    shows_settings(page, "3", cat_pictures, "chibi scs girl")
+    choose_model(page, "dog")
+    shows_settings(page, "7", dog_pictures, "scs dog")
+    choose_model(page, "cat")
+    shows_settings(page, "3", cat_pictures, "chibi scs girl")
+    # Nothing of one model was written into the other's folder.
+    assert TrainingParams.load(models / "lora_trainer" / "dog" / "params.json").max_train_steps == 7
+    assert TrainingParams.load(models / "lora_trainer" / "cat" / "params.json").max_train_steps == 3
+
+    # A reload shows the model on screen with its saved settings, not the defaults.
+    choose_model(page, "dog")
+    page.reload()
+    page.wait_for_selector("#lora_trainer_train")
+    page.wait_for_function("() => { const e = document.querySelector('#lora_trainer_info_model_name textarea, "
+                           "#lora_trainer_info_model_name input'); return e && e.value !== ''; }")
+    shown = value(page, "lora_trainer_model")
+    steps, pictures, prompt = {"cat": ("3", cat_pictures, "chibi scs girl"), "dog": ("7", dog_pictures, "scs dog")}[shown]
+    shows_settings(page, steps, pictures, prompt)
+    if shown != "cat":
+        choose_model(page, "cat")
+        shows_settings(page, "3", cat_pictures, "chibi scs girl")
+    shot(page, "2b-follows-the-model")
+
+
 def test_train_cancel_and_train_again(page, app):
     _, models, _ = app
     open_tab(page, "Train")
@@ -244,6 +338,10 @@ def test_train_cancel_and_train_again(page, app):
     wait_message(page, "A job is running: train 'cat'")
     click(page, "lora_trainer_cancel")
     wait_status(page, "train 'cat' cancelled")
+    message = wait_message(page, "^Train 'cat' cancelled: ")  # not "Cancelling ..." once it has ended
+    log = value(page, "lora_trainer_log")
+    assert re.search(r"^Training cancelled after \d+ steps; saved .*cat_\d+\.safetensors$", log, re.M), log
+    assert "Training finished" not in log
     shot(page, "3-cancelled")
 
     open_tab(page, "Parameters")
@@ -256,6 +354,11 @@ def test_train_cancel_and_train_again(page, app):
     figures = page.locator("#lora_trainer_progress_box").inner_text()
     assert "Step 3/3" in figures and "loss" in figures
     assert "Training finished" in value(page, "lora_trainer_log")
+    wait_message(page, "^Train 'cat' finished: 3 steps")
+    # The Log box shows its newest line: scrolled to its end.
+    page.wait_for_function("() => { const a = document.querySelector('#lora_trainer_log textarea');"
+                           " return a.scrollHeight > a.clientHeight && "
+                           "a.scrollTop + a.clientHeight >= a.scrollHeight - 4; }")
     assert list((models / "Lora").glob("*.safetensors"))
     page.wait_for_selector("#lora_trainer_samples img")  # the sample picture of step 3
     page.wait_for_function("() => document.querySelector('#lora_trainer_lora input').value !== ''")
@@ -268,8 +371,8 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     type_into(page, "lora_trainer_custom_model_name", "scs")
     tick(page, "lora_trainer_half")
     click(page, "lora_trainer_generate_ckpt_button")
-    wait_message(page, "Started generate ckpt of 'cat'")
     wait_status(page, "generate ckpt of 'cat' finished")
+    wait_message(page, "^Generate ckpt of 'cat' finished: wrote ")
     made = set(models.joinpath("Stable-diffusion").rglob("*.safetensors")) - before
     assert len(made) == 1, made
     merged = made.pop()
@@ -291,5 +394,28 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     page.keyboard.press("Escape")
     open_tab(page, "Train")
     shot(page, "5-generated")
+
+    # The same again: refused (the file exists). The click empties the Message box at once, then the
+    # refusal replaces the last outcome: every value the box shows in between is recorded, frame by frame.
+    page.evaluate("""() => { window.lt_seen = []; const look = () => {
+        const e = document.querySelector('#lora_trainer_message textarea');
+        const v = e ? e.value : null;
+        if (window.lt_seen[window.lt_seen.length - 1] !== v) window.lt_seen.push(v);
+        if (!/failed/.test(v || '')) requestAnimationFrame(look); }; look(); }""")
+    click(page, "lora_trainer_generate_ckpt_button")
+    message = wait_message(page, "^Generate ckpt of 'cat' failed: ")
+    seen = page.evaluate("() => window.lt_seen")
+    assert seen[0].startswith("Generate ckpt of 'cat' finished") and seen[1:] == ["", message], seen
+    assert "already exists" in message and "overwrit" in message.lower(), message
+    wait_status(page, "generate ckpt of 'cat' failed")  # the poll has seen the end too (it updates the lists)
+
+    # The LoRA of another model: the outcome says so.
+    lora = value(page, "lora_trainer_lora")
+    choose_model(page, "dog")
+    wait_value(page, "lora_trainer_lora", "")  # the Lora Model follows the model: 'dog' has none
+    choose(page, "lora_trainer_lora", lora)
+    click(page, "lora_trainer_generate_ckpt_button")
+    wait_message(page, rf"^Generate ckpt of 'dog' finished: .*; LoRA {re.escape(Path(lora).stem)} was trained on "
+                       r"'cat'; merged into 'dog'$")
     ours = [u for u in page.blocked if not u.endswith(GRADIO_TEMPLATE_REQUESTS)]
     assert ours == [], f"the page tried to reach other hosts: {ours}"

@@ -21,7 +21,9 @@ def ctl(models_dir, tiny_sd1):
     for p in (tiny_sd1, tiny_sd1.with_suffix(".yaml")):
         shutil.copy(p, models_dir.checkpoints / p.name)
     create_model(models_dir, tiny_sd1.name, "cat")
-    return Controller(RecordingHost(models_dir))
+    ctl = Controller(RecordingHost(models_dir))
+    ctl.quick_seconds = 0  # every click answers "Started ..." here; test_a_quick_refusal... times the other answer
+    return ctl
 
 
 def concept_values(*concepts: Concept) -> dict:
@@ -132,6 +134,7 @@ def test_a_blank_concepts_file_means_the_models_own(ctl):
 
 def test_a_preset_leaves_out_what_cannot_run_here(ctl):
     from lora_trainer.config import TrainingParams
+    from lora_trainer.optional import bitsandbytes_runs_on_cpu
     from lora_trainer.ui.fields import named_from_params, param_specs, params_from_named, params_key
     from lora_trainer.ui.widgets import disabled_options
 
@@ -140,9 +143,13 @@ def test_a_preset_leaves_out_what_cannot_run_here(ctl):
     disabled = disabled_options({"cuda": "no CUDA GPU", "bitsandbytes": "not installed"})
     message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled, cuda=False)
     params = params_from_named(values)
-    assert (params.mixed_precision, params.use_8bit_adam, params.gradient_checkpointing) == ("bf16", False, True)
+    # On a CPU: what is fastest there, each change named with its reason.
+    assert (params.mixed_precision, params.use_8bit_adam, params.gradient_checkpointing) == ("no", False, False)
     assert params.num_train_epochs == 9
-    assert message.startswith("Applied preset '8 GB GPU'")
+    assert message.startswith("Applied preset '8 GB GPU'. Changed for this machine: ")
+    assert "Mixed Precision fp16 -> no (fp32): no CUDA GPU here" in message
+    assert "Gradient Checkpointing on -> off: no CUDA GPU here" in message
+    assert ("Use 8bit Adam on -> off" in message) == (not bitsandbytes_runs_on_cpu())
 
     # With CUDA but without bitsandbytes the 8-bit Adam box stays off and the message says why.
     message, values = ctl.apply_preset("8 GB GPU", named, keys, disabled_options({"bitsandbytes": "not installed"}))
@@ -234,3 +241,72 @@ def test_check_gpu_memory_counts_what_the_chosen_parameters_hold(ctl):
             assert messages[name].endswith("; no CUDA GPU here: training runs on the CPU")
     assert messages["lora"] != messages["full"]  # the widgets' values are what is counted
     assert ctl.check_memory({"model": ""}).startswith("Error: Model: choose a model")
+
+
+def test_the_form_follows_the_chosen_model(ctl):
+    """Each model's saved Parameters and Concepts; a model without any: defaults at its native resolution."""
+    from lora_trainer.config import ModelInfo, TrainingParams
+    from lora_trainer.ui.fields import named_from_params, param_specs, params_key
+
+    keys = [params_key(n) for n in param_specs()] + ["custom_model_name"]
+    concept_keys = list(concept_values())
+    shutil.copytree(ctl.models.model_dir("cat"), ctl.models.model_dir("dog"))
+    info_path = ctl.models.model_dir("dog") / "model_info.json"
+    info = ModelInfo.load(info_path)
+    info.model_name, info.resolution = "dog", 768
+    info.save(info_path)
+    cat = Concept(instance_data_dir="/pics/cat", instance_prompt="scs cat")
+    ctl.save_params({"model": "cat", **named_from_params(TrainingParams(rank=8, custom_model_name="kitty"), keys),
+                     **concept_values(cat)})
+
+    message, values = ctl.settings_values("cat", keys + concept_keys)
+    assert message == ""
+    assert (values["params.rank"], values["custom_model_name"]) == (8, "kitty")
+    assert values == {**named_from_params(TrainingParams(rank=8, custom_model_name="kitty"), keys),
+                      **concept_values(cat)}
+    message, values = ctl.settings_values("dog", keys + concept_keys)
+    assert message == "" and values["params.resolution"] == 768
+    assert values == {**named_from_params(TrainingParams(resolution=768), keys), **concept_values()}
+
+    (ctl.models.model_dir("dog") / "params.json").write_text("{broken")
+    message, values = ctl.settings_values("dog", keys)
+    assert message.startswith("Error: ") and "params.json" in message
+
+
+def test_a_quick_refusal_is_the_clicks_answer_and_a_late_one_ends_in_the_outcome(ctl):
+    named = {"model": "cat", "lora": "", "subdir": False}
+    ctl.generate_ckpt(named)
+    finish(ctl)
+    ctl.quick_seconds = 5.0
+    message = ctl.generate_ckpt(named)  # the file exists: refused in the job, at once
+    assert message.startswith("Generate ckpt of 'cat' failed: ") and "already exists" in message, message
+    assert ctl.outcome(ctl.state()) == message
+    assert ctl.answered_by_click(ctl.state())  # so the poll does not write it again over a later answer
+    ctl.quick_seconds = 0
+    assert not ctl.answered_by_click(ctl.state())
+    assert ctl.cancel() == "No job is running."
+
+
+def test_a_refused_training_never_asks_the_host_for_its_gpu(ctl, tmp_path):
+    """A missing Dataset Directory is found before the job starts: the web UI keeps its checkpoint loaded."""
+    concept = Concept(instance_data_dir=str(tmp_path / "missing"), instance_prompt="scs cat")
+    message = ctl.train({"model": "cat", **concept_values(concept)})
+    assert message.startswith("Error: ") and "missing" in message, message
+    assert not ctl.runner.running and "release_gpu" not in ctl.host.calls
+
+
+def test_generate_ckpt_says_when_the_lora_was_trained_on_another_model(ctl):
+    from helpers_merge import load_parts, random_lora, save_lora
+
+    unet, text = load_parts(ctl.models.model_dir("cat"))
+    save_lora(ctl.models.lora / "dog_346.safetensors", random_lora(unet, text), {"lora_trainer_model": "dog"})
+    save_lora(ctl.models.lora / "cat_2.safetensors", random_lora(unet, text), {"lora_trainer_model": "cat"})
+    named = {"model": "cat", "subdir": False, "generate_ckpt.overwrite": True}
+    ctl.generate_ckpt({**named, "lora": "dog_346.safetensors"})
+    state = finish(ctl)
+    assert state.error is None, state.error
+    assert ctl.outcome(state).endswith("; LoRA dog_346 was trained on 'dog'; merged into 'cat'"), ctl.outcome(state)
+    assert "LoRA dog_346 was trained on 'dog'; merged into 'cat'" in state.log
+    ctl.generate_ckpt({**named, "lora": "cat_2.safetensors"})
+    state = finish(ctl)
+    assert state.error is None and "trained on" not in ctl.outcome(state)

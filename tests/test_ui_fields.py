@@ -225,10 +225,15 @@ def test_save_params_without_a_model_says_what_to_do(created):
     assert message.startswith("Error: Model: choose a model")
 
 
-def test_on_a_cpu_a_preset_swaps_only_what_needs_a_gpu():
+def test_on_a_cpu_a_preset_picks_what_is_fastest_there_and_says_so():
     from lora_trainer.optional import bitsandbytes_runs_on_cpu
 
-    p = presets.apply_preset(TrainingParams(), "8 GB GPU", cuda=False)
-    assert (p.mixed_precision, p.gradient_checkpointing) == ("bf16", True)
+    p, notes = presets.apply_preset_noted(TrainingParams(), "8 GB GPU", cuda=False)
+    assert (p.mixed_precision, p.gradient_checkpointing) == ("no", False)  # fp32, no checkpointing
     assert p.use_8bit_adam == bitsandbytes_runs_on_cpu()  # bitsandbytes >= 0.50 runs on the CPU
-    assert presets.apply_preset(TrainingParams(), "CPU / test", cuda=False).mixed_precision == "no"
+    assert [n.split(":")[0] for n in notes] == ["Mixed Precision fp16 -> no (fp32)", "Gradient Checkpointing on -> off"] \
+        + ([] if bitsandbytes_runs_on_cpu() else ["Use 8bit Adam on -> off"])
+    assert (p.rank, p.cache_latents) == (4, True)  # the rest of the preset as it is
+    p, notes = presets.apply_preset_noted(TrainingParams(), "CPU / test", cuda=False)
+    assert p.mixed_precision == "no" and notes == []
+    assert presets.apply_preset_noted(TrainingParams(), "8 GB GPU", cuda=True)[1] == []

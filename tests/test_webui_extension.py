@@ -498,6 +498,52 @@ def test_every_id_the_javascript_looks_for_is_in_the_tab(webui):
     assert wanted and sorted(wanted - ids) == []
 
 
+def test_the_hosts_ui_config_does_not_pin_the_model_or_its_settings(webui):
+    """The web UI saves labelled components' values into ui-config.json and sets them at the next start
+    (Forge opened on a model that was selected when the file was written). Model, Lora Model and the
+    per-model fields are left out; the tab's other defaults (e.g. Half Model) are still saved."""
+    from lora_trainer.config import ModelInfo
+    from lora_trainer.ui.webui_host import build_webui_tab
+    from modules.ui_loadsave import UiLoadsave
+
+    host = webui_host(webui)
+    for name in ("aaa", "cat"):  # the lists and the tab read only the info of a model
+        host.models.model_dir(name).mkdir(parents=True)
+        ModelInfo(model_name=name).save(host.models.model_dir(name) / "model_info.json")
+    config = Path(webui.paths.models_path).parent / "ui-config.json"
+    loadsave = UiLoadsave(str(config))
+    loadsave.add_block(build_webui_tab(), TAB_ID)
+    loadsave.dump_defaults()
+    saved = json.loads(config.read_text())
+    labels = {key.split("/")[1] for key in saved}
+    assert "Half Model" in labels  # the file is written, with the tab's other defaults
+    for label in ("Model", "Lora Model", "Custom Model Name", "Preset", "Lora UNET Rank", "Dataset Directory",
+                  "Instance Prompt", "Loaded Model", "Model Revision"):
+        assert label not in labels, label
+
+    # A file written by an older version, pinning a model: the rebuilt tab ignores it.
+    config.write_text(json.dumps({**saved, f"{TAB_ID}/Model/value": "cat"}))
+    tab = build_webui_tab()
+    UiLoadsave(str(config)).add_block(tab, TAB_ID)
+    model = next(b for b in tab.blocks.values() if getattr(b, "elem_id", None) == "lora_trainer_model")
+    assert model.value == "aaa"
+
+
+def test_a_new_page_of_the_web_ui_fills_the_model_and_its_settings_on_load(webui):
+    """The web UI renders our Blocks into its page: a load event of ours (not a value fixed when the
+    tab was built) picks a model that exists now and fills Lora Model, Parameters and Concepts."""
+    from lora_trainer.ui.webui_host import build_webui_tab
+
+    tab = build_webui_tab()
+    ids = {getattr(b, "elem_id", None): key for key, b in tab.blocks.items()}
+    loads = [d for d in tab.get_config_file()["dependencies"]
+             if d.get("trigger") == "load" or any(t[1] == "load" for t in d.get("targets", []) if isinstance(t, (list, tuple)))]
+    filled = [set(d["outputs"]) for d in loads]
+    wanted = {ids[e] for e in ("lora_trainer_model", "lora_trainer_lora", "lora_trainer_param_rank",
+                               "lora_trainer_concept1_instance_data_dir", "lora_trainer_preset")}
+    assert any(wanted <= outputs for outputs in filled), loads
+
+
 def _server_side_polls(blocks) -> list:
     return [d for d in blocks.get_config_file()["dependencies"] if d.get("every")]
 

@@ -19,11 +19,14 @@ from ..host import ModelsDir
 from ..merge import merge_lora
 from ..preview import generate_picture
 from ..tiny import write_tiny_checkpoint
+from ..tiny_sdxl import write_tiny_xl_checkpoint
 from ..train import train
 from . import add_models_dir
 
 log = logging.getLogger(__name__)
 DEMO_MODEL = "tiny-demo"
+# --model-type -> (writer of the tiny checkpoint, working model name)
+TINY_MODELS = {"sd1": (write_tiny_checkpoint, DEMO_MODEL), "sdxl": (write_tiny_xl_checkpoint, "tiny-demo-sdxl")}
 DEMO_FOLDER = "demo"
 SHAPES = (("circle", (220, 40, 40)), ("square", (40, 90, 220)), ("triangle", (30, 160, 60)), ("circle", (240, 170, 20)))
 INSTANCE_PROMPT = "scs shape, [filewords]"
@@ -34,6 +37,8 @@ def add_parser(sub) -> None:
     add_models_dir(p)
     p.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--model-type", choices=tuple(TINY_MODELS), default="sd1",
+                   help="family of the tiny model: sd1 or sdxl (default: sd1)")
     p.set_defaults(run=run)
 
 
@@ -57,9 +62,10 @@ def draw_pictures(folder: Path, size: int = 64) -> Path:
 
 def run(args) -> int:
     models = ModelsDir.at(args.models_dir)
-    checkpoint = write_tiny_checkpoint(models.checkpoints, for_webui=True)
+    write, model_name = TINY_MODELS[getattr(args, "model_type", "sd1")]
+    checkpoint = write(models.checkpoints, for_webui=True)
     print(checkpoint)
-    model_dir = create_model(models, checkpoint.name, DEMO_MODEL, overwrite=True)
+    model_dir = create_model(models, checkpoint.name, model_name, overwrite=True)
     print(model_dir)
     info = ModelInfo.load(model_dir / "model_info.json")
     pictures = draw_pictures(Path(args.models_dir) / DEMO_FOLDER / "pictures", size=info.resolution)
@@ -70,12 +76,12 @@ def run(args) -> int:
     params = TrainingParams(resolution=info.resolution, max_train_steps=args.steps, num_train_epochs=args.steps,
                             train_batch_size=2, unet_learning_rate=1e-3, text_encoder_learning_rate=5e-4, seed=0,
                             save_preview_every_n_steps=args.steps)
-    result = train(models, DEMO_MODEL, params, [concept], device=args.device)
+    result = train(models, model_name, params, [concept], device=args.device)
     print(model_dir / "classifiers_0")
     for sample in result.samples:
         print(sample)
     print(result.lora_path)
-    merged = merge_lora(models, DEMO_MODEL, lora=str(result.lora_path), overwrite=True)
+    merged = merge_lora(models, model_name, lora=str(result.lora_path), overwrite=True)
     print(merged)
     picture = generate_picture(merged, "scs shape, a circle on white", Path(args.models_dir) / DEMO_FOLDER / "picture.png",
                                steps=4, device=args.device)

@@ -11,7 +11,6 @@ from ..lora import TEXT_TARGETS, UNET_TARGETS, inject_lora, lora_parameters, lor
 from .parts import WorkingModel
 
 UNET_PREFIX = "lora_unet"
-TEXT_PREFIX = "lora_te"
 
 
 @dataclass
@@ -32,11 +31,14 @@ class Adapters:
 
 def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
     """Inject fp32 adapters (up matrices zero: the model is unchanged until it trains) on the frozen base."""
-    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX)
+    family = model.info.family
+    unet = inject_lora(model.unet, UNET_TARGETS, rank=params.rank, alpha=params.lora_alpha, prefix=UNET_PREFIX,
+                       rename=lambda path: family.unet_lora_path(path, model.unet.config))
     text = {}
     if params.train_text_encoder:
-        text = inject_lora(model.text_encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
-                           alpha=params.text_encoder_alpha, prefix=TEXT_PREFIX)
+        for te, encoder in zip(family.text_encoders, model.text_encoders):
+            text.update(inject_lora(encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
+                                    alpha=params.text_encoder_alpha, prefix=te.kohya_prefix))
     for parameter in lora_parameters({**unet, **text}):
         parameter.requires_grad_(True)
     return Adapters(unet, text)
@@ -45,7 +47,8 @@ def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
 def unfreeze_for_full_finetune(model: WorkingModel, params: TrainingParams) -> None:
     """"Use LORA" off: every UNet weight trains, and the text encoder's with Train Text Encoder."""
     model.unet.requires_grad_(True)
-    model.text_encoder.requires_grad_(params.train_text_encoder)
+    for encoder in model.text_encoders:
+        encoder.requires_grad_(params.train_text_encoder)
 
 
 def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: TrainingParams) -> list[dict]:
@@ -54,7 +57,7 @@ def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: Tra
     if adapters is None:
         groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
         if params.train_text_encoder:
-            groups.append({"params": [p for p in model.text_encoder.parameters() if p.requires_grad],
+            groups.append({"params": [p for e in model.text_encoders for p in e.parameters() if p.requires_grad],
                            "lr": params.learning_rate})
         return groups
     groups = [{"params": list(lora_parameters(adapters.unet)), "lr": params.unet_learning_rate}]

@@ -74,11 +74,13 @@ class LatentDataset(DreamBoothDataset):
 
 
 def make_dataset(instance: list[Example], class_: list[Example], params, tokenizer, *, cached: bool,
-                 seed: int) -> DreamBoothDataset:
-    """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills."""
+                 seed: int, tokenizer_2=None, time_ids: bool = False) -> DreamBoothDataset:
+    """The run's dataset: pictures, or (`cached`) a LatentDataset whose cache `fill_cache` fills.
+    SDXL passes its second tokenizer and `time_ids` (each picture's size and crop)."""
     kind = LatentDataset if cached else DreamBoothDataset
     return kind(instance, class_, resolution=params.resolution, center_crop=params.center_crop, hflip=params.hflip,
-                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed)
+                use_buckets=params.use_buckets, tokenizer=tokenizer, seed=seed, tokenizer_2=tokenizer_2,
+                time_ids=time_ids)
 
 
 def make_dataloader(dataset: DreamBoothDataset, batch_size: int, *, seed: int):

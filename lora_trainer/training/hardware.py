@@ -92,6 +92,9 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
         problem = fp8_problem(hw.device)
         if problem:
             raise ConfigError(f"{FP8}: {problem}; choose Base Weight Storage default")
+    if params.cache_text_encoder_outputs and params.train_text_encoder:
+        raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') needs the text encoders frozen: "
+                          "untick Train Text Encoder ('train_text_encoder') or Cache Text Encoder Outputs")
     if params.use_8bit_adam:
         if not hw.cuda and not hw.bitsandbytes_cpu:
             which = "an older bitsandbytes" if hw.bitsandbytes else "no bitsandbytes"

@@ -54,6 +54,12 @@ class Loop:
     on_step: Callable[[int, int], None] = lambda step, epochs: None   # after each step: save / samples
     cancel: CancelFlag | None = None
     losses: list[float] = field(default_factory=list)
+    text_encoder_2: torch.nn.Module | None = None   # SDXL's second encoder, prepared like the first
+    text_cache: "TextCache | None" = None           # "Cache Text Encoder Outputs": prompt -> encoder outputs
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder] + ([self.text_encoder_2] if self.text_encoder_2 is not None else [])
 
 
 @dataclass
@@ -81,14 +87,45 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     noise = sample_noise(latents, params.noise_offset)
     timesteps = sample_timesteps(model.noise_scheduler, latents.shape[0], device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    input_ids = batch["input_ids"].to(device)
-    with torch.set_grad_enabled(loop.train_text):
-        hidden = loop.text_encoder(input_ids)[0]
-    prediction = loop.unet(noisy, timesteps, hidden, return_dict=False)[0]
+    family = model.info.family
+    if loop.text_cache is not None:
+        hidden, pooled = loop.text_cache.lookup(batch["prompts"], device)
+        added = family.added_conditioning(pooled, batch, device, hidden.dtype)
+    else:
+        with torch.set_grad_enabled(loop.train_text):
+            hidden, added = family.condition(loop.text_encoders, batch, device)
+    extra = {"added_cond_kwargs": added} if added is not None else {}
+    prediction = loop.unet(noisy, timesteps, hidden, return_dict=False, **extra)[0]
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
     return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
                            weights=weights)
+
+
+class TextCache:
+    """What the frozen text encoders give for every prompt of the run, encoded once ("Cache Text Encoder
+    Outputs"); kept on the CPU, a batch's rows are looked up by prompt."""
+
+    def __init__(self):
+        self.outputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def fill(self, family, encoders: list, dataset, prompts: list[str], device, batch_size: int = 8) -> None:
+        unique = list(dict.fromkeys(prompts))
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start:start + batch_size]
+            rows = [dataset.conditioning_of_prompt(p) for p in chunk]
+            batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+            hidden, pooled = family.encode_text(encoders, batch, device)
+            for i, prompt in enumerate(chunk):
+                self.outputs[prompt] = (hidden[i].cpu(), None if pooled is None else pooled[i].cpu())
+        log.info("Cached the text encoders' outputs of %d prompts", len(unique))
+
+    def lookup(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        rows = [self.outputs[p] for p in prompts]
+        hidden = torch.stack([r[0] for r in rows]).to(device)
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows]).to(device)
+        return hidden, pooled
 
 
 def cancelled(loop: Loop) -> bool:

@@ -25,7 +25,7 @@ from ..lora import TEXT_TARGETS, UNET_TARGETS, is_target
 from ..safetensors_stream import read_layout
 from .parts import part_dtypes
 
-PARTS = ("unet", "text_encoder", "vae")
+PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
 GB = 2**30
 FP8_PARTS = ("unet", "text_encoder")  # the parts whose layers Base Weight Storage fp8 keeps in float8
@@ -77,7 +77,7 @@ def _stored_bytes(part: str, key: str, dtype: torch.dtype, shape: tuple[int, ...
 
 def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer updates: the adapters' down and up matrices, or whole parts."""
-    parts = ["unet"] + (["text_encoder"] if params.train_text_encoder else [])
+    parts = ["unet"] + (["text_encoder", "text_encoder_2"] if params.train_text_encoder else [])
     if not params.use_lora:
         return [shape for part in parts for dtype, shape in layouts[part].values() if dtype.is_floating_point]
     shapes = []
@@ -118,9 +118,11 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations, the
     predicted peak of the run (`peak.estimate_peak`; `prior_preservation`: a class picture beside each
     instance picture), and whether it fits this machine's GPU (counted for a GPU also where there is none)."""
-    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
+    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
 
     need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda")))
+    if not predicts(model_dir):
+        return legacy_report(need) + " (no peak prediction for this model family yet)"
     configs = PartConfigs.from_model_dir(model_dir)
     estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
     if not torch.cuda.is_available():
@@ -134,6 +136,19 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     except ConfigError as e:
         return str(e)
     return f"{describe(need, free)}; {describe_peak(estimate)}: fits"
+
+
+def legacy_report(need: MemoryNeed) -> str:
+    """The count before activations alone, and whether it fits this machine's GPU."""
+    if not torch.cuda.is_available():
+        return f"{describe(need, None)} on a GPU; no CUDA GPU here: training runs on the CPU"
+    device = torch.device("cuda", torch.cuda.current_device())
+    free = free_gpu_memory(device)
+    try:
+        check_memory(need, free, torch.cuda.get_device_name(device))
+    except ConfigError as e:
+        return str(e)
+    return f"{describe(need, free)}: fits before activations"
 
 
 def describe(need: MemoryNeed, free: int | None) -> str:

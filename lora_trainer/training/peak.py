@@ -120,6 +120,12 @@ def rows_per_step(params: TrainingParams, prior_preservation: bool) -> int:
     return params.train_batch_size * (2 if prior_preservation else 1)
 
 
+def predicts(model_dir: Path) -> bool:
+    """Whether the peak of this model's runs can be predicted: one UNet conditioned on one text encoder
+    (SD 1.x / 2.x); not yet SDXL's two text encoders and extra conditioning."""
+    return not (Path(model_dir) / "text_encoder_2").exists()
+
+
 def estimate_peak(model_dir: Path, params: TrainingParams, *, prior_preservation: bool = True) -> PeakEstimate:
     """The predicted peak for the working model in `model_dir` (see `estimate_for_configs`)."""
     return estimate_for_configs(PartConfigs.from_model_dir(model_dir), params, prior_preservation=prior_preservation)

@@ -38,18 +38,22 @@ def sample_prompts(concepts: list[Concept], instance: list[Example]) -> list[tup
 
 @torch.no_grad()
 def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int, Concept, str]], *,
-                 folder: Path, stem: str, resolution: int, device: torch.device, autocast, seed: int) -> list[Path]:
-    """Draw and save the samples; return their paths. `unet`/`text_encoder` are the models being trained
-    (unwrapped), `autocast` the training's autocast context factory."""
+                 folder: Path, stem: str, resolution: int, device: torch.device, autocast, seed: int,
+                 text_encoder_2=None) -> list[Path]:
+    """Draw and save the samples; return their paths. `unet`/`text_encoder` (and SDXL's `text_encoder_2`)
+    are the models being trained (unwrapped), `autocast` the training's autocast context factory."""
     if not wanted:
         return []
-    vae_device = next(model.vae.parameters()).device
-    model.vae.to(device)
+    # The VAE (Cache Latents) and the text encoders (Cache Text Encoder Outputs) may wait on the CPU.
+    resting = [(m, next(m.parameters()).device) for m in (model.vae, text_encoder, text_encoder_2) if m is not None]
+    for module, _ in resting:
+        module.to(device)
     was_training = unet.training, text_encoder.training
     unet.eval()
     text_encoder.eval()
     pipe = pipeline_from_parts(unet=unet, vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer,
-                               scheduler=model.noise_scheduler)
+                               scheduler=model.noise_scheduler, text_encoder_2=text_encoder_2,
+                               tokenizer_2=model.tokenizer_2)
     paths = []
     try:
         for index, concept, prompt in wanted:
@@ -69,7 +73,8 @@ def draw_samples(model: WorkingModel, unet, text_encoder, wanted: list[tuple[int
     finally:
         unet.train(was_training[0])
         text_encoder.train(was_training[1])
-        model.vae.to(vae_device)
+        for module, where in resting:
+            module.to(where)
     log.info("Saved %d sample pictures in %s", len(paths), Path(folder) / SAMPLES_DIR)
     return paths
 

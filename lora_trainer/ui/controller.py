@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 INFO_FIELDS = ("model_name", "revision", "lifetime_steps", "model_type", "source_checkpoint")
 NO_LORA = ""  # the "Lora Model" choice that exports the model itself
+# How long a click waits for its job before answering "Started ...": a refusal comes back as the outcome.
+QUICK_SECONDS = 0.5
 
 
 class Controller:
@@ -33,6 +35,7 @@ class Controller:
     def __init__(self, host: Host, runner: JobRunner | None = None):
         self.host = host
         self.runner = runner or JobRunner(host)
+        self.quick_seconds = QUICK_SECONDS
 
     @property
     def models(self):
@@ -78,9 +81,38 @@ class Controller:
         except ValueError:
             return str(path)
 
+    def settings_values(self, model_name: str, keys: list[str]) -> tuple[str, dict[str, Any]]:
+        """The Parameters and Concepts widgets among `keys` as `model_name` holds them, and a message.
+
+        A model without saved parameters gets the defaults at its native resolution and
+        empty concepts, so nothing of the previously chosen model is carried over (and
+        written into this one by Train). The message is empty unless a saved file is broken.
+        """
+        info = self.model_info(model_name)
+        params, concepts, message = None, None, ""
+        if info is not None:
+            try:
+                params, concepts = tasks.load_settings(self.models, model_name)
+            except LoraTrainerError as e:
+                message = f"Error: {e}"
+        if params is None:
+            params = TrainingParams() if info is None else dataclasses.replace(TrainingParams(),
+                                                                               resolution=info.resolution)
+        values = fields.named_from_params(params, keys)
+        try:
+            values.update(fields.named_from_concepts(concepts or [], keys))
+        except LoraTrainerError as e:
+            message = f"Error: {e}"
+            values.update(fields.named_from_concepts([], keys))
+        return message, values
+
     # -- jobs --------------------------------------------------------------------
     def _start(self, kind: str, name: str, make_job) -> str:
-        """Build the job (which may raise for bad settings), then start it; say what happened."""
+        """Build the job (which may raise for bad settings), then start it; say what happened.
+
+        A job that ends within QUICK_SECONDS (a refusal, a small export) is answered with its
+        outcome at once, so the message never says "Started" about a job that has already ended.
+        """
         try:
             job = make_job()
             self.runner.start(kind, name, job)
@@ -88,7 +120,23 @@ class Controller:
             return str(e)
         except LoraTrainerError as e:
             return f"Error: {e}"
+        if self.runner.wait(self.quick_seconds):
+            return self.outcome(self.state())
         return f"Started {name}. Progress is on the Train tab."
+
+    def answered_by_click(self, state: JobState) -> bool:
+        """Whether the click that started `state`'s job answered with its outcome itself.
+
+        The click waits `quick_seconds` from after the job's start, so a job that ended within
+        `quick_seconds` of its start was always answered there; the poll then leaves the Message
+        box alone (a late poll would otherwise put the outcome back over the user's next click).
+        """
+        return bool(state.started and state.finished and state.finished - state.started < self.quick_seconds)
+
+    @staticmethod
+    def outcome(state: JobState) -> str:
+        """The Message box's line for an ended job: what it wrote, or its one-line error."""
+        return state.status[:1].upper() + state.status[1:]
 
     def create(self, named: dict[str, Any]) -> str:
         source, name = (named.get("create.source") or "").strip(), (named.get("create.name") or "").strip()
@@ -126,7 +174,10 @@ class Controller:
             return f"Error: {e}"
 
     def cancel(self) -> str:
-        return "Cancelling the running job." if self.runner.cancel() else "No job is running."
+        """Ask the job to stop: "Cancelling ..."; the poll replaces it with the outcome when the job ends."""
+        if not self.runner.cancel():
+            return "No job is running."
+        return f"Cancelling {self.state().name}."
 
     def state(self) -> JobState:
         return self.runner.snapshot()
@@ -161,13 +212,17 @@ class Controller:
 
     def apply_preset(self, preset: str, named: dict[str, Any], keys: list[str],
                      disabled: dict[str, dict[Any, str]], *, cuda: bool = True) -> tuple[str, dict[str, Any]]:
-        """The params widgets with preset `preset` applied; options that cannot run here are left out."""
+        """The params widgets with preset `preset` applied; the message names every choice changed
+        because of this machine and every option left out because it cannot run here."""
         try:
-            params = presets.apply_preset(params_from_named(named), preset, cuda=cuda)
+            params, notes = presets.apply_preset_noted(params_from_named(named), preset, cuda=cuda)
         except LoraTrainerError as e:
             return f"Error: {e}", {}
-        params, notes = _without_disabled(params, disabled)
-        message = f"Applied preset {preset!r}." + "".join(f" {n}" for n in notes)
+        params, left_out = _without_disabled(params, disabled)
+        message = f"Applied preset {preset!r}."
+        if notes:
+            message += " Changed for this machine: " + "; ".join(notes) + "."
+        message += "".join(f" {n}" for n in left_out)
         return message, fields.named_from_params(params, keys)
 
     def concepts_path(self, named: dict[str, Any]) -> Path:

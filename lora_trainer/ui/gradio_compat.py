@@ -11,6 +11,7 @@ gradio 3.41.2 (the web UI v1.10.1 pin), 4.40.0 (Forge) and the newest (6.x):
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Callable, Sequence
 
 import gradio as gr
@@ -39,7 +40,8 @@ def no_change() -> Any:
 def blocks(*, theme=None, css: str | None = None, head: str | None = None, **kwargs) -> gr.Blocks:
     """A Blocks; `theme`, `css` and `head` are kept for `launch` on gradio 6+, where they moved.
 
-    `head` (HTML for the page's head, e.g. scripts) is dropped on gradio 3, which has no such option.
+    `head` (HTML for the page's head, e.g. scripts) is dropped on gradio 3, which has no such option
+    (`run_scripts_on_load` runs its scripts there).
     """
     style = {k: v for k, v in (("theme", theme), ("css", css), ("head", head)) if v is not None}
     if GRADIO_MAJOR >= 6:
@@ -48,6 +50,22 @@ def blocks(*, theme=None, css: str | None = None, head: str | None = None, **kwa
         return demo
     params = inspect.signature(gr.Blocks.__init__).parameters
     return gr.Blocks(**{k: v for k, v in style.items() if k in params}, **kwargs)
+
+
+def takes_head() -> bool:
+    """Whether this gradio puts `head` HTML (our page scripts) into the page (4.x `Blocks`, 6.x `launch`)."""
+    return GRADIO_MAJOR >= 6 or "head" in inspect.signature(gr.Blocks.__init__).parameters
+
+
+def run_scripts_on_load(demo: gr.Blocks, head: str) -> None:
+    """Gradio 3 has no `head`: run the `<script>` bodies of `head` when the page loads instead.
+
+    Must be called inside `with demo:`.
+    """
+    bodies = re.findall(r"<script[^>]*>(.*?)</script>", head, flags=re.S)
+    if bodies:
+        script = "() => {\n" + "\n".join(bodies) + "\n}"
+        demo.load(None, inputs=None, outputs=None, _js=script)
 
 
 def launch(demo: gr.Blocks, **kwargs) -> Any:
@@ -97,6 +115,35 @@ def click(button, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
 
 def change(widget, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
     widget.change(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(widget.change))
+
+
+def on_load(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
+    """Call `fn(*inputs)` when a page opens (also after a reload and the web UI's "Reload UI").
+
+    Must be called inside `with demo:`; inside the web UI the tab's Blocks is rendered into the
+    host's page and its load events come along.
+    """
+    demo.load(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(demo.load))
+
+
+def clear_on_click(button, output) -> None:
+    """Empty `output` in the page the moment `button` is clicked, before the server answers.
+
+    A javascript-only event: `js=` from gradio 4 on, `_js=` on gradio 3; the function returns
+    the list of output values.
+    """
+    key = "js" if "js" in inspect.signature(button.click).parameters else "_js"
+    hidden = {k: v for k, v in _quiet(button.click).items() if k == "show_progress"}
+    button.click(None, inputs=None, outputs=[output], **{key: "() => ['']"}, **hidden)
+
+
+def keep_out_of_host_config(components: Sequence) -> None:
+    """The web UI (A1111 and Forge) saves every labelled component's value into its ui-config.json
+    and sets it back at the next start, unless the component has `do_not_save_to_config`
+    (modules/ui_loadsave.py). Per-model fields must follow the model, not that file.
+    """
+    for component in components:
+        component.do_not_save_to_config = True
 
 
 def gallery_value(paths: Sequence) -> list:

@@ -22,6 +22,10 @@ from .fields import CONCEPT_SLOTS, Widgets, concept_key, field_specs, param_spec
 from .widgets import disabled_options, field_widget, unavailable_features
 
 POLL_SECONDS = 1.0
+# The buttons whose answer goes to the Message box: a click empties it at once.
+MESSAGE_BUTTONS = ("create_button", "train_button", "cancel_button", "class_images_button", "check_memory_button",
+                   "generate_ckpt_button", "save_params_button", "load_params_button", "apply_preset_button",
+                   "load_concepts_button", "save_concepts_button")
 LOG_LINES_SHOWN = 400
 REFRESH = "\U0001f504"  # the web UI's refresh button glyph
 
@@ -55,6 +59,11 @@ def build_ui(host: Host, *, controller: Controller | None = None, theme=None, cs
                         _concepts_tab(w)
                     with gr.Tab("Train", elem_id=eid("train_tab")):
                         _train_tab(w, ctl)
+        if head and not compat.takes_head():
+            # Gradio 3 standalone: the scripts run from a load event, and then the page is the poll
+            # (an `every=` loop would call the poll with the inputs of the page's first second forever).
+            compat.run_scripts_on_load(demo, head)
+            page_polls = True
         _wire(demo, w, ctl, disabled, page_polls, cuda="cuda" not in unavailable)
     return demo
 
@@ -143,8 +152,9 @@ def _create_tab(w: Widgets, ctl: Controller) -> None:
 
 def _parameters_tab(w: Widgets, disabled: dict) -> None:
     with gr.Row():
+        # No preset shown until one is applied: the fields hold the model's own settings.
         w.add("preset", compat.component(gr.Dropdown, label="Preset", choices=presets.preset_names(),
-                                         value="8 GB GPU", elem_id=eid("preset"), scale=4,
+                                         value=None, elem_id=eid("preset"), scale=4,
                                          info="Sets the fields it names; the others keep their values."))
         w.add("apply_preset_button", compat.component(gr.Button, value="Apply Preset", elem_id=eid("apply_preset"),
                                                       scale=1))
@@ -218,6 +228,11 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     settings = ["model"] + param_keys + concept_keys
     info_keys = [f"info.{n}" for n in INFO_FIELDS]
     msg = ["message"]
+    # Per-model fields follow the chosen model; the web UI's ui-config.json must not pin them.
+    compat.keep_out_of_host_config(w.components(["model", "lora", "preset", "message", "log"] + param_keys
+                                                + concept_keys + info_keys))
+    for key in MESSAGE_BUTTONS:
+        compat.clear_on_click(w[key], w["message"])
 
     _on(w["create_button"], lambda n: {"message": ctl.create(n)}, w, ["create.source", "create.name",
                                                                       "create.extract_ema", "create.overwrite"], msg)
@@ -232,9 +247,9 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
 
     def load_params(n):
         message, values = ctl.load_params(n, param_keys + concept_keys)
-        return {"message": message, **values}
+        return {"message": message, **values, **({"preset": compat.update(value=None)} if values else {})}
 
-    _on(w["load_params_button"], load_params, w, ["model"], msg + param_keys + concept_keys)
+    _on(w["load_params_button"], load_params, w, ["model"], msg + ["preset"] + param_keys + concept_keys)
 
     def apply_preset(n):
         message, values = ctl.apply_preset(n["preset"], n, param_keys, disabled, cuda=cuda)
@@ -262,15 +277,34 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
                                         "into": compat.update(choices=[""] + ctl.source_choices())}, w,
         [], ["create.source", "into"])
 
-    def model_chosen(model):
-        values = {**ctl.info_values(model or ""), "lora": compat.update(choices=ctl.lora_choices(),
-                                                                         value=ctl.latest_lora(model or ""))}
-        return [values[k] for k in info_keys + ["lora"]]
+    follow = info_keys + ["lora", "preset"] + param_keys + concept_keys
 
-    compat.change(w["model"], model_chosen, [w["model"]], w.components(info_keys + ["lora"]))
+    def model_values(model: str) -> dict[str, Any]:
+        """What follows the model: its info, its newest LoRA, its saved settings; no preset claimed."""
+        message, settings = ctl.settings_values(model, param_keys + concept_keys)
+        values = {**ctl.info_values(model), **settings, "preset": compat.update(value=None),
+                  "lora": compat.update(choices=ctl.lora_choices(), value=ctl.latest_lora(model))}
+        if message:
+            values["message"] = message
+        return values
+
+    def model_chosen(model):
+        values = model_values(model or "")
+        return [values.get(k, compat.no_change()) for k in follow + msg]
+
+    compat.change(w["model"], model_chosen, [w["model"]], w.components(follow + msg))
+
+    def page_opened(model):
+        """A new page, a reload or "Reload UI": the model shown is one that exists now, with its settings."""
+        models = ctl.model_choices()
+        chosen = model if model in models else (models[0] if models else None)
+        values = {"model": compat.update(choices=models, value=chosen), **model_values(chosen or "")}
+        return [values.get(k, compat.no_change()) for k in ["model"] + follow + msg]
+
+    compat.on_load(demo, page_opened, [w["model"]], w.components(["model"] + follow + msg))
 
     poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source",
-                "into"] + info_keys
+                "into", "message"] + info_keys
 
     def poll(seen, model, lora):
         values = _poll(ctl, seen or {}, model, lora)
@@ -296,8 +330,14 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
     log_mark = (len(state.log), state.log[-1] if state.log else "")
     if seen.get("log") != list(log_mark) or seen.get("job") != state.started:
         out["log"] = "\n".join(state.log[-LOG_LINES_SHOWN:])
-    if seen.get("finished") != state.finished_jobs:  # also on a page's first look: lists may be newer than the page
+    if "finished" in seen and seen["finished"] != state.finished_jobs and state.name:
+        # A job ended since this page last looked (the page's load event fills a new page's lists).
         out.update(_lists_after_job(ctl, state, model, lora))
+        if not ctl.answered_by_click(state):
+            out["message"] = ctl.outcome(state)
+    elif "finished" not in seen:  # a page's first look: checkpoints may be newer than the page
+        out.update({"create.source": compat.update(choices=ctl.source_choices()),
+                    "into": compat.update(choices=[""] + ctl.source_choices())})
     out["seen"] = {"version": state.version, "finished": state.finished_jobs, "losses": len(state.losses),
                    "samples": len(state.samples), "log": list(log_mark), "job": state.started}
     return out
@@ -316,8 +356,10 @@ def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None
         lora = pick["lora"]
     elif not (lora in loras and chosen == model):
         lora = ctl.latest_lora(chosen or "")
-    return {"model": compat.update(choices=models, value=chosen),
-            "lora": compat.update(choices=loras, value=lora),
-            "create.source": compat.update(choices=ctl.source_choices()),
-            "into": compat.update(choices=[""] + ctl.source_choices()),
-            **ctl.info_values(chosen or "")}
+    out = {"model": compat.update(choices=models, value=chosen),
+           "lora": compat.update(choices=loras, value=lora),
+           "create.source": compat.update(choices=ctl.source_choices()),
+           "into": compat.update(choices=[""] + ctl.source_choices())}
+    if chosen == model:  # e.g. new lifetime steps; another model's info comes with its settings (model_chosen)
+        out.update(ctl.info_values(chosen or ""))
+    return out

@@ -104,6 +104,8 @@ class WebUIHost(Host):
             if self._forge_memory is not None:
                 self._forge_memory.unload_all_models()
                 self._forge_memory.soft_empty_cache()
+                log.info("LoRA Trainer: unloaded Forge's models for the job; Forge loads them again "
+                         "at its next generation")
                 return
             model = self._sd_models.model_data.sd_model
             if model is None:
@@ -123,13 +125,16 @@ class WebUIHost(Host):
             return
         with self._model_lock():
             if self._sd_models.model_data.sd_model is not model:
+                log.info("LoRA Trainer: the web UI loaded another checkpoint during the job; left as it is")
                 return
             try:
                 self._sd_models.send_model_to_device(model)
+                log.info("LoRA Trainer: moved the web UI's checkpoint back to the GPU")
             except Exception as exc:  # noqa: BLE001 - fall back to the web UI's own reload
                 log.warning("LoRA Trainer: moving the checkpoint back to the GPU failed (%s); reloading it", exc)
                 try:
                     self._sd_models.reload_model_weights(forced_reload=True)
+                    log.info("LoRA Trainer: reloaded the web UI's checkpoint")
                 except Exception:  # noqa: BLE001
                     log.exception("LoRA Trainer: reloading the web UI's checkpoint failed; "
                                   "choose it again in 'Stable Diffusion checkpoint'")
