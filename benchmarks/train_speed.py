@@ -195,7 +195,8 @@ def recipe_step(unet, text_encoder, params: TrainingParams, device, autocast):
     if params.gradient_checkpointing:
         from lora_trainer.training.parts import enable_checkpointing
 
-        enable_checkpointing(SimpleNamespace(unet=unet, text_encoder=text_encoder), text_encoder=params.train_text_encoder)
+        enable_checkpointing(SimpleNamespace(unet=unet, text_encoders=[text_encoder]),
+                             text_encoder=params.train_text_encoder)
     unet.train()
     text_encoder.train(params.train_text_encoder)
     optimizer = torch.optim.AdamW(trained, lr=1e-4)

@@ -74,11 +74,11 @@ def test_memory_counts_one_byte_per_fp8_weight(created_sd1):
 
 
 def test_two_training_steps_with_fp8_base_weights(created_sd1, tmp_path):
-    """The "4 GB card" preset as the CPU runs it (bf16 autocast over float8 base weights)."""
+    """The "4 GB card" preset as the CPU runs it, in bf16 autocast over the float8 base weights."""
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
     params = dataclasses.replace(apply_preset(TrainingParams(), "4 GB card", cuda=False), use_8bit_adam=False,
-                                 max_train_steps=2, resolution=32, hflip=False, seed=0, save_preview_every_n_steps=0)
+                                 mixed_precision="bf16", max_train_steps=2, resolution=32, hflip=False, seed=0, save_preview_every_n_steps=0)
     assert (params.base_weights, params.mixed_precision) == ("fp8", "bf16")
     result = train(models, "tiny", params, [concept], device="cpu")
     assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))

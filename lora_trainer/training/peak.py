@@ -27,7 +27,6 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +194,11 @@ def _prepare(parts: dict, params: TrainingParams) -> None:
             store_in_fp8(parts[name], dtypes[name])
     unet, text_encoder = parts["unet"], parts["text_encoder"]
     set_attention(unet, "flash_attention")  # SDPA, as diffusers' default and xformers: no attention matrix kept
-    model = SimpleNamespace(**parts)
+    from ..config import ModelInfo
+    from .parts import WorkingModel
+
+    # SD 1.x naming; the family only changes adapter names, not what they hold.
+    model = WorkingModel(unet, parts["vae"], text_encoder, None, None, ModelInfo(), Path("."))
     if params.gradient_checkpointing:
         enable_checkpointing(model, text_encoder=params.train_text_encoder)
     if params.use_lora:
