@@ -83,7 +83,7 @@ class PartConfigs:
         from ..architecture import shipped_config, spec_from_original_config
 
         spec = spec_from_original_config(shipped_config(model_type))
-        return cls(spec.unet, STANDARD_TEXT[spec.text_family], spec.vae)
+        return cls(spec.unet, STANDARD_TEXT["clip" if model_type == "sd1" else "openclip"], spec.vae)
 
     def key(self) -> str:
         return json.dumps([self.unet, self.text_encoder, self.vae], sort_keys=True, default=str)
