@@ -229,6 +229,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTENTION = ("default", "xformers", "flash_attention")
 OPTIMIZERS = ("AdamW", "Prodigy")
+BASE_WEIGHTS = ("default", "fp8")
 
 
 @dataclass
@@ -263,6 +264,7 @@ class TrainingParams(JsonConfig):
     hflip: bool = param(True, "Apply Horizontal Flip", "Randomly mirror pictures: twice the variety for subjects that look the same mirrored.")
     use_buckets: bool = param(False, "Aspect Ratio Bucketing", "Group pictures by aspect ratio and train each at its own shape instead of cropping.", advanced=True)
     mixed_precision: str = param("no", "Mixed Precision", "fp16 or bf16 halve memory on the GPU; xformers needs one of them.", choices=MIXED_PRECISION)
+    base_weights: str = param("default", "Base Weight Storage", "How the frozen UNet and text-encoder weights are kept: default = the Mixed Precision dtype; fp8 = float8 e4m3 with a scale per tensor, cast to the compute dtype one layer at a time: half the memory of fp16 weights (needs Use LORA and torch >= 2.1).", choices=BASE_WEIGHTS)
     attention: str = param("default", "Memory Attention", "flash_attention = PyTorch's scaled_dot_product_attention; xformers needs the xformers package and fp16/bf16.", choices=ATTENTION)
     use_8bit_adam: bool = param(False, "Use 8bit Adam", "AdamW with 8-bit state from bitsandbytes: saves optimizer memory (NVIDIA GPUs; the CPU with bitsandbytes >= 0.50).")
     optimizer: str = param("AdamW", "Optimizer", "AdamW (8-bit with Use 8bit Adam), or Prodigy: learning-rate free (the prodigyopt package), it finds the step size itself; set the learning rates to 1.0 with it (the 'Adaptive' preset does).", choices=OPTIMIZERS)

@@ -3,7 +3,8 @@
 A preset changes only the fields it names; everything else keeps the value the
 user has. "8 GB GPU" is what the reference material recommends for an 8 GB
 NVIDIA card: LoRA, fp16, 8-bit Adam, memory-efficient attention, gradient
-checkpointing, cached latents, batch 1, rank 4. Without a CUDA GPU a preset picks
+checkpointing, cached latents, batch 1, rank 4. "4 GB card" is the same with the frozen base
+weights stored in float8 (fp8.py). Without a CUDA GPU a preset picks
 what is fastest on the CPU: fp32 (mixed precision only slows a CPU down), no
 gradient checkpointing (it trades time for GPU memory), and plain AdamW for 8-bit
 Adam unless the installed bitsandbytes runs on the CPU (>= 0.50). Every such
@@ -37,6 +38,12 @@ PRESETS: dict[str, dict] = {
         "use_lora": True, "mixed_precision": "fp16", "use_8bit_adam": True, "attention": "flash_attention",
         "gradient_checkpointing": True, "cache_latents": True, "train_batch_size": 1, "rank": 4,
         "resolution": 512, "train_text_encoder": False,
+    },
+    "4 GB card": {
+        "use_lora": True, "mixed_precision": "fp16", "base_weights": "fp8", "use_8bit_adam": True,
+        "attention": "flash_attention", "gradient_checkpointing": True, "cache_latents": True,
+        "train_batch_size": 1, "gradient_accumulation_steps": 1, "rank": 4, "text_encoder_rank": 4,
+        "lora_alpha": 4.0, "text_encoder_alpha": 4.0, "resolution": 512, "train_text_encoder": True,
     },
     "12 GB+ GPU": {
         "use_lora": True, "mixed_precision": "fp16", "use_8bit_adam": False, "attention": "flash_attention",

@@ -134,7 +134,8 @@ def run_queue(models: ModelsDir, *, device=None):
 
 
 def check_memory(models: ModelsDir, model_name: str, params: TrainingParams) -> str:
-    """"Check GPU Memory": what `params` hold on a GPU before activations, and whether it fits (no job: headers only)."""
+    """"Check GPU Memory": what `params` hold on a GPU before activations, the predicted peak, and whether
+    it fits (no job: file headers and one training step on fake tensors, seconds on the CPU)."""
     from .training.memory import memory_report
 
     return memory_report(models.existing_model_dir(model_name), params)

@@ -36,8 +36,9 @@ from .training.loop import OUT_OF_MEMORY, Loop, TextCache, run_loop, steps_per_e
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
+from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
-                             part_dtypes, place, set_attention)
+                             part_dtypes, place, set_attention, store_base_in_fp8)
 from .training.ema import EMA, ema_applied
 from .training.resume import (RESUME_DIR, check_resume_fits, interrupted_run, load_ema_state, load_resume_state,
                               restore_optimizer, run_plan)
@@ -78,7 +79,8 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
     accelerator = make_accelerator(params, hardware)
     check_parallel(params, accelerator.num_processes)
     dtypes = part_dtypes(params, accelerator.device, info.family)
-    check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name)
+    check_gpu_memory(model_dir, params, dtypes, accelerator.device, hardware.name,
+                     prior_preservation=any(c.with_prior_preservation for c in concepts if c.is_set))
     if accelerator.is_main_process:
         dataclasses.replace(params, new_run=False).save(model_dir / PARAMS_FILE)  # a new run is asked for once
         save_concepts(concepts, model_dir / CONCEPTS_FILE)
@@ -249,14 +251,21 @@ def make_accelerator(params: TrainingParams, hardware: Hardware):
 
 
 def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype], device: torch.device,
-                     gpu: str) -> None:
-    """On a GPU: refuse, before anything is loaded, a run whose weights and training state alone do not fit."""
+                     gpu: str, *, prior_preservation: bool) -> None:
+    """On a GPU: refuse, before anything is loaded, a run whose weights and training state alone do not fit,
+    or whose predicted peak does not (naming the options that would fit)."""
     free = free_gpu_memory(device)
     if free is None:
         return
     need = least_memory(model_dir, params, dtypes)
     check_memory(need, free, gpu)
-    log.info(describe(need, free))
+    if not predicts(model_dir):
+        log.info(describe(need, free))
+        return
+    configs = PartConfigs.from_model_dir(model_dir)
+    estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
+    check_peak(configs, params, estimate, free, gpu, prior_preservation=prior_preservation)
+    log.info("%s; %s", describe(need, free), describe_peak(estimate))
 
 
 def run_seed(params: TrainingParams, accelerator, seed: int | None = None) -> int:
@@ -284,6 +293,8 @@ def prepare_model(model: WorkingModel, params: TrainingParams, device: torch.dev
                   dtypes: dict[str, torch.dtype]) -> Adapters | None:
     """Place the parts, set attention and checkpointing, attach LoRA (or unfreeze for a full fine-tune)."""
     place(model, device, dtypes)
+    if params.base_weights == "fp8":
+        store_base_in_fp8(model, dtypes, device)
     set_attention(model.unet, params.attention)
     if params.gradient_checkpointing:
         enable_checkpointing(model, text_encoder=params.train_text_encoder)

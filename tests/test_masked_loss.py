@@ -33,7 +33,8 @@ def _gradients(created_sd1, folder, *, masked: bool) -> list[torch.Tensor]:
     dataset = make_dataset(instance, class_, params, model.tokenizer, cached=False, seed=0)
     batch = collate_examples([dataset[i] for i in range(len(dataset))])
     loop = SimpleNamespace(model=model, params=params, accelerator=SimpleNamespace(device=torch.device("cpu")),
-                           unet=model.unet, text_encoder=model.text_encoder, train_text=False)
+                           unet=model.unet, text_encoder=model.text_encoder, text_encoders=[model.text_encoder],
+                           text_cache=None, train_text=False)
     torch.manual_seed(1)
     compute_loss(loop, batch).total.backward()
     return [p.grad.clone() for a in adapters.all.values() for p in a.parameters() if p.grad is not None]

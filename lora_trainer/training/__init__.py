@@ -2,6 +2,8 @@
 
 hardware   option pairs the machine cannot run, refused before any weight is loaded
 memory     what a run holds on the GPU before activations, counted from file headers; too much is refused
+peak       the run's predicted peak GPU memory: one training step on fake tensors; too much is refused
+livebytes  the counter of live and peak bytes that prediction uses
 parts      the working model's UNet, VAE, text encoder, tokenizer and noise schedule
 adapters   LoRA injection (or a full fine-tune) and what the optimizer trains
 batches    the data loader: pictures, or latents cached once with the VAE moved off the GPU

@@ -13,6 +13,7 @@ import torch
 
 from ..config import TrainingParams
 from ..errors import ConfigError
+from ..fp8 import fp8_problem
 from ..optional import BITSANDBYTES_ON_CPU, bitsandbytes_runs_on_cpu
 
 
@@ -66,6 +67,7 @@ MP = "Mixed Precision ('mixed_precision')"
 ATTN = "Memory Attention ('attention')"
 ADAM8 = "Use 8bit Adam ('use_8bit_adam')"
 OPTIMIZER = "Optimizer ('optimizer')"
+FP8 = "Base Weight Storage fp8 ('base_weights')"
 
 
 def check_options(params: TrainingParams, hw: Hardware) -> None:
@@ -85,6 +87,12 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
                               "choose flash_attention (as fast, built into torch) or install xformers")
     if params.attention == "flash_attention" and not hw.sdpa:
         raise ConfigError(f"{ATTN} flash_attention needs torch 2 (scaled_dot_product_attention); choose default or xformers")
+    if params.base_weights == "fp8":
+        if not params.use_lora:
+            raise ConfigError(f"{FP8} needs Use LORA ('use_lora'): a full fine-tune trains the base weights; choose default")
+        problem = fp8_problem(hw.device)
+        if problem:
+            raise ConfigError(f"{FP8}: {problem}; choose Base Weight Storage default")
     if params.cache_text_encoder_outputs and params.train_text_encoder:
         raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') needs the text encoders frozen: "
                           "untick Train Text Encoder ('train_text_encoder') or Cache Text Encoder Outputs")

@@ -7,8 +7,9 @@ optimizer's moments are counted exactly from the safetensors headers of the
 working model; the activations come on top and depend on resolution, batch
 size and checkpointing, so this is the least a run needs, not an estimate. A
 run whose least need is more than the GPU has free is refused with the options
-that lower it; otherwise the console states the figure. The "Check GPU Memory"
-button gives the same count for the chosen parameters without starting anything.
+that lower it; otherwise the console states the figure. The predicted peak,
+activations and the allocator included, comes from `peak.py`. The "Check GPU
+Memory" button gives both for the chosen parameters without starting anything.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from .parts import part_dtypes
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
 GB = 2**30
+FP8_PARTS = ("unet", "text_encoder")  # the parts whose layers Base Weight Storage fp8 keeps in float8
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,24 @@ def part_layouts(model_dir: Path) -> dict[str, dict[str, tuple[torch.dtype, tupl
 def least_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torch.dtype]) -> MemoryNeed:
     """The bytes a run of `params` holds on the GPU before any activation (`dtypes`: see `part_dtypes`)."""
     layouts = part_layouts(model_dir)
-    weights = sum(math.prod(shape) * (dtypes[part] if dtype.is_floating_point else dtype).itemsize
-                  for part, layout in layouts.items() for dtype, shape in layout.values())
+    weights = sum(_stored_bytes(part, key, dtype, shape, dtypes, params)
+                  for part, layout in layouts.items() for key, (dtype, shape) in layout.items())
     trained = _trained_shapes(layouts, params)
     # An fp32 gradient per trained value; adapters also hold the value itself (it is not among the weights).
     per_value = 8 if params.use_lora else 4
     training = sum(math.prod(shape) * per_value + _moments(shape, params) for shape in trained)
     return MemoryNeed(weights, training)
+
+
+def _stored_bytes(part: str, key: str, dtype: torch.dtype, shape: tuple[int, ...], dtypes: dict[str, torch.dtype],
+                  params: TrainingParams) -> int:
+    """Bytes of one weight on the GPU: in its part's dtype, or 1 per value plus a 4-byte scale when Base Weight
+    Storage fp8 keeps it in float8 (the weights of the UNet's and text encoder's Linear and Conv2d layers)."""
+    values = math.prod(shape)
+    if (params.base_weights == "fp8" and part in FP8_PARTS and key.endswith(".weight") and len(shape) in (2, 4)
+            and "embeddings." not in key):
+        return values + 4
+    return values * (dtypes[part] if dtype.is_floating_point else dtype).itemsize
 
 
 def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
@@ -101,10 +114,32 @@ def check_memory(need: MemoryNeed, free: int | None, gpu: str) -> None:
                       f"tick Use LORA, Mixed Precision fp16 and Use 8bit Adam, or untick Train Text Encoder")
 
 
-def memory_report(model_dir: Path, params: TrainingParams) -> str:
-    """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations,
-    and whether that fits this machine's GPU (counted for a GPU also where there is none)."""
+def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation: bool = True) -> str:
+    """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations, the
+    predicted peak of the run (`peak.estimate_peak`; `prior_preservation`: a class picture beside each
+    instance picture), and whether it fits this machine's GPU (counted for a GPU also where there is none)."""
+    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
+
     need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda")))
+    if not predicts(model_dir):
+        return legacy_report(need) + " (no peak prediction for this model family yet)"
+    configs = PartConfigs.from_model_dir(model_dir)
+    estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
+    if not torch.cuda.is_available():
+        return f"{describe(need, None)} on a GPU; {describe_peak(estimate)}; no CUDA GPU here: training runs on the CPU"
+    device = torch.device("cuda", torch.cuda.current_device())
+    free = free_gpu_memory(device)
+    name = torch.cuda.get_device_name(device)
+    try:
+        check_memory(need, free, name)
+        check_peak(configs, params, estimate, free, name, prior_preservation=prior_preservation)
+    except ConfigError as e:
+        return str(e)
+    return f"{describe(need, free)}; {describe_peak(estimate)}: fits"
+
+
+def legacy_report(need: MemoryNeed) -> str:
+    """The count before activations alone, and whether it fits this machine's GPU."""
     if not torch.cuda.is_available():
         return f"{describe(need, None)} on a GPU; no CUDA GPU here: training runs on the CPU"
     device = torch.device("cuda", torch.cuda.current_device())
@@ -113,7 +148,7 @@ def memory_report(model_dir: Path, params: TrainingParams) -> str:
         check_memory(need, free, torch.cuda.get_device_name(device))
     except ConfigError as e:
         return str(e)
-    return f"{describe(need, free)}: fits before activations (they come on top: resolution, batch, checkpointing)"
+    return f"{describe(need, free)}: fits before activations"
 
 
 def describe(need: MemoryNeed, free: int | None) -> str:

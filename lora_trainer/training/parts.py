@@ -122,6 +122,15 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
     module.to(device)
 
 
+def store_base_in_fp8(model: WorkingModel, dtypes: dict[str, torch.dtype], device: torch.device) -> None:
+    """"Base Weight Storage" fp8: the frozen UNet and text encoder's layers keep float8 weights (see fp8.py)."""
+    from ..fp8 import store_in_fp8
+
+    layers = sum(store_in_fp8(getattr(model, part), dtypes[part]) for part in ("unet", "text_encoder"))
+    free_device_memory(device)
+    log.info("Stored the base weights of %d layers in float8 e4m3", layers)
+
+
 def free_device_memory(device: torch.device) -> None:
     """Give cached CUDA memory back (for the host's model, or the next part of the run)."""
     if device.type == "cuda":
