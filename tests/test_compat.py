@@ -71,11 +71,12 @@ def test_a1111_gets_the_newest_diffusers_that_imports_beside_transformers_4_30()
     steps = plan_for(A1111)
     assert steps["diffusers"].requirement == "diffusers<0.32,>=0.31.0"
     assert "held to <0.32: this host has transformers 4.30.2" in steps["diffusers"].reason
-    assert [name for name, s in steps.items() if s.installs] == ["diffusers"]
+    # prodigyopt is pure Python: the one optional package every host gets (Prodigy, "Adaptive" preset).
+    assert [name for name, s in steps.items() if s.installs] == ["diffusers", "prodigyopt"]
 
 
-def test_forge_has_everything():
-    assert not [s for s in plan_for(FORGE).values() if s.installs]
+def test_forge_has_everything_but_the_prodigy_optimizer():
+    assert [name for name, s in plan_for(FORGE).items() if s.installs] == ["prodigyopt"]
 
 
 def test_a_host_with_newer_transformers_gets_the_plain_range():
@@ -197,8 +198,11 @@ def fresh_features(monkeypatch, tmp_path):
 
 def test_optional_features_say_usable_or_why_not(fresh_features):
     features = optional.optional_features()
-    assert set(features) == {"cuda", "bitsandbytes", "xformers"}
+    assert set(features) == {"cuda", "bitsandbytes", "xformers", "prodigyopt"}
     assert (features["cuda"] is None) == torch.cuda.is_available()
+    # prodigyopt is pure Python: usable exactly where it is installed (install.py adds it on every host).
+    import importlib.util
+    assert (features["prodigyopt"] is None) == (importlib.util.find_spec("prodigyopt") is not None), features["prodigyopt"]
     for name in ("bitsandbytes", "xformers"):
         reason = features[name]
         assert reason is None or (isinstance(reason, str) and reason)

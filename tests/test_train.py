@@ -58,7 +58,7 @@ def run(created_sd1, tmp_path_factory):
     pictures = instance_pictures(root / "pictures")
     concept = Concept(instance_data_dir=str(pictures), instance_prompt="scs thing", class_prompt="thing",
                       num_class_images=2, class_infer_steps=1)
-    params = TrainingParams(max_train_steps=8, train_batch_size=3, unet_learning_rate=5e-2,
+    params = TrainingParams(max_train_steps=8, train_batch_size=3, unet_learning_rate=2e-2,
                             text_encoder_learning_rate=2e-2, save_every_n_steps=4, **FAST)
     watched = {}
     real_loop = train_module.run_loop

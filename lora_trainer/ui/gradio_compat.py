@@ -117,6 +117,11 @@ def change(widget, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
     widget.change(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(widget.change))
 
 
+def select(widget, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
+    """`widget.select`: only the user's own choice, not a value set by the server."""
+    widget.select(fn, inputs=list(inputs), outputs=list(outputs), **_quiet(widget.select))
+
+
 def on_load(demo: gr.Blocks, fn: Callable, inputs: Sequence, outputs: Sequence) -> None:
     """Call `fn(*inputs)` when a page opens (also after a reload and the web UI's "Reload UI").
 

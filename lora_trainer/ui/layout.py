@@ -212,8 +212,10 @@ def _train_tab(w: Widgets, ctl: Controller) -> None:
 
 
 # -- events ---------------------------------------------------------------------------
-def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_keys: Sequence[str]) -> None:
-    """Wire `button` so `fn(named_inputs)` returns a dict of new values by key (missing: unchanged)."""
+def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_keys: Sequence[str], *,
+        event: Callable = compat.click) -> None:
+    """Wire `button` (its `event`: a click) so `fn(named_inputs)` returns a dict of new values by key
+    (missing: unchanged)."""
     in_keys, out_keys = list(in_keys), list(out_keys)
 
     def handler(*values):
@@ -221,7 +223,7 @@ def _on(button, fn: Callable[..., Any], w: Widgets, in_keys: Sequence[str], out_
         outs = [result.get(k, compat.no_change()) if isinstance(result, dict) else compat.no_change() for k in out_keys]
         return outs[0] if len(outs) == 1 else outs
 
-    compat.click(button, handler, w.components(in_keys), w.components(out_keys))
+    event(button, handler, w.components(in_keys), w.components(out_keys))
 
 
 def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_polls: bool = False, *,
@@ -261,6 +263,8 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
         return {"message": message, **values}
 
     _on(w["apply_preset_button"], apply_preset, w, ["preset"] + param_keys, msg + param_keys)
+    # Choosing a preset applies it: the dropdown never names a preset the fields do not hold.
+    _on(w["preset"], apply_preset, w, ["preset"] + param_keys, msg + param_keys, event=compat.select)
 
     def load_concepts(n):
         message, values = ctl.load_concepts(n, concept_keys)
