@@ -164,7 +164,7 @@ def test_files_names_and_model_info(run):
 def test_progress_reports_every_step(run):
     steps = [p for p in run["reports"] if p.job == "train" and p.loss is not None]
     assert [p.step for p in steps] == list(range(1, 9))
-    assert all(p.total_steps == 8 and p.lr == pytest.approx(5e-2) and p.it_per_s > 0 for p in steps)
+    assert all(p.total_steps == 8 and p.lr == pytest.approx(run["params"].unet_learning_rate) and p.it_per_s > 0 for p in steps)
     assert [p.loss for p in steps] == pytest.approx(run["result"].losses)
     assert steps[-1].lifetime_steps == 8 and steps[-1].memory_mb is None  # no CUDA here
 
