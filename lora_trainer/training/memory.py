@@ -13,6 +13,7 @@ Memory" button gives both for the chosen parameters without starting anything.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ from ..errors import ConfigError
 from ..lora import TEXT_TARGETS, UNET_TARGETS, is_target
 from ..safetensors_stream import read_layout
 from .parts import part_dtypes
+
+log = logging.getLogger(__name__)
 
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
@@ -124,7 +127,11 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     if not predicts(model_dir):
         return legacy_report(need) + " (no peak prediction for this model family yet)"
     configs = PartConfigs.from_model_dir(model_dir)
-    estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
+    try:
+        estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
+    except Exception as e:  # the count above stands on its own; say why the prediction is missing
+        log.warning("Predicting the peak of %s failed: %s: %s", model_dir.name, type(e).__name__, e)
+        return legacy_report(need) + f" (no peak prediction: {type(e).__name__}: {e})"
     if not torch.cuda.is_available():
         return f"{describe(need, None)} on a GPU; {describe_peak(estimate)}; no CUDA GPU here: training runs on the CPU"
     device = torch.device("cuda", torch.cuda.current_device())
