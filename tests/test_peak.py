@@ -98,6 +98,18 @@ def test_check_gpu_memory_says_the_predicted_peak(created_sd1):
     assert "predicted peak" in report and "a step of 2 pictures" in report, report
 
 
+def test_a_prediction_that_fails_leaves_the_count_and_says_why(created_sd1, monkeypatch):
+    import lora_trainer.training.peak as peak
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake kernel for this op")
+
+    monkeypatch.setattr(peak, "estimate_for_configs", broken)
+    report = memory_report(created_sd1.model_dir("tiny"), TrainingParams(mixed_precision="fp16"))
+    assert report.startswith("GPU memory before activations:"), report
+    assert report.endswith("(no peak prediction: RuntimeError: no fake kernel for this op)"), report
+
+
 def test_train_refuses_a_run_predicted_not_to_fit_before_anything_is_loaded(created_sd1, tmp_path, monkeypatch):
     """The weights and training state fit; the predicted peak does not (free memory as a small GPU would say)."""
     def must_not_run(*args, **kwargs):
