@@ -85,6 +85,18 @@ class Family:
         """The diffusers parts of a working model, in conversion order."""
         return ("unet", "vae", *(te.part for te in self.text_encoders))
 
+    def check_params(self, params) -> None:
+        """Refuse, before anything is loaded, the TrainingParams this family cannot train with.
+
+        Every other option works for every family (docs/families.md lists them per family).
+        Raises ConfigError naming the option and the fix.
+        """
+        from ..errors import ConfigError
+
+        if not params.use_lora and not self.full_finetune:
+            raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {self.title} models is not supported; "
+                              "tick Use LORA")
+
     def text_encoder(self, part: str) -> TextEncoder:
         for te in self.text_encoders:
             if te.part == part:
