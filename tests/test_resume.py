@@ -108,6 +108,7 @@ def test_finished_run_or_new_run_flag_starts_a_new_run(created_sd1, tmp_path, da
 SDXL_PARAMS = dict(PARAMS, max_train_steps=4, resolution=64, use_buckets=True, seed=5)
 
 
+@pytest.mark.one_env  # six short SDXL runs; what they check does not depend on the host's pins
 @pytest.mark.parametrize("changes", [
     pytest.param(dict(train_text_encoder=False, cache_text_encoder_outputs=True), id="cached-text-encoder-outputs"),
     pytest.param(dict(text_encoder_2_rank=2, text_encoder_2_learning_rate=5e-3), id="both-text-encoders-trained"),
