@@ -88,7 +88,8 @@ class Family:
     def check_params(self, params) -> None:
         """Refuse, before anything is loaded, the TrainingParams this family cannot train with.
 
-        Every other option works for every family (docs/families.md lists them per family).
+        The options shared by every family are checked elsewhere (train.check_before_loading);
+        docs/families.md goes through every option for SDXL.
         Raises ConfigError naming the option and the fix.
         """
         from ..errors import ConfigError
