@@ -120,22 +120,25 @@ def test_a_prediction_that_fails_leaves_the_count_and_says_why(created_sd1, monk
     assert report.endswith("(no peak prediction: RuntimeError: no fake kernel for this op)"), report
 
 
-def test_train_refuses_a_run_predicted_not_to_fit_before_anything_is_loaded(created_sd1, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["tiny", "xl"])
+def test_train_refuses_a_run_predicted_not_to_fit_before_anything_is_loaded(created_sd1, created_xl, name, tmp_path,
+                                                                            monkeypatch):
     """The weights and training state fit; the predicted peak does not (free memory as a small GPU would say)."""
     def must_not_run(*args, **kwargs):
         raise AssertionError("loaded weights before checking the memory")
 
+    created = created_sd1 if name == "tiny" else created_xl
     params = TrainingParams(resolution=64, gradient_checkpointing=True, train_text_encoder=False)
-    estimate = estimate_for_configs(PartConfigs.from_model_dir(created_sd1.model_dir("tiny")), params,
+    estimate = estimate_for_configs(PartConfigs.from_model_dir(created.model_dir(name)), params,
                                     prior_preservation=False)
     monkeypatch.setattr(train_module, "free_gpu_memory", lambda device: estimate.reserved - 1)
     monkeypatch.setattr(train_module, "load_working_model", must_not_run)
     monkeypatch.setattr(train_module, "generate_class_images", must_not_run)
-    models = private_models(created_sd1, tmp_path / "models")
+    models = private_models(created, tmp_path / "models", name)
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs")
     with pytest.raises(ConfigError, match="predicted to peak at"):
-        train_module.train(models, "tiny", params, [concept], device="cpu")
-    assert not (models.model_dir("tiny") / "params.json").exists()
+        train_module.train(models, name, params, [concept], device="cpu")
+    assert not (models.model_dir(name) / "params.json").exists()
 
 
 # --- every trained or stored thing, by its size --------------------------------------------------------
@@ -179,6 +182,7 @@ def test_optimizer_state_and_ema_change_the_prediction_by_their_bytes_without_me
     assert changed.reserved != base.reserved
 
 
+@pytest.mark.one_env
 def test_locon_dora_and_fp8_change_the_prediction_by_their_bytes(created_sd1):
     configs = PartConfigs.from_model_dir(created_sd1.model_dir("tiny"))
     base = estimate_for_configs(configs, BASE)
@@ -233,6 +237,7 @@ def test_sdxl_prediction_runs_its_conditioning_and_frees_cached_encoders(created
     assert trained.state > encoded.state and trained.step > encoded.step and len(values) > 0
 
 
+@pytest.mark.one_env
 def test_an_sdxl_run_that_does_not_fit_is_refused_naming_the_text_cache(created_xl):
     configs = PartConfigs.from_model_dir(created_xl.model_dir("xl"))
     # Pictures encoded every step: the step's peak, with both encoders on the GPU, is the run's.
@@ -255,6 +260,7 @@ def test_check_gpu_memory_predicts_an_sdxl_run(created_xl, tmp_path):
 
 # --- what was measured is kept ---------------------------------------------------------------------------
 
+@pytest.mark.one_env
 def test_what_was_measured_is_kept_in_memory_and_in_the_model_folder(created_sd1, tmp_path, monkeypatch):
     configs = PartConfigs.from_model_dir(created_sd1.model_dir("tiny"))
     params = dataclasses.replace(BASE, rank=3)
@@ -289,6 +295,7 @@ class _Reads:
         return getattr(self._params, name)
 
 
+@pytest.mark.one_env
 @pytest.mark.parametrize("model", ["tiny", "xl"])
 def test_the_fake_run_reads_only_the_settings_its_measurements_are_kept_under(created_sd1, created_xl, model):
     created = created_sd1 if model == "tiny" else created_xl

@@ -158,9 +158,8 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations, the
     predicted peak of the run (`peak.estimate_peak`; `prior_preservation`: a class picture beside each
     instance picture), and whether it fits this machine's GPU (counted for a GPU also where there is none)."""
-    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
-
     from ..config import MODEL_INFO_FILE, ModelInfo
+    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
 
     family = ModelInfo.load(model_dir / MODEL_INFO_FILE).family
     need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda"), family))
