@@ -36,7 +36,7 @@ from .training.loop import OUT_OF_MEMORY, Loop, TextCache, run_loop, steps_per_e
 from .training.memory import check_memory, describe, free_gpu_memory, least_memory
 from .training.optim import make_lr_scheduler, make_optimizer
 from .training.outputs import output_name
-from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
+from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention, store_base_in_fp8)
 from .training.ema import EMA, ema_applied
@@ -257,12 +257,10 @@ def check_gpu_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, 
         return
     need = least_memory(model_dir, params, dtypes)
     check_memory(need, free, gpu)
-    if not predicts(model_dir):
-        log.info(describe(need, free))
-        return
     configs = PartConfigs.from_model_dir(model_dir)
-    estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
-    check_peak(configs, params, estimate, free, gpu, prior_preservation=prior_preservation)
+    estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation, cache_dir=model_dir)
+    check_peak(configs, params, estimate, free, gpu, prior_preservation=prior_preservation, cache_dir=model_dir,
+               device=device)
     log.info("%s; %s", describe(need, free), describe_peak(estimate))
 
 

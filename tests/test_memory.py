@@ -3,6 +3,7 @@ model and its adapters, and a run that cannot fit is refused before anything is 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -28,18 +29,30 @@ def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-@pytest.mark.parametrize("eight_bit", [False, True])
-def test_lora_need_equals_the_loaded_weights_and_the_adapters_state(created_sd1, eight_bit):
-    params = TrainingParams(mixed_precision="fp16", rank=64, text_encoder_rank=8, use_8bit_adam=eight_bit)
+def _state(n: int, options: dict) -> int:
+    """The optimizer's and EMA's bytes of a trained fp32 tensor of n values, by each library's rule."""
+    if options.get("optimizer") == "Prodigy":
+        state = 4 * 4 * n                                   # s, p0, exp_avg, exp_avg_sq
+    elif options.get("use_8bit_adam") and n >= 4096:
+        state = 2 * n + 2 * 4 * math.ceil(n / 256)          # uint8 moments + an fp32 absmax per 256-value block
+    else:
+        state = 2 * 4 * n                                   # AdamW's two fp32 moments
+    return state + (4 * n if options.get("use_ema") else 0)  # the EMA's fp32 copy
+
+
+@pytest.mark.parametrize("options", [{}, {"use_8bit_adam": True}, {"optimizer": "Prodigy"}, {"use_ema": True},
+                                     {"conv_rank": 4}, {"use_dora": True}, {"conv_rank": 2, "use_dora": True}],
+                         ids=["adamw", "8bit", "prodigy", "ema", "locon", "dora", "locon-dora"])
+def test_lora_need_equals_the_loaded_weights_and_the_adapters_state(created_sd1, options):
+    params = TrainingParams(mixed_precision="fp16", rank=64, text_encoder_rank=8, **options)
     dtypes = part_dtypes(params, GPU)
     folder, model = _loaded(created_sd1, dtypes)
     need = least_memory(folder, params, dtypes)
     assert need.weights == _bytes(model.unet) + _bytes(model.text_encoder) + _bytes(model.vae)
     adapters = attach_lora(model, params)
     values = [p.numel() for p in lora_parameters({**adapters.unet, **adapters.text})]
-    moments = [(2 if eight_bit and n >= 4096 else 8) * n for n in values]
-    assert need.training == sum(8 * n for n in values) + sum(moments)  # value + gradient (fp32) + moments
-    assert any(n >= 4096 for n in values) and any(n < 4096 for n in values)  # both kinds of moments counted
+    assert need.training == sum(8 * n + _state(n, options) for n in values)  # value + gradient (fp32) + state
+    assert any(n >= 4096 for n in values) and any(n < 4096 for n in values)  # both kinds of 8-bit moments counted
 
 
 def test_full_finetune_need_counts_gradients_and_moments_of_the_whole_parts(created_sd1):

@@ -2,7 +2,8 @@
 
 hardware   option pairs the machine cannot run, refused before any weight is loaded
 memory     what a run holds on the GPU before activations, counted from file headers; too much is refused
-peak       the run's predicted peak GPU memory: one training step on fake tensors; too much is refused
+peak       the run's predicted peak GPU memory, kept per model and settings; too much is refused
+fakestep   the run's phases and one training step on fake tensors, counted byte by byte
 livebytes  the counter of live and peak bytes that prediction uses
 parts      the working model's UNet, VAE, text encoder, tokenizer and noise schedule
 adapters   LoRA injection (or a full fine-tune) and what the optimizer trains

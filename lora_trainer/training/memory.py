@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
+EIGHT_BIT_BLOCK = 256         # ... quantised in blocks of this many values, each with an fp32 absmax per moment
 GB = 2**30
 FP8_PARTS = ("unet", "text_encoder", "text_encoder_2")  # the parts whose layers Base Weight Storage fp8 keeps in float8
 
@@ -60,10 +62,10 @@ def least_memory(model_dir: Path, params: TrainingParams, dtypes: dict[str, torc
     layouts = part_layouts(model_dir)
     weights = sum(_stored_bytes(part, key, dtype, shape, dtypes, params)
                   for part, layout in layouts.items() for key, (dtype, shape) in layout.items())
-    trained = _trained_shapes(layouts, params)
     # An fp32 gradient per trained value; adapters also hold the value itself (it is not among the weights).
     per_value = 8 if params.use_lora else 4
-    training = sum(math.prod(shape) * per_value + _moments(shape, params) for shape in trained)
+    training = sum(math.prod(shape) * per_value + trained_state_bytes(math.prod(shape), params)
+                   for shape in trained_shapes(layouts, params))
     return MemoryNeed(weights, training)
 
 
@@ -78,26 +80,61 @@ def _stored_bytes(part: str, key: str, dtype: torch.dtype, shape: tuple[int, ...
     return values * (dtypes[part] if dtype.is_floating_point else dtype).itemsize
 
 
-def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
-    """Shapes of the tensors the optimizer updates: the adapters' down and up matrices, or whole parts."""
+# The UNet convolutions LoCon adapts (locon.CONV_PARENTS), by their diffusers names.
+LOCON_CONV = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(downsamplers|upsamplers)\.\d+\.conv)$")
+
+
+def trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
+    """Shapes of the tensors the optimizer updates: the adapters' down and up matrices (with LoCon Conv Rank
+    also those of the UNet's ResNet and resampler convolutions; with Use DoRA each adapter's magnitude per
+    output row), or whole parts."""
     parts = ["unet"] + (["text_encoder", "text_encoder_2"] if params.train_text_encoder else [])
     if not params.use_lora:
-        return [shape for part in parts for dtype, shape in layouts[part].values() if dtype.is_floating_point]
+        return [shape for part in parts for dtype, shape in layouts.get(part, {}).values() if dtype.is_floating_point]
     shapes = []
     for part in parts:
         targets, rank = (UNET_TARGETS, params.rank) if part == "unet" else \
             (TEXT_TARGETS, params.text_encoder_lora(1 if part == "text_encoder_2" else 0)[0])
-        for key, (_, shape) in layouts[part].items():
-            if key.endswith(".weight") and len(shape) == 2 and is_target(key.removesuffix(".weight"), targets):
+        for key, (_, shape) in layouts.get(part, {}).items():
+            path = key.removesuffix(".weight")
+            if path == key:
+                continue
+            if len(shape) == 2 and is_target(path, targets):
                 out_features, in_features = shape
                 shapes += [(rank, in_features), (out_features, rank)]
+            elif part == "unet" and params.conv_rank and len(shape) == 4 and LOCON_CONV.search(path):
+                out_channels, in_channels, *kernel = shape
+                conv_rank = rank if kernel == [1, 1] else params.conv_rank  # kohya: 1x1 ones take the LoRA's rank
+                shapes += [(conv_rank, in_channels, *kernel), (out_channels, conv_rank, 1, 1)]
+            else:
+                continue
+            if params.use_dora:
+                shapes.append((shape[0], *[1] * (len(shape) - 1)))
     return shapes
 
 
-def _moments(shape: tuple[int, ...], params: TrainingParams) -> int:
-    """Bytes of AdamW's two moments of one tensor (8-bit ones for large tensors with Use 8bit Adam)."""
-    values = math.prod(shape)
-    return values * (2 if params.use_8bit_adam and values >= EIGHT_BIT_MIN_VALUES else 8)
+def trained_state_bytes(values: int, params: TrainingParams) -> int:
+    """Bytes kept all run for one trained fp32 tensor of `values` values besides itself and its gradient:
+    the optimizer's state and, with Use EMA, its average."""
+    return optimizer_state_bytes(values, params) + (4 * values if params.use_ema else 0)
+
+
+def optimizer_state_bytes(values: int, params: TrainingParams) -> int:
+    """Bytes of the optimizer's state of one trained fp32 tensor of `values` values (`optimizer_state_tensors`)."""
+    return sum(optimizer_state_tensors(values, params))
+
+
+def optimizer_state_tensors(values: int, params: TrainingParams) -> list[int]:
+    """The bytes of each tensor the optimizer keeps for one trained fp32 tensor of `values` values: AdamW's
+    two moments; with Use 8bit Adam, for tensors of at least EIGHT_BIT_MIN_VALUES, one byte per value and
+    moment plus an fp32 absmax per block and moment (bitsandbytes' blockwise AdamW8bit); Prodigy's four
+    (s, the starting point p0, exp_avg, exp_avg_sq: prodigyopt keeps p0 only for a tensor that is not all
+    zeros, which a LoRA's up matrices are at the first start but not when a run continues, so it is counted)."""
+    if params.optimizer == "Prodigy":
+        return [4 * values] * 4
+    if params.use_8bit_adam and values >= EIGHT_BIT_MIN_VALUES:
+        return [values, values, 4 * math.ceil(values / EIGHT_BIT_BLOCK), 4 * math.ceil(values / EIGHT_BIT_BLOCK)]
+    return [4 * values] * 2
 
 
 def free_gpu_memory(device: torch.device) -> int | None:
@@ -122,14 +159,14 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     """One line for the "Check GPU Memory" button: what `params` hold on a GPU before activations, the
     predicted peak of the run (`peak.estimate_peak`; `prior_preservation`: a class picture beside each
     instance picture), and whether it fits this machine's GPU (counted for a GPU also where there is none)."""
-    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs, predicts
+    from ..config import MODEL_INFO_FILE, ModelInfo
+    from .peak import PartConfigs, check_peak, describe_peak, estimate_for_configs
 
-    need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda")))
-    if not predicts(model_dir):
-        return legacy_report(need) + " (no peak prediction for this model family yet)"
-    configs = PartConfigs.from_model_dir(model_dir)
+    family = ModelInfo.load(model_dir / MODEL_INFO_FILE).family
+    need = least_memory(model_dir, params, part_dtypes(params, torch.device("cuda"), family))
     try:
-        estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation)
+        configs = PartConfigs.from_model_dir(model_dir)
+        estimate = estimate_for_configs(configs, params, prior_preservation=prior_preservation, cache_dir=model_dir)
     except Exception as e:  # the count above stands on its own; say why the prediction is missing
         log.warning("Predicting the peak of %s failed: %s: %s", model_dir.name, type(e).__name__, e)
         return legacy_report(need) + f" (no peak prediction: {type(e).__name__}: {e})"
@@ -140,7 +177,8 @@ def memory_report(model_dir: Path, params: TrainingParams, *, prior_preservation
     name = torch.cuda.get_device_name(device)
     try:
         check_memory(need, free, name)
-        check_peak(configs, params, estimate, free, name, prior_preservation=prior_preservation)
+        check_peak(configs, params, estimate, free, name, prior_preservation=prior_preservation, cache_dir=model_dir,
+                   device=device)
     except ConfigError as e:
         return str(e)
     return f"{describe(need, free)}; {describe_peak(estimate)}: fits"
