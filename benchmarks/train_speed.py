@@ -130,17 +130,22 @@ def build_parts(configs: PartConfigs, params: TrainingParams, device: torch.devi
         parts["unet"] = UNet2DConditionModel.from_config(_public(configs.unet))
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_public(configs.text_encoder)))
     for name, part in parts.items():
-        part.to_empty(device=device)
-        with torch.no_grad():
-            for key, tensor in [*part.named_parameters(), *part.named_buffers()]:
-                if tensor.is_floating_point():
-                    tensor.normal_(1.0 if "norm" in key and key.endswith("weight") else 0.0, 0.02,
-                                   generator=generator)
-                else:  # position ids
-                    tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand(tensor.shape))
-        part.requires_grad_(False)
-        part.to(dtypes[name])
+        materialise(part, device, generator, dtypes[name])
     return parts["unet"], parts["text_encoder"]
+
+
+def materialise(part: torch.nn.Module, device: torch.device, generator: torch.Generator,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """Give a meta-device module seeded random weights on `device` in `dtype`, frozen."""
+    part.to_empty(device=device)
+    with torch.no_grad():
+        for key, tensor in [*part.named_parameters(), *part.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.normal_(1.0 if "norm" in key and key.endswith("weight") else 0.0, 0.02, generator=generator)
+            else:  # position ids
+                tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand(tensor.shape))
+    part.requires_grad_(False)
+    return part.to(dtype)
 
 
 def _public(config: dict) -> dict:
@@ -406,8 +411,14 @@ def run_rows(args, argv: list[str], gpu: bool, device: torch.device) -> list[str
         return []
     results = []
     for index, row in enumerate(rows):
-        results.append((run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
-                        else run_child(row, index, argv)))
+        try:
+            results.append((run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
+                            else run_child(row, index, argv)))
+        except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
+            print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
+            if gpu:
+                torch.cuda.empty_cache()
+            continue
         print(report(results)[len(results) - 1], flush=True)
         if not math.isfinite(results[-1]["loss"]):
             print(f"{row.name}: the loss was not a number", flush=True)
