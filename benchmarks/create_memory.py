@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size import DTYPES, copy_file, full_size_checkpoint, header, measure, print_result, run_phase, verdict  # noqa: E402
+from full_size import (DTYPES, copy_file, full_size_checkpoint, measure, print_result, run_benchmark,  # noqa: E402
+                       run_phase, verdict)
 
 
 def create_phase(models_dir: Path, checkpoint: str) -> dict:
@@ -67,19 +67,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.phase == "create":
         print_result(create_phase(Path(args.target), Path(args.source).name))
         return []
-    print(header("create"), flush=True)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="create-bench-"))
-    lines = []
-    try:
-        for dtype in args.dtype.split(","):
-            for line in bench(work, args.family, dtype, args.seed):
-                print(line, flush=True)
-                lines.append(line)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    print(header("create, end"), flush=True)
-    return lines
+    return run_benchmark("create", args.workdir, args.dtype, lambda work, dtype: bench(work, args.family, dtype, args.seed))
 
 
 if __name__ == "__main__":

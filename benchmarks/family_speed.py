@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import gc
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import Row, _sync, header, materialise, report, row_params  # noqa: E402
+from train_speed import Row, header, materialise, our_step_of, report, row_params, time_steps  # noqa: E402
 
 from lora_trainer.training.peak import STANDARD_TEXT  # noqa: E402
 
@@ -130,35 +129,7 @@ def floor_step(model, params, device, autocast):
 
 def ours_step(model, params, device, autocast):
     """This trainer's step: its adapters, options and `optimizer_micro_step` through accelerate."""
-    from lora_trainer.compat import new_accelerator
-    from lora_trainer.training.adapters import attach_lora, trainable_groups
-    from lora_trainer.training.loop import Loop, optimizer_micro_step
-    from lora_trainer.training.optim import make_lr_scheduler, make_optimizer
-    from lora_trainer.training.parts import enable_checkpointing, set_attention
-
-    set_attention(model.unet, params.attention)
-    if params.gradient_checkpointing:
-        enable_checkpointing(model, text_encoder=params.train_text_encoder)
-    adapters = attach_lora(model, params)
-    groups = trainable_groups(model, adapters, params)
-    optimizer = make_optimizer(groups, params)
-    accelerator = new_accelerator(mixed_precision=params.mixed_precision, gradient_accumulation_steps=1,
-                                  cpu=device.type != "cuda")
-    lr_scheduler = make_lr_scheduler(optimizer, params, 1000)
-    encoders = model.text_encoders
-    if params.train_text_encoder:
-        unet, *encoders_p = accelerator.prepare(model.unet, *encoders)
-        optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(model.unet, optimizer, lr_scheduler)
-        encoders_p = encoders
-    unet.train()
-    for encoder in encoders_p:
-        encoder.train(params.train_text_encoder)
-    loop = Loop(accelerator, model, unet, encoders_p[0], params.train_text_encoder,
-                [p for g in groups for p in g["params"]], optimizer, lr_scheduler, None, None, None, params, 1000, 0,
-                text_encoder_2=encoders_p[1] if len(encoders_p) > 1 else None)
-    return (lambda data: optimizer_micro_step(loop, data)), []
+    return our_step_of(model, params, device)
 
 
 RUNNERS = {"floor": floor_step, "ours": ours_step}
@@ -182,15 +153,7 @@ def run_family_row(row: Row, device: torch.device, steps: int, warmup: int, tiny
     step, hooks = RUNNERS[row.runner](model, params, device, autocast)
     factor = 2 ** (len(spec.vae["block_out_channels"]) - 1)
     data = family_batch(spec, prior_rows, resolution // factor)
-    for _ in range(warmup):
-        step(data)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step(data)
-    loss = float(loss)
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
+    seconds, loss = time_steps(step, data, device, steps, warmup)
     peak = torch.cuda.max_memory_reserved(device) if cuda else 0
     for hook in hooks:
         hook.remove()

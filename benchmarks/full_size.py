@@ -195,3 +195,23 @@ def verdict(job: dict, copies: list[dict], size_mb: float, name: str) -> list[st
             f"{name}: peak owned memory {job['owned_mb']:.0f} MB above a baseline of {job['baseline_mb']:.0f} MB = "
             f"{memory:.2f}x the {size_mb:.0f} MB file [target <= 1.3x: {'met' if memory <= 1.3 else 'MISSED'}]; "
             f"process peak RSS incl. mapped file pages {job['hwm_mb']:.0f} MB"]
+
+
+def run_benchmark(title: str, workdir: Path | None, dtypes: str, bench: Callable[[Path, str], list[str]]) -> list[str]:
+    """`bench(work, dtype)` for each of `dtypes` (comma-separated) in `workdir` (default: a temporary folder,
+    removed after), its lines printed as they come between two headers; the lines."""
+    import tempfile
+
+    print(header(title), flush=True)
+    work = workdir or Path(tempfile.mkdtemp(prefix=f"{title}-bench-"))
+    lines = []
+    try:
+        for dtype in dtypes.split(","):
+            for line in bench(work, dtype):
+                print(line, flush=True)
+                lines.append(line)
+    finally:
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(header(f"{title}, end"), flush=True)
+    return lines

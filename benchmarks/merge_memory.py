@@ -14,15 +14,13 @@ copies' mean, the peak memory it owned as a multiple of the file's size, and the
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size import (DTYPES, AnonPeak, copy_file, full_size_checkpoint, header, measure, memory_mb,  # noqa: E402,F401
-                       print_result, run_phase, verdict)
+from full_size import (DTYPES, AnonPeak, copy_file, full_size_checkpoint, measure, memory_mb,  # noqa: E402,F401
+                       print_result, run_benchmark, run_phase, verdict)
 
 RANK = 16
 MODEL = "full"
@@ -114,19 +112,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     if args.phase in ("own", "into"):
         print_result(merge_phase(Path(args.target), args.source if args.phase == "into" else None))
         return []
-    print(header("merge"), flush=True)
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
-    lines = []
-    try:
-        for dtype in args.dtype.split(","):
-            for line in bench(work, dtype, args.seed):
-                print(line, flush=True)
-                lines.append(line)
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(work, ignore_errors=True)
-    print(header("merge, end"), flush=True)
-    return lines
+    return run_benchmark("merge", args.workdir, args.dtype, lambda work, dtype: bench(work, dtype, args.seed))
 
 
 if __name__ == "__main__":
