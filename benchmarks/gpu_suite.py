@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
         for part in parts:
             if not cuda and (part != "files" or args.parts == ",".join(PARTS)):
-                print(f"{part}: no CUDA GPU here; skipped", flush=True)
+                hint = " (it needs none: --parts files runs it)" if part == "files" else ""
+                print(f"{part}: no CUDA GPU here; skipped{hint}", flush=True)
                 continue
             started = time.perf_counter()
             try:

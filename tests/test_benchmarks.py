@@ -47,6 +47,7 @@ def test_the_gpu_suite_fits_its_8_minutes_and_skips_its_gpu_parts_without_a_gpu(
     assert gpu_suite.estimate_seconds(["train"], 50, 2, 3, 1) > 8 * 60  # the estimate does follow the step counts
 
 
+@pytest.mark.one_env
 def test_the_sd2v_and_sdxl_rows_run_on_the_tiny_models(capsys):
     import family_speed
 
@@ -56,6 +57,7 @@ def test_the_sd2v_and_sdxl_rows_run_on_the_tiny_models(capsys):
     assert "rank 4" in rows[1] and "64 px" in rows[3]
 
 
+@pytest.mark.one_env
 def test_the_class_image_benchmark_reports_the_measured_images_per_second(capsys):
     import class_images_speed
 
@@ -66,6 +68,7 @@ def test_the_class_image_benchmark_reports_the_measured_images_per_second(capsys
     assert int(count) == 2 and float(rate) == pytest.approx(2 / float(seconds), rel=0.05)
 
 
+@pytest.mark.one_env
 def test_the_create_benchmark_builds_a_seeded_checkpoint_and_measures_create_against_a_copy(tmp_path):
     import create_memory
     import full_size
