@@ -12,15 +12,14 @@ the peak memory the job owned as a multiple of the file's size, and the issue 13
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size import (DTYPES, copy_file, full_size_checkpoint, measure, print_result, run_benchmark,  # noqa: E402
-                       run_phase, verdict)
+from full_size import (DTYPES, benchmark_arguments, copy_file, full_size_checkpoint, measure,  # noqa: E402
+                       print_result, run_benchmark, run_phase, verdict)
 
 
 def create_phase(models_dir: Path, checkpoint: str) -> dict:
@@ -52,14 +51,8 @@ def bench(work: Path, family: str, dtype: str, seed: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="keeps the built checkpoints for the next run")
+    parser = benchmark_arguments(__doc__.splitlines()[0], ("create",))
     parser.add_argument("--family", choices=("sd1", "sd2", "tiny"), default="sd1", help="tiny: the test model")
-    parser.add_argument("--dtype", default="fp16,fp32", help="fp16, fp32 or both (comma-separated)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--phase", choices=("copy", "create"), help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
-    parser.add_argument("--target", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase == "copy":
         print_result(copy_file(Path(args.source), Path(args.target)))

@@ -215,3 +215,17 @@ def run_benchmark(title: str, workdir: Path | None, dtypes: str, bench: Callable
             shutil.rmtree(work, ignore_errors=True)
     print(header(f"{title}, end"), flush=True)
     return lines
+
+
+def benchmark_arguments(description: str, phases: tuple[str, ...]):
+    """The options create_memory.py and merge_memory.py share, with the hidden ones of their child phases."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--workdir", type=Path, default=None, help="keeps the built checkpoints for the next run")
+    parser.add_argument("--dtype", default="fp16,fp32", help="fp16, fp32 or both (comma-separated)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phase", choices=("copy", *phases), help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    return parser

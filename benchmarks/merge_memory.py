@@ -13,14 +13,13 @@ copies' mean, the peak memory it owned as a multiple of the file's size, and the
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size import (DTYPES, AnonPeak, copy_file, full_size_checkpoint, measure, memory_mb,  # noqa: E402,F401
-                       print_result, run_benchmark, run_phase, verdict)
+from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, full_size_checkpoint,  # noqa: E402,F401
+                       measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
 
 RANK = 16
 MODEL = "full"
@@ -98,13 +97,7 @@ def bench(work: Path, dtype: str, seed: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="keeps the built checkpoints for the next run")
-    parser.add_argument("--dtype", default="fp16,fp32", help="fp16, fp32 or both (comma-separated)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--phase", choices=("copy", "own", "into"), help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
-    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser = benchmark_arguments(__doc__.splitlines()[0], ("own", "into"))
     args = parser.parse_args(argv)
     if args.phase == "copy":
         print_result(copy_file(Path(args.source), Path(args.target)))
