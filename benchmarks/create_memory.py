@@ -1,75 +1,66 @@
-"""Peak memory and time of "Create Model" on a full-size SD 1.5-shaped checkpoint.
+"""Seconds and peak memory of "Create Model" on a full-size SD 1.5-architecture checkpoint, against a plain copy.
 
-Writes a checkpoint with the real SD 1.5 key set and shapes (random fp16
-weights, about 2 GB), then runs `python -m lora_trainer create` on it in a
-child process and prints the file size, the child's peak resident memory and
-the wall time. Usage:
+Writes a checkpoint with the real key set and shapes and seeded random weights (about 2 GB in fp16,
+4 GB in fp32; see full_size.py), then, each in a fresh process and from the same page-cache state:
+a plain copy of the file (`shutil.copyfile`), "Create Model" (`lora_trainer.checkpoint.create_model`,
+what `python -m lora_trainer create` runs) and the copy again. Prints the seconds of each (the job
+itself, and the whole process with its imports), the job's time as a multiple of the copies' mean,
+the peak memory the job owned as a multiple of the file's size, and the issue 13 targets
+(at most 2x the copy, at most 1.3x the file). Usage:
 
-    python benchmarks/create_memory.py [--workdir DIR] [--family sd1|sd2] [--dtype fp16|fp32]
+    python benchmarks/create_memory.py [--dtype fp16,fp32] [--family sd1|sd2] [--workdir DIR]
 """
 from __future__ import annotations
 
-import argparse
-import resource
-import subprocess
+import shutil
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from lora_trainer import keymap  # noqa: E402
-from lora_trainer.architecture import shipped_config, spec_from_original_config  # noqa: E402
-from lora_trainer.checkpoint_io import save_checkpoint  # noqa: E402
-
-TEXT = {"sd1": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"),
-        "sd2": dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-                    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")}
+from full_size import (DTYPES, benchmark_arguments, copy_file, full_size_checkpoint, measure,  # noqa: E402
+                       print_result, run_benchmark, run_phase, verdict)
 
 
-def full_size_checkpoint(path: Path, family: str, dtype: torch.dtype) -> None:
-    spec = spec_from_original_config(shipped_config(family))
-    spec.text = TEXT[family]
-    tensors = {}
-    for build, links in ((keymap.build_unet, keymap.unet_links), (keymap.build_vae, keymap.vae_links),
-                         (keymap.build_text_encoder, keymap.text_links)):
-        model = build(spec)
-        sd = model.state_dict()
+def create_phase(models_dir: Path, checkpoint: str) -> dict:
+    """In a child: "Create Model" of `checkpoint`, with the imports it needs done before the clock starts."""
+    import diffusers  # noqa: F401  (imported lazily by the conversion; not part of its time)
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
 
-        def make(key, sd=sd):
-            shape = sd[key].shape
-            if not sd[key].is_floating_point():
-                return torch.arange(shape[-1]).expand(shape).clone()
-            return torch.empty(shape, dtype=dtype).normal_(0, 0.02)
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.host import ModelsDir
 
-        tensors.update(keymap.to_original(links(spec, model), make))
-    save_checkpoint(tensors, path, overwrite=True)
+    return measure(lambda: create_model(ModelsDir.at(models_dir), checkpoint, "bench", overwrite=True))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--family", choices=("sd1", "sd2"), default="sd1")
-    parser.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16")
-    args = parser.parse_args()
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="create-bench-"))
-    checkpoint = work / "Stable-diffusion" / f"full-{args.family}-{args.dtype}.safetensors"
+def bench(work: Path, family: str, dtype: str, seed: int) -> list[str]:
+    """Build (or reuse) the checkpoint, measure copy, create, copy; return the figures' lines."""
+    checkpoint = work / "Stable-diffusion" / f"full-{family}-{dtype}-seed{seed}.safetensors"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if not checkpoint.exists():
-        full_size_checkpoint(checkpoint, args.family, torch.float16 if args.dtype == "fp16" else torch.float32)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lora_trainer", "create", "--models-dir", str(work),
-                    "--source", checkpoint.name, "--name", "bench", "--overwrite"], check=True, cwd=ROOT)
-    seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    size_mb = checkpoint.stat().st_size / 2 ** 20
-    print(f"create {args.family} {args.dtype}: checkpoint {size_mb:.0f} MB, peak RSS {peak_mb:.0f} MB "
-          f"({peak_mb / size_mb:.2f}x the file), {seconds:.1f} s")
+        full_size_checkpoint(checkpoint, family, DTYPES[dtype], seed)
+    size_mb = checkpoint.stat().st_size / 2**20
+    copy_args = ["--source", str(checkpoint), "--target", str(work / "copy.safetensors")]
+    copies = [run_phase(__file__, "copy", copy_args, checkpoint)]
+    job = run_phase(__file__, "create", ["--source", str(checkpoint), "--target", str(work)], checkpoint)
+    shutil.rmtree(work / "lora_trainer" / "bench", ignore_errors=True)  # where ModelsDir keeps working models
+    copies.append(run_phase(__file__, "copy", copy_args, checkpoint))
+    return verdict(job, copies, size_mb, f"create {family} {dtype}")
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = benchmark_arguments(__doc__.splitlines()[0], ("create",))
+    parser.add_argument("--family", choices=("sd1", "sd2", "tiny"), default="sd1", help="tiny: the test model")
+    args = parser.parse_args(argv)
+    if args.phase == "copy":
+        print_result(copy_file(Path(args.source), Path(args.target)))
+        return []
+    if args.phase == "create":
+        print_result(create_phase(Path(args.target), Path(args.source).name))
+        return []
+    return run_benchmark("create", args.workdir, args.dtype, lambda work, dtype: bench(work, args.family, dtype, args.seed))
 
 
 if __name__ == "__main__":

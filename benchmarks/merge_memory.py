@@ -1,123 +1,111 @@
-"""Peak memory and time of "Generate Ckpt" against the size of the checkpoint.
+"""Seconds and peak memory of "Generate Ckpt" on a full-size SD 1.5-architecture checkpoint, against a plain copy.
 
-Builds a mid-sized random SD 1.x-shaped checkpoint (real CLIP-L text width,
-a narrower UNet), creates a working model and a rank-16 LoRA over every
-Linear of it, then merges in a fresh process each time (into the model's own
-weights, and into the checkpoint file) and prints the seconds taken and the
-peak memory the process owns (RssAnon, sampled; memory-mapped file pages the
-OS can drop are not counted) above its baseline, as a multiple of the
-checkpoint's size. Run: `python benchmarks/merge_memory.py [--channels 96]`.
+Writes a checkpoint with the real key set and shapes and seeded random weights (about 2 GB in fp16,
+4 GB in fp32; see full_size.py), creates a working model of it and a seeded rank-16 LoRA over every
+Linear of its UNet and text encoder (untimed), then, each in a fresh process and from the same
+page-cache state: a plain copy of the checkpoint (`shutil.copyfile`), the merge into the model's own
+weights, the merge into the checkpoint file (`--into`), and the copy again. Prints the seconds of each
+(the merge itself, and the whole process with its imports), the merge's time as a multiple of the
+copies' mean, the peak memory it owned as a multiple of the file's size, and the issue 13 targets
+(at most 2x the copy, at most 1.3x the file). Usage:
+
+    python benchmarks/merge_memory.py [--dtype fp16,fp32] [--workdir DIR]
 """
 from __future__ import annotations
 
-import argparse
-import subprocess
 import sys
-import tempfile
-import threading
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, full_size_checkpoint,  # noqa: E402,F401
+                       measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
+
+RANK = 16
+MODEL = "full"
 
 
-def memory_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status (Linux), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-class AnonPeak:
-    """Samples RssAnon (memory the process owns, not file pages it maps and the OS can drop) every 5 ms."""
-
-    def __init__(self):
-        self.peak = memory_mb("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, memory_mb("RssAnon"))
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, memory_mb("RssAnon"))
-
-
-def build(root: Path, channels: int) -> None:
+def seeded_lora(path: Path, models_dir: Path, seed: int) -> None:
+    """A rank-16 kohya LoRA over every Linear of the working model's UNet and text encoder (seeded random)."""
     import torch
-    import yaml
     from safetensors.torch import save_file
 
     from lora_trainer import keymap
-    from lora_trainer.architecture import spec_from_original_config
-    from lora_trainer.checkpoint import create_model
-    from lora_trainer.checkpoint_io import save_checkpoint
+    from lora_trainer.checkpoint import load_model_spec
     from lora_trainer.host import ModelsDir
-    from lora_trainer.tiny import tiny_original_config
 
-    config = yaml.safe_load(tiny_original_config())
-    unet = config["model"]["params"]["unet_config"]["params"]
-    unet.update(model_channels=channels, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_resolutions=[4, 2, 1],
-                num_heads=8, context_dim=768)
-    text = yaml.safe_dump(config, sort_keys=False)
-    spec = spec_from_original_config(text)
-    spec.text = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
-    models = ModelsDir.at(root)
-    models.checkpoints.mkdir(parents=True)
-    tensors, lora = {}, {}
-    for build_part, links, prefix in ((keymap.build_unet, keymap.unet_links, "lora_unet"), (keymap.build_vae, keymap.vae_links, None),
-                                      (keymap.build_text_encoder, keymap.text_links, "lora_te")):
-        model = build_part(spec, device="cpu")
-        weights = {k: (torch.randn(v.shape) * 0.02 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-        tensors.update(keymap.to_original(links(spec, model), weights.__getitem__))
-        for name, module in model.named_modules() if prefix else ():
+    spec = load_model_spec(ModelsDir.at(models_dir).model_dir(MODEL))
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for model, prefix in ((keymap.build_unet(spec), "lora_unet"), (keymap.build_text_encoder(spec), "lora_te")):
+        for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear):
-                key = f"{prefix}_{('text_model.' + name if prefix == 'lora_te' and not name.startswith('text_model.') else name).replace('.', '_')}"
-                lora[f"{key}.lora_down.weight"] = torch.randn(16, module.in_features) * 0.01
-                lora[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 16) * 0.01
-                lora[f"{key}.alpha"] = torch.tensor(8.0)
-    (models.checkpoints / "mid.yaml").write_text(text)
-    save_checkpoint(tensors, models.checkpoints / "mid.safetensors")
-    models.lora.mkdir()
-    save_file(lora, str(models.lora / "mid_0.safetensors"))
-    create_model(models, "mid.safetensors", "mid")
+                if prefix == "lora_te" and not name.startswith("text_model."):  # transformers >= 5 drops the level
+                    name = "text_model." + name
+                key = f"{prefix}_{name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=generator) * 0.01
+                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=generator) * 0.01
+                tensors[f"{key}.alpha"] = torch.tensor(RANK / 2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
 
 
-def merge(root: Path, into: bool) -> None:
+def prepare(work: Path, dtype: str, seed: int) -> tuple[Path, Path]:
+    """The checkpoint, its working model and the LoRA (reused when there); the checkpoint and the model's folder."""
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.host import ModelsDir
+
+    models = ModelsDir.at(work)
+    checkpoint = models.checkpoints / f"full-sd1-{dtype}-seed{seed}.safetensors"
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if not checkpoint.exists():
+        full_size_checkpoint(checkpoint, "sd1", DTYPES[dtype], seed)
+    create_model(models, checkpoint.name, MODEL, overwrite=True)
+    seeded_lora(models.lora / f"{MODEL}_0.safetensors", work, seed)
+    return checkpoint, models.model_dir(MODEL)
+
+
+def merge_phase(work: Path, into: str | None) -> dict:
+    """In a child: "Generate Ckpt" into the model (or into the checkpoint `into`), imports done before the clock."""
+    import diffusers  # noqa: F401  (imported lazily by the merge; not part of its time)
+    import transformers  # noqa: F401
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel  # noqa: F401
+
     from lora_trainer.host import ModelsDir
     from lora_trainer.merge import merge_lora
 
-    baseline = memory_mb("RssAnon")
-    sampler = AnonPeak()
-    start = time.perf_counter()
-    out = merge_lora(ModelsDir.at(root), "mid", into="mid" if into else None, custom_name="into" if into else "own")
-    seconds = time.perf_counter() - start
-    peak = sampler.stop()
-    size = out.stat().st_size / 2**20
-    print(f"{'into checkpoint' if into else 'into the model':16s} checkpoint {size:5.0f} MB  {seconds:5.1f} s  "
-          f"peak owned memory {peak - baseline:5.0f} MB above the baseline = {(peak - baseline) / size:.2f} x the checkpoint")
+    models = ModelsDir.at(work)
+    figures = measure(lambda: merge_lora(models, MODEL, into=into, custom_name="into" if into else "own",
+                                         overwrite=True))
+    for merged in models.checkpoints.glob("*_lora.*"):
+        merged.unlink()
+    return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--channels", type=int, default=96, help="UNet base channels (SD 1.x has 320)")
-    parser.add_argument("--phase", choices=["all", "own", "into"], default="all", help=argparse.SUPPRESS)
-    parser.add_argument("--root", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.phase != "all":
-        merge(Path(args.root), into=args.phase == "into")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), args.channels)
-        for phase in ("own", "into"):
-            subprocess.run([sys.executable, __file__, "--phase", phase, "--root", tmp], check=True,
-                           stderr=subprocess.DEVNULL)
+def bench(work: Path, dtype: str, seed: int) -> list[str]:
+    """Copy, merge into the model, merge into the checkpoint, copy; the figures' lines."""
+    checkpoint, model_dir = prepare(work, dtype, seed)
+    size_mb = checkpoint.stat().st_size / 2**20
+    copy_args = ["--source", str(checkpoint), "--target", str(work / "copy.safetensors")]
+    copies = [run_phase(__file__, "copy", copy_args, checkpoint)]
+    own = run_phase(__file__, "own", ["--target", str(work)], model_dir)
+    into = run_phase(__file__, "into", ["--target", str(work), "--source", checkpoint.name], checkpoint)
+    copies.append(run_phase(__file__, "copy", copy_args, checkpoint))
+    return [*verdict(own, copies, size_mb, f"merge sd1 {dtype} into the model"),
+            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint")]
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    parser = benchmark_arguments(__doc__.splitlines()[0], ("own", "into"))
+    args = parser.parse_args(argv)
+    if args.phase == "copy":
+        print_result(copy_file(Path(args.source), Path(args.target)))
+        return []
+    if args.phase in ("own", "into"):
+        print_result(merge_phase(Path(args.target), args.source if args.phase == "into" else None))
+        return []
+    return run_benchmark("merge", args.workdir, args.dtype, lambda work, dtype: bench(work, dtype, args.seed))
 
 
 if __name__ == "__main__":

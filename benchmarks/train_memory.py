@@ -1,6 +1,6 @@
 """Peak memory and time per step of "Train" for a few option sets, the 8 GB preset among them.
 
-Builds the mid-sized SD 1.x-shaped model of merge_memory.py (real CLIP-L text
+Builds a mid-sized SD 1.x-shaped model (`build`: real CLIP-L text
 encoder, a UNet of `--channels` base channels: 320 is SD 1.5's own shape) and
 trains a few steps in a fresh process per option set on four drawn pictures.
 On CUDA it prints the peak of torch.cuda.max_memory_allocated (what the 8 GB
@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from merge_memory import AnonPeak, build, memory_mb  # noqa: E402
+from full_size import AnonPeak, memory_mb  # noqa: E402
 
 OPTION_SETS = {
     "fp32, nothing saved": dict(mixed_precision="no", gradient_checkpointing=False, cache_latents=False),
@@ -34,6 +34,47 @@ OPTION_SETS = {
     "8 GB preset": "8 GB GPU",
     "8 GB preset, no text encoder": "Low memory (6 GB, no text encoder)",
 }
+
+
+def build(root: Path, channels: int) -> None:
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    from lora_trainer import keymap
+    from lora_trainer.architecture import spec_from_original_config
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.checkpoint_io import save_checkpoint
+    from lora_trainer.host import ModelsDir
+    from lora_trainer.tiny import tiny_original_config
+
+    config = yaml.safe_load(tiny_original_config())
+    unet = config["model"]["params"]["unet_config"]["params"]
+    unet.update(model_channels=channels, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attention_resolutions=[4, 2, 1],
+                num_heads=8, context_dim=768)
+    text = yaml.safe_dump(config, sort_keys=False)
+    spec = spec_from_original_config(text)
+    spec.text = {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu", "projection_dim": 768}
+    models = ModelsDir.at(root)
+    models.checkpoints.mkdir(parents=True)
+    tensors, lora = {}, {}
+    for build_part, links, prefix in ((keymap.build_unet, keymap.unet_links, "lora_unet"), (keymap.build_vae, keymap.vae_links, None),
+                                      (keymap.build_text_encoder, keymap.text_links, "lora_te")):
+        model = build_part(spec, device="cpu")
+        weights = {k: (torch.randn(v.shape) * 0.02 if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+        tensors.update(keymap.to_original(links(spec, model), weights.__getitem__))
+        for name, module in model.named_modules() if prefix else ():
+            if isinstance(module, torch.nn.Linear):
+                key = f"{prefix}_{('text_model.' + name if prefix == 'lora_te' and not name.startswith('text_model.') else name).replace('.', '_')}"
+                lora[f"{key}.lora_down.weight"] = torch.randn(16, module.in_features) * 0.01
+                lora[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 16) * 0.01
+                lora[f"{key}.alpha"] = torch.tensor(8.0)
+    (models.checkpoints / "mid.yaml").write_text(text)
+    save_checkpoint(tensors, models.checkpoints / "mid.safetensors")
+    models.lora.mkdir()
+    save_file(lora, str(models.lora / "mid_0.safetensors"))
+    create_model(models, "mid.safetensors", "mid")
 
 
 def run_one(root: Path, name: str, steps: int, resolution: int) -> None:

@@ -130,17 +130,22 @@ def build_parts(configs: PartConfigs, params: TrainingParams, device: torch.devi
         parts["unet"] = UNet2DConditionModel.from_config(_public(configs.unet))
         parts["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_public(configs.text_encoder)))
     for name, part in parts.items():
-        part.to_empty(device=device)
-        with torch.no_grad():
-            for key, tensor in [*part.named_parameters(), *part.named_buffers()]:
-                if tensor.is_floating_point():
-                    tensor.normal_(1.0 if "norm" in key and key.endswith("weight") else 0.0, 0.02,
-                                   generator=generator)
-                else:  # position ids
-                    tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand(tensor.shape))
-        part.requires_grad_(False)
-        part.to(dtypes[name])
+        materialise(part, device, generator, dtypes[name])
     return parts["unet"], parts["text_encoder"]
+
+
+def materialise(part: torch.nn.Module, device: torch.device, generator: torch.Generator,
+                dtype: torch.dtype) -> torch.nn.Module:
+    """Give a meta-device module seeded random weights on `device` in `dtype`, frozen."""
+    part.to_empty(device=device)
+    with torch.no_grad():
+        for key, tensor in [*part.named_parameters(), *part.named_buffers()]:
+            if tensor.is_floating_point():
+                tensor.normal_(1.0 if "norm" in key and key.endswith("weight") else 0.0, 0.02, generator=generator)
+            else:  # position ids
+                tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand(tensor.shape))
+    part.requires_grad_(False)
+    return part.to(dtype)
 
 
 def _public(config: dict) -> dict:
@@ -230,21 +235,25 @@ def ours_step(unet, text_encoder, params: TrainingParams, device, autocast):
     """This trainer's step: its adapters, options and `optimizer_micro_step` through accelerate."""
     from diffusers import DDPMScheduler
 
-    from lora_trainer.compat import new_accelerator
     from lora_trainer.config import ModelInfo
-    from lora_trainer.training.adapters import attach_lora, trainable_groups
-    from lora_trainer.training.loop import Loop, optimizer_micro_step
-    from lora_trainer.training.optim import make_lr_scheduler, make_optimizer
-    from lora_trainer.training.parts import WorkingModel, enable_checkpointing, set_attention, store_base_in_fp8
+    from lora_trainer.training.parts import WorkingModel
 
     vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215))
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    model = WorkingModel(unet, vae, text_encoder, None, scheduler, ModelInfo(), Path("."))
-    from lora_trainer.training.parts import part_dtypes
+    return our_step_of(WorkingModel(unet, vae, text_encoder, None, scheduler, ModelInfo(), Path(".")), params, device)
+
+
+def our_step_of(model, params: TrainingParams, device):
+    """This trainer's step on a WorkingModel (any family: every text encoder it has), and no hooks to remove."""
+    from lora_trainer.compat import new_accelerator
+    from lora_trainer.training.adapters import attach_lora, trainable_groups
+    from lora_trainer.training.loop import Loop, optimizer_micro_step
+    from lora_trainer.training.optim import make_lr_scheduler, make_optimizer
+    from lora_trainer.training.parts import enable_checkpointing, part_dtypes, set_attention, store_base_in_fp8
 
     if params.base_weights == "fp8":
-        store_base_in_fp8(model, part_dtypes(params, device), device)
-    set_attention(unet, params.attention)
+        store_base_in_fp8(model, part_dtypes(params, device, model.info.family), device)
+    set_attention(model.unet, params.attention)
     if params.gradient_checkpointing:
         enable_checkpointing(model, text_encoder=params.train_text_encoder)
     adapters = attach_lora(model, params)
@@ -253,15 +262,17 @@ def ours_step(unet, text_encoder, params: TrainingParams, device, autocast):
     accelerator = new_accelerator(mixed_precision=params.mixed_precision, gradient_accumulation_steps=1,
                                   cpu=device.type != "cuda")
     lr_scheduler = make_lr_scheduler(optimizer, params, 1000)
+    encoders = model.text_encoders
     if params.train_text_encoder:
-        unet_p, text_p, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        unet_p, *encoders, optimizer, lr_scheduler = accelerator.prepare(model.unet, *encoders, optimizer, lr_scheduler)
     else:
-        unet_p, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        text_p = text_encoder
+        unet_p, optimizer, lr_scheduler = accelerator.prepare(model.unet, optimizer, lr_scheduler)
     unet_p.train()
-    text_p.train(params.train_text_encoder)
-    loop = Loop(accelerator, model, unet_p, text_p, params.train_text_encoder,
-                [p for g in groups for p in g["params"]], optimizer, lr_scheduler, None, None, None, params, 1000, 0)
+    for encoder in encoders:
+        encoder.train(params.train_text_encoder)
+    loop = Loop(accelerator, model, unet_p, encoders[0], params.train_text_encoder,
+                [p for g in groups for p in g["params"]], optimizer, lr_scheduler, None, None, None, params, 1000, 0,
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None)
     return (lambda data: optimizer_micro_step(loop, data)), []
 
 
@@ -293,6 +304,17 @@ def run_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
     step, hooks = RUNNERS[row.runner](unet, text_encoder, params, device, autocast)
     factor = 2 ** (len(configs.vae["block_out_channels"]) - 1)
     data = batch(prior_rows, configs.unet["in_channels"], resolution // factor, device)
+    seconds, loss = time_steps(step, data, device, steps, warmup)
+    peak = torch.cuda.max_memory_reserved(device) if cuda else (sampler.stop() - baseline) * 2**20
+    for hook in hooks:
+        hook.remove()
+    del unet, text_encoder, step
+    return {"row": row, "params": params, "seconds": seconds, "samples": prior_rows / seconds, "peak": peak,
+            "predicted": predicted, "loss": loss}
+
+
+def time_steps(step, data: dict, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    """Seconds per step of `step(data)` over `steps` steps after `warmup` ones, and the last loss."""
     for _ in range(warmup):
         step(data)
     _sync(device)
@@ -301,13 +323,7 @@ def run_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
         loss = step(data)
     loss = float(loss)
     _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_reserved(device) if cuda else (sampler.stop() - baseline) * 2**20
-    for hook in hooks:
-        hook.remove()
-    del unet, text_encoder, step
-    return {"row": row, "params": params, "seconds": seconds, "samples": prior_rows / seconds, "peak": peak,
-            "predicted": predicted, "loss": loss}
+    return (time.perf_counter() - start) / steps, loss
 
 
 def run_child(row: Row, index: int, argv: list[str]) -> dict:
@@ -406,8 +422,14 @@ def run_rows(args, argv: list[str], gpu: bool, device: torch.device) -> list[str
         return []
     results = []
     for index, row in enumerate(rows):
-        results.append((run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
-                        else run_child(row, index, argv)))
+        try:
+            results.append((run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
+                            else run_child(row, index, argv)))
+        except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
+            print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
+            if gpu:
+                torch.cuda.empty_cache()
+            continue
         print(report(results)[len(results) - 1], flush=True)
         if not math.isfinite(results[-1]["loss"]):
             print(f"{row.name}: the loss was not a number", flush=True)

@@ -14,6 +14,7 @@ import logging
 import pickle
 import pickletools
 import re
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -214,13 +215,54 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path, *, fmt: 
     return path
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of the whole file, as the web UI computes it for checkpoint titles."""
+def file_sha256(path: str | Path, chunk: int = 1 << 20, stop: threading.Event | None = None) -> str:
+    """SHA-256 of the whole file, as the web UI computes it for checkpoint titles.
+
+    With `stop`, gives up (returning "") as soon as it is set. Raises OSError when the file cannot be read.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return ""
             digest.update(block)
     return digest.hexdigest()
+
+
+class BackgroundSha256:
+    """`file_sha256(path)` computed in a thread while the caller converts or merges the same file.
+
+    Reading and hashing release the GIL, so the hash of a multi-GB checkpoint (seconds) overlaps
+    with the caller's own reading and writing instead of adding to it. Use as a context manager;
+    `result()` waits for the digest and raises what the hashing raised. Leaving the block early
+    (an error) stops the thread at its next chunk.
+    """
+
+    def __init__(self, path: str | Path):
+        self._stop = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(Path(path),), daemon=True, name="sha256")
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._digest = file_sha256(path, stop=self._stop)
+        except BaseException as e:  # handed to the caller by result()
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest or ""
+
+    def __enter__(self) -> "BackgroundSha256":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def iter_tensors(reader: CheckpointReader, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

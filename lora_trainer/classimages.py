@@ -9,13 +9,15 @@ model's native resolution, a batch at a time. Each is saved as PNG (with the
 generation parameters in its text chunk, as the web UI writes them) and a
 caption `.txt` holding the prompt, under a new name, written atomically.
 Picture number n of a folder is drawn from seed + n, so a rerun, or a run
-resumed after a cancel, makes the same pictures.
+resumed after a cancel, makes the same pictures. The rate (images/s, model
+loading excluded) is in each progress message, the last log line and the result.
 """
 from __future__ import annotations
 
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,30 @@ NAME_PREFIX = "class_"
 def count_class_images(folder: str | Path) -> int:
     """Pictures in `folder` and its subfolders; 0 when it does not exist."""
     return len(list_images(folder, recursive=True))
+
+
+# The clock the rate is measured with (a test replaces it to check the rate is computed from it).
+_clock = time.perf_counter
+
+
+class ClassImagesMade(list):
+    """The number of pictures generated per concept (a list, in the order of the concepts), with the
+    generation's `seconds` (drawing and saving; loading the model excluded) and `images_per_second`."""
+
+    def __init__(self, counts, seconds: float = 0.0):
+        super().__init__(counts)
+        self.seconds = seconds
+
+    @property
+    def images_per_second(self) -> float:
+        """Pictures made per second of generation; 0.0 when none were made."""
+        return sum(self) / self.seconds if self.seconds > 0 else 0.0
+
+
+def rate_text(images: int, seconds: float) -> str:
+    """`N images in S s (R images/s)`: how the log, the progress and the command line say the rate."""
+    rate = images / seconds if seconds > 0 else 0.0
+    return f"{images} images in {seconds:.1f} s ({rate:.2f} images/s)"
 
 
 @dataclass
@@ -103,10 +129,11 @@ def _generation_prompt(concept: Concept, index: int, pictures: list[Path], numbe
 def generate_class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *, batch_size: int = 4,
                           device: str | torch.device | None = None, progress: Progress | None = None,
                           cancel: threading.Event | None = None, seed: int = 0,
-                          dtype: torch.dtype | None = None) -> list[int]:
+                          dtype: torch.dtype | None = None) -> ClassImagesMade:
     """Generate the missing class pictures of every concept with the working model `model_name`.
 
-    Returns the number of pictures generated per concept (same order as `concepts`).
+    Returns the number of pictures generated per concept (a list in the order of `concepts`) with the
+    seconds and images/s of the generation (`ClassImagesMade`); batches of `batch_size` pictures.
     `seed` -1 picks one at random. `dtype` defaults to fp16 on CUDA, fp32 elsewhere.
     `cancel` is checked between batches; what was made stays.
     Raises ModelError when the model does not exist, ConfigError for bad concepts, ModelBusy while
@@ -121,8 +148,8 @@ def generate_class_images(models: ModelsDir, model_name: str, concepts: list[Con
 
 
 def _generate(model_dir: Path, concepts: list[Concept], *, batch_size, device, progress, cancel, seed,
-              dtype) -> list[int]:
-    generated = [0] * len(concepts)
+              dtype) -> ClassImagesMade:
+    generated = ClassImagesMade([0] * len(concepts))
     for job in plan_class_images(model_dir, concepts):
         clean_leftovers(job.folder)  # a picture a killed run was writing
     jobs = [job for job in plan_class_images(model_dir, concepts) if job.prompts]
@@ -133,9 +160,11 @@ def _generate(model_dir: Path, concepts: list[Concept], *, batch_size, device, p
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     resolution = ModelInfo.load(model_dir / MODEL_INFO_FILE).resolution
-    log.info("Generating %d class images at %dx%d on %s", total, resolution, resolution, device)
+    log.info("Generating %d class images at %dx%d on %s in %s, %d at a time", total, resolution, resolution, device,
+             str(dtype).removeprefix("torch."), batch_size)
     pipe = load_pipeline(model_dir, device=device, dtype=dtype)
     done = 0
+    started = _clock()
     try:
         for job in jobs:
             for start in range(0, len(job.prompts), batch_size):
@@ -146,12 +175,17 @@ def _generate(model_dir: Path, concepts: list[Concept], *, batch_size, device, p
                 _generate_batch(pipe, job, list(numbers), seed, resolution)
                 generated[job.concept_index] += len(numbers)
                 done += len(numbers)
+                generated.seconds = _clock() - started
                 if progress is not None:
-                    progress(f"Generating class images {done}/{total}", done / total)
+                    progress(f"Generating class images {done}/{total} ({generated.images_per_second:.2f} images/s)",
+                             done / total)
     finally:
         del pipe
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if done:
+            log.info("Generated %s, %d at a time, %s on %s", rate_text(done, generated.seconds), batch_size,
+                     str(dtype).removeprefix("torch."), device)
     return generated
 
 

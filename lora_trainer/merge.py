@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .architecture import config_beside, read_spec
 from .compat import installed_clip_name
 from .checkpoint import MODEL_INFO_FILE, ORIGINAL_CONFIG_FILE, PART_FILES, export_checkpoint, is_text_part, load_model_spec
-from .checkpoint_io import FORMATS, CheckpointReader, file_sha256, save_checkpoint
+from .checkpoint_io import FORMATS, BackgroundSha256, CheckpointReader, file_sha256, save_checkpoint
 from .config import ModelInfo, param
 from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
@@ -252,14 +252,22 @@ class Merger:
         return tensor.half() if self.half and tensor.is_floating_point() else tensor
 
     def _merge(self, tensor: torch.Tensor, names: list[str], *, whole: bool) -> torch.Tensor:
-        merged = tensor.to(torch.float32, copy=True)
+        merged = tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         for name in names:
             target = self.targets[name]
             rows = None if whole else target.rows
             view = merged if rows is None else merged[rows[0]:rows[1]]
-            view += self.weights[target.part] * self.lora.modules[name].delta(view).reshape(view.shape)
+            module = self.lora.modules[name]
+            weight = self.weights[target.part]
+            if module.dora_scale is None:
+                # W += weight * (alpha / rank) * up @ down in one fused product, into the rows in place
+                # (`view` of a contiguous row range, so no copy): no [out, in] delta tensor to allocate and add.
+                view.view(view.shape[0], -1).addmm_(module.up.flatten(1).float(), module.down.flatten(1).float(),
+                                                    alpha=weight * module.alpha / module.rank)
+            else:
+                view += weight * module.delta(view).reshape(view.shape)
         result = merged.to(torch.float16 if self.half else tensor.dtype)
-        if not torch.isfinite(result).all():
+        if not _all_finite(result):
             raise ModelError(f"{self.lora.path.name}: merging module {names[0]} gives non-finite values (NaN or inf); "
                              "the LoRA is broken (e.g. NaN from fp16 training) or the Lora Weight is too large")
         self.done.update(names)
@@ -270,6 +278,17 @@ class Merger:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is a number (no NaN or inf), in one pass without a mask tensor.
+
+    A NaN or inf element makes the fp32 sum non-finite; only when the sum is not finite (which finite
+    values can also give, by overflowing) are the elements looked at one by one.
+    """
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
@@ -304,19 +323,24 @@ def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_p
                              f"{info.family.title}; choose a checkpoint of the same family")
         targets = resolve(lora, target_table(spec), family=family.name, where=source.name)
         _check_targets_in(reader, targets)
-        progress(f"Hashing {source.name}", 0.02)
         metadata = {**modelspec(spec.model_type, spec.resolution, spec.prediction_type, out_path.stem),
-                    "lora_trainer_base": source.name, "lora_trainer_base_sha256": file_sha256(source), **metadata}
+                    "lora_trainer_base": source.name, **metadata}
         merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.95))
         merged = ((key, merger.original_tensor(key, reader.get(key))) for key in reader.keys())
-        try:
-            if fmt == "safetensors":
-                # Tensors are written as they are merged: peak memory is one tensor, not the checkpoint.
-                write_safetensors(out_path, _output_layout(reader, half), merged, metadata=metadata, overwrite=overwrite)
-            else:
-                save_checkpoint(dict(merged), out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
-        finally:
-            merger.close()
+        # The source's hash is computed while the tensors are merged and written (a whole pass over the file
+        # before them cost as much as the merge itself); a .safetensors header gets it filled in at the end.
+        with BackgroundSha256(source) as sha256:
+            try:
+                if fmt == "safetensors":
+                    # Tensors are written as they are merged: peak memory is one tensor, not the checkpoint.
+                    write_safetensors(out_path, _output_layout(reader, half), merged, metadata=metadata,
+                                      overwrite=overwrite, deferred={"lora_trainer_base_sha256": sha256.result})
+                else:
+                    tensors = dict(merged)
+                    metadata["lora_trainer_base_sha256"] = sha256.result()
+                    save_checkpoint(tensors, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+            finally:
+                merger.close()
 
 
 def _output_layout(reader: CheckpointReader, half: bool) -> Layout:

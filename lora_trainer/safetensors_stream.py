@@ -14,7 +14,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -27,6 +27,8 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+DEFERRED_WIDTH = 64  # a SHA-256 in hex
+DEFERRED_PLACEHOLDER = "?" * DEFERRED_WIDTH
 
 
 def read_layout(path: str | Path) -> Layout:
@@ -62,17 +64,25 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
-                      metadata: dict[str, str] | None = None, overwrite: bool = False) -> Path:
+                      metadata: dict[str, str] | None = None, overwrite: bool = False,
+                      deferred: dict[str, Callable[[], str]] | None = None) -> Path:
     """Write `tensors` (key, tensor) in the order and with the dtypes and shapes of `layout`.
 
+    `deferred`: metadata entries known only once the tensors are written (a hash computed meanwhile):
+    each value is called then and must be DEFERRED_WIDTH ASCII characters (a SHA-256 in hex); the
+    header is written with a placeholder of that width and patched in place.
     Raises FileExistsError when `path` exists and `overwrite` is False, and
-    ValueError when a tensor does not match its layout entry (a bug in the
-    caller); either way nothing is left under `path`.
+    ValueError when a tensor does not match its layout entry or a deferred value has
+    another width (a bug in the caller); either way nothing is left under `path`.
     """
+    deferred = deferred or {}
+    metadata = {**(metadata or {}), **{key: DEFERRED_PLACEHOLDER for key in deferred}} or None
     blob = encode_header(layout, metadata)
     path = Path(path)
     need = 8 + len(blob) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
-    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "wb") as f:
+    # "r+b", not "wb": the temporary file is new and empty, and on ext4 truncating it (which "wb" does even
+    # to an empty file) marks it to be flushed to disk on close, which made the close wait seconds.
+    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "r+b") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         expected = iter(layout.items())
@@ -85,4 +95,17 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
         left = next(expected, None)
         if left is not None:
             raise ValueError(f"{path.name}: tensor {left[0]} of the layout was never written")
+        for key, value in deferred.items():
+            _patch_metadata(f, blob, key, value())
     return path
+
+
+def _patch_metadata(f, blob: bytes, key: str, value: str) -> None:
+    """Put `value` where the header holds the placeholder of the metadata entry `key`."""
+    data = value.encode("ascii", "replace")
+    if len(data) != DEFERRED_WIDTH or b'"' in data or b"\\" in data:
+        raise ValueError(f"deferred metadata {key!r}: {value!r} is not {DEFERRED_WIDTH} plain characters")
+    entry = json.dumps({key: DEFERRED_PLACEHOLDER}, separators=(",", ":"))[1:-1].encode("utf-8")
+    f.seek(8 + blob.index(entry) + len(entry) - DEFERRED_WIDTH - 1)
+    f.write(data)
+    f.seek(0, 2)

@@ -152,11 +152,12 @@ def class_images(models: ModelsDir, model_name: str, concepts: list[Concept], *,
                           "(or a Dataset Directory) to generate class images")
 
     def job(report: Report, cancel: CancelFlag) -> list[int]:
-        from .classimages import generate_class_images
+        from .classimages import generate_class_images, rate_text
 
         counts = generate_class_images(models, model_name, concepts, device=device, cancel=cancel,
                                        progress=fraction_reporter(report, "class images"))
-        report(Progress(job="class images", message=f"Generated {sum(counts)} class images", step=1, total_steps=1))
+        message = f"Generated {rate_text(sum(counts), counts.seconds)}" if sum(counts) else "Generated 0 class images"
+        report(Progress(job="class images", message=message, step=1, total_steps=1))
         return counts
 
     return job

@@ -1,10 +1,13 @@
-"""The training benchmark's CPU path runs and prints its figures (not a timed test: only that it produces them)."""
+"""The benchmarks run and print their figures (not timed tests: only that they produce them, computed): the
+training step (CPU tiny), the SD 2.x-v and SDXL rows (tiny models), class images/s, create against a copy, and
+the GPU suite's plan with its GPU parts skipped."""
 from __future__ import annotations
 
 import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -28,3 +31,60 @@ def test_the_gpu_mode_says_it_is_skipped_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train_speed.main(["--mode", "gpu"]) == []
     assert "no CUDA GPU here; skipped" in capsys.readouterr().out
+
+
+def test_the_gpu_suite_fits_its_8_minutes_and_skips_its_gpu_parts_without_a_gpu(capsys, monkeypatch):
+    import gpu_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_suite.main([]) == {}
+    printed = capsys.readouterr().out
+    for part in gpu_suite.PARTS:
+        assert f"{part}: no CUDA GPU here; skipped" in printed
+    # The whole command, estimated pessimistically from its step counts, stays under the issue's 8 minutes.
+    minutes = float(re.search(r"estimated at most (\d+\.\d) min", printed).group(1))
+    assert minutes == round(gpu_suite.estimate_seconds(list(gpu_suite.PARTS), 5, 2, 3, 1) / 60, 1) and minutes < 8
+    assert gpu_suite.estimate_seconds(["train"], 50, 2, 3, 1) > 8 * 60  # the estimate does follow the step counts
+
+
+@pytest.mark.one_env
+def test_the_sd2v_and_sdxl_rows_run_on_the_tiny_models(capsys):
+    import family_speed
+
+    lines = family_speed.main(["--tiny", "--steps", "1", "--warmup", "0"])
+    rows = [line for line in lines if re.match(r"^(floor|ours) (sd2v|sdxl) tiny +\d+\.\d+ s/step", line)]
+    assert [" ".join(row.split()[:2]) for row in rows] == ["floor sd2v", "ours sd2v", "floor sdxl", "ours sdxl"], lines
+    assert "rank 4" in rows[1] and "64 px" in rows[3]
+
+
+@pytest.mark.one_env
+def test_the_class_image_benchmark_reports_the_measured_images_per_second(capsys):
+    import class_images_speed
+
+    lines = class_images_speed.main(["--batch-sizes", "2", "--images", "2", "--steps", "2", "--warmup", "0"])
+    assert len(lines) == 1, lines
+    count, seconds, rate = re.search(r"batch 2, float32 on cpu, 2 steps: (\d+) images in (\d+\.\d+) s = "
+                                     r"(\d+\.\d+) images/s", lines[0]).groups()
+    assert int(count) == 2 and float(rate) == pytest.approx(2 / float(seconds), rel=0.05)
+
+
+@pytest.mark.one_env
+def test_the_create_benchmark_builds_a_seeded_checkpoint_and_measures_create_against_a_copy(tmp_path):
+    import create_memory
+    import full_size
+
+    first, again, other = (tmp_path / "Stable-diffusion" / f"{name}.safetensors" for name in ("a", "b", "c"))
+    for path, seed in ((first, 0), (again, 0), (other, 1)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        full_size.full_size_checkpoint(path, "tiny", torch.float16, seed)
+    assert first.read_bytes() == again.read_bytes() != other.read_bytes()
+    job = create_memory.create_phase(tmp_path, first.name)
+    assert (tmp_path / "lora_trainer" / "bench" / "unet").is_dir()
+    copy = full_size.copy_file(first, tmp_path / "copy.safetensors")
+    assert not (tmp_path / "copy.safetensors").exists()
+    size_mb = first.stat().st_size / 2**20
+    time_line, memory_line = full_size.verdict({**job, "process_seconds": 1.0}, [copy, copy], size_mb, "create tiny")
+    ratio = float(re.search(r"= (\d+\.\d+)x the copy", time_line).group(1))
+    assert ratio == pytest.approx(job["seconds"] / copy["seconds"], abs=0.01)
+    assert ("met" if ratio <= 2 else "MISSED") in time_line
+    assert f"{job['owned_mb'] / size_mb:.2f}x the" in memory_line

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import threading
 
@@ -11,6 +12,7 @@ import torch
 from helpers_data import BLUE, solid
 from PIL import Image
 
+from lora_trainer import classimages
 from lora_trainer.classimages import count_class_images, generate_class_images, plan_class_images
 from lora_trainer.cli import main
 from lora_trainer.config import Concept
@@ -104,6 +106,21 @@ def test_generates_exactly_the_missing_pictures(tmp_path, models, caplog):
     assert f"Class dir {folder} has 4 images." in _messages(caplog)
 
 
+def test_the_rate_in_images_per_second_is_measured_and_named_in_the_log_progress_and_result(tmp_path, models, caplog,
+                                                                                          monkeypatch):
+    ticks = iter(range(10, 100, 2))  # a generation clock that advances 2 s per reading
+    monkeypatch.setattr(classimages, "_clock", lambda: float(next(ticks)))
+    concept = Concept(class_data_dir=str(tmp_path / "c"), class_prompt="girl", num_class_images=3, **FAST)
+    messages = []
+    with caplog.at_level(logging.INFO):
+        made = generate_class_images(models, "tiny", [concept], batch_size=2,
+                                     progress=lambda message, fraction: messages.append(message))
+    # Read at the start (10), after the batch of 2 (12) and after the batch of 1 (14).
+    assert made == [3] and made.seconds == 4.0 and made.images_per_second == 0.75
+    assert messages == ["Generating class images 2/3 (1.00 images/s)", "Generating class images 3/3 (0.75 images/s)"]
+    assert "Generated 3 images in 4.0 s (0.75 images/s), 2 at a time, float32 on cpu" in _messages(caplog)
+
+
 def test_cancel_between_batches_then_resume_reproducibly(tmp_path, models):
     concept = Concept(class_data_dir=str(tmp_path / "a"), class_prompt="girl", num_class_images=3, **FAST)
     cancel = threading.Event()
@@ -132,7 +149,11 @@ def test_command_fills_the_models_classifiers_folder(tmp_path, models, capsys, c
     with caplog.at_level(logging.INFO):
         assert main(argv) == 0
     folder = models.model_dir("tiny") / "classifiers_0"
-    assert capsys.readouterr().out.strip() == str(folder)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == str(folder)
+    # The last line gives the rate, worked out from the count and the seconds it prints.
+    count, seconds, rate = re.fullmatch(r"Generated (\d+) images in (\d+\.\d) s \((\d+\.\d\d) images/s\)", printed[1]).groups()
+    assert len(printed) == 2 and int(count) == 2 and float(rate) == pytest.approx(2 / float(seconds), rel=0.2)
     assert f"Class dir {folder} has 0 images." in _messages(caplog)
     assert sorted(p.name for p in folder.iterdir()) == ["class_00000.png", "class_00000.txt",
                                                         "class_00001.png", "class_00001.txt"]

@@ -57,3 +57,30 @@ def test_an_existing_file_is_kept_without_overwrite(tmp_path):
     assert path.read_bytes() == b"mine"
     write_safetensors(path, layout_of(tensors), iter(tensors.items()), overwrite=True)
     assert set(load_file(str(path))) == set(tensors)
+
+
+def test_a_deferred_metadata_entry_is_filled_in_once_the_tensors_are_written(tmp_path):
+    import hashlib
+
+    tensors = sample_tensors()
+    written = []
+    digest = hashlib.sha256(b"source").hexdigest()
+
+    def late() -> str:  # called only after every tensor went to the file
+        assert len(written) == len(tensors)
+        return digest
+
+    def stream():
+        for item in tensors.items():
+            written.append(item[0])
+            yield item
+
+    path = write_safetensors(tmp_path / "out.safetensors", layout_of(tensors), stream(), metadata={"a": "b"},
+                             deferred={"lora_trainer_base_sha256": late})
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"a": "b", "lora_trainer_base_sha256": digest}
+    assert all(torch.equal(load_file(str(path))[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="not 64 plain characters"):
+        write_safetensors(tmp_path / "bad.safetensors", layout_of(tensors), iter(tensors.items()),
+                          deferred={"h": lambda: "short"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..classimages import generate_class_images
+from ..classimages import generate_class_images, rate_text
 from ..data import class_dir_for
 from ..host import ModelsDir
 from . import add_models_dir
@@ -37,4 +37,6 @@ def run(args) -> int:
     for index, (concept, count) in enumerate(zip(concepts, counts)):
         if count:
             print(class_dir_for(concept, index, model_dir))
+    if sum(counts):
+        print(f"Generated {rate_text(sum(counts), counts.seconds)}")
     return 0

@@ -1,0 +1,118 @@
+"""Every figure issue 13 asks of a lent GPU, from one command that finishes in under 8 minutes on one H100/H200.
+
+Parts, in this order (each prints its own header with hardware, versions and settings):
+
+- train:       benchmarks/train_speed.py --mode gpu: SD 1.5 at 512, the floor, the diffusers recipe
+               and ours side by side (rank 4 and 32, checkpointing on and off, text encoder frozen,
+               batch 4), bf16, the "8 GB GPU" and "4 GB card" presets, each with its predicted peak;
+- families:    benchmarks/family_speed.py: SD 2.x-v at 768 px (v-prediction) and SDXL at 1024 px,
+               floor and ours;
+- classimages: benchmarks/class_images_speed.py --mode gpu: images/s of class pictures, SD 1.5 at
+               512 px, fp16, batch sizes 1 and 4;
+- files:       benchmarks/create_memory.py and merge_memory.py on a full-size fp16 checkpoint
+               (CPU work, measured on that machine too): seconds against a plain copy, peak memory.
+
+A part that fails prints its error and the next one runs. Step counts are kept small (GPU time is
+scarce): `--steps 5 --warmup 2` per SD 1.5 row, `--family-steps 3 --family-warmup 1` per SD 2.x-v / SDXL row. Before it starts it prints the estimate of its
+length from those counts; at the end, how long each part took. Without CUDA every GPU part says it
+is skipped (tests/test_benchmarks.py runs it so); `files` then runs only with `--parts files`.
+
+    python benchmarks/gpu_suite.py [--parts train,families,classimages,files] [--steps 5 --warmup 2]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PARTS = ("train", "families", "classimages", "files")
+TRAIN_ROWS, FAMILY_ROWS = 15, 4
+# Seconds on one H100/H200, for the estimate: 0.15-0.45 s per SD 1.5 step (issue 13's table), an SDXL
+# step at 1024 px taken as 3x the slowest; building a row's models with accelerate and its peak
+# prediction 12 s; class images (a 2 GB checkpoint built and created, the pipeline loaded 4 times,
+# 17 pictures of 20 steps) 60 s; create and merge benchmarks (7 processes, 2 GB each) 90 s.
+ROW_SETUP_S, SD15_STEP_S, FAMILY_STEP_S = 12, 0.45, 1.5
+CLASS_IMAGES_S, FILES_S, START_S = 60, 90, 20
+
+
+def estimate_seconds(parts: list[str], steps: int, warmup: int, family_steps: int, family_warmup: int) -> float:
+    """A pessimistic length of the run on one H100/H200, from the step counts."""
+    seconds = START_S
+    if "train" in parts:
+        seconds += TRAIN_ROWS * (ROW_SETUP_S + (steps + warmup) * SD15_STEP_S)
+    if "families" in parts:
+        seconds += FAMILY_ROWS * (ROW_SETUP_S + (family_steps + family_warmup) * FAMILY_STEP_S)
+    if "classimages" in parts:
+        seconds += CLASS_IMAGES_S
+    if "files" in parts:
+        seconds += FILES_S
+    return seconds
+
+
+def run_part(name: str, args, work: Path) -> list[str]:
+    """One part's figures (its printed lines)."""
+    steps = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if name == "train":
+        import train_speed
+
+        return train_speed.main(["--mode", "gpu", *steps])
+    if name == "families":
+        import family_speed
+
+        return family_speed.main(["--steps", str(args.family_steps), "--warmup", str(args.family_warmup)])
+    if name == "classimages":
+        import class_images_speed
+
+        return class_images_speed.main(["--mode", "gpu", "--workdir", str(work)])
+    import create_memory
+    import merge_memory
+
+    return [*create_memory.main(["--dtype", "fp16", "--workdir", str(work)]),
+            *merge_memory.main(["--dtype", "fp16", "--workdir", str(work)])]
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"some of {', '.join(PARTS)} (comma-separated)")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per training row")
+    parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, per training row")
+    parser.add_argument("--family-steps", type=int, default=3, help="measured steps per SD 2.x-v / SDXL row")
+    parser.add_argument("--family-warmup", type=int, default=1, help="steps before measuring, per SD 2.x-v / SDXL row")
+    args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    cuda = torch.cuda.is_available()
+    print(f"# gpu suite: parts {', '.join(parts)}; {args.steps} steps after {args.warmup} warm-up per training row; "
+          f"{args.family_steps} after {args.family_warmup} per SD 2.x-v / SDXL row; estimated at most "
+          f"{estimate_seconds(parts, args.steps, args.warmup, args.family_steps, args.family_warmup) / 60:.1f} min "
+          "on one H100/H200", flush=True)
+    figures, took = {}, {}
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as tmp:
+        for part in parts:
+            if not cuda and (part != "files" or args.parts == ",".join(PARTS)):
+                hint = " (it needs none: --parts files runs it)" if part == "files" else ""
+                print(f"{part}: no CUDA GPU here; skipped{hint}", flush=True)
+                continue
+            started = time.perf_counter()
+            try:
+                figures[part] = run_part(part, args, Path(tmp))
+            except Exception:  # one broken part must not cost the GPU time of the others
+                print(f"{part}: failed:\n{traceback.format_exc()}", flush=True)
+            took[part] = time.perf_counter() - started
+    if took:
+        print("# took: " + ", ".join(f"{part} {seconds:.0f} s" for part, seconds in took.items()) +
+              f"; total {sum(took.values()) / 60:.1f} min", flush=True)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
