@@ -110,3 +110,27 @@ def test_run_measures_plots_and_names_the_best_step(created_sd1, tmp_path):
     def blue(image):
         return int((np.asarray(image) == (37, 99, 235)).all(axis=-1).sum())
     assert blue(plotted) > 0 and blue(plain) == 0
+
+
+def test_the_tabs_loss_plot_shows_the_validation_losses_the_job_reports(models_dir):
+    """The Train tab's poll draws the validation losses the running job reported beside its training losses."""
+    import gradio  # noqa: F401  (the UI needs it)
+    from helpers_hosts import RecordingHost
+
+    from lora_trainer.jobs import JobRunner
+    from lora_trainer.progress import Progress
+    from lora_trainer.ui.controller import Controller
+    from lora_trainer.ui.layout import _poll
+
+    ctl = Controller(RecordingHost(models_dir), JobRunner(RecordingHost(models_dir)))
+
+    def job(report, cancel):
+        report(Progress(job="train", step=1, total_steps=2, loss=0.5))
+        report(Progress(job="train", step=2, total_steps=2, loss=0.4, val_loss=0.3))
+        report(Progress(job="train", step=2, total_steps=2, loss=0.4, val_loss=0.3))  # the same step twice
+
+    ctl.runner.start("train", "train 'cat'", job)
+    assert ctl.runner.wait(timeout=20)
+    assert ctl.state().val_losses == [(2, 0.3)]
+    plotted = _poll(ctl, {}, None)["loss_plot"]
+    assert int((np.asarray(plotted) == (37, 99, 235)).all(axis=-1).sum()) > 0  # the validation curve's blue
