@@ -1,4 +1,4 @@
-"""EMA of the trained weights: the saved LoRA holds the average of the weights after each step
+"""EMA of the trained weights: the saved LoRA (and the previews) hold the average of the weights after each step
 (checked against a hand computation after three steps), the resume state keeps the raw weights and
 the averages, and the next run continues the averages."""
 from __future__ import annotations
@@ -23,7 +23,8 @@ PARAMS = dict(resolution=32, hflip=False, seed=0, train_batch_size=1, unet_learn
 
 
 def _watched_train(models, params, concept, patch_more=None):
-    """Train (with `patch_more(patch, seen)` applied first), recording the trained weights before the first step and after every step (raw, in memory)."""
+    """Train (with `patch_more(patch, seen)` applied first), recording the trained weights before the first
+    step and after every step (raw, in memory)."""
     seen = {"weights": [], "start_ema": None}
     real_loop = train_module.run_loop
 
@@ -47,6 +48,14 @@ def _watched_train(models, params, concept, patch_more=None):
     return result, seen
 
 
+def _recording_samples(drawn: list):
+    """A `patch_more` that records the trained weights as the previews would be drawn with them (drawing nothing)."""
+    def patch_more(patch, seen):
+        patch.setattr(train_module, "draw_samples",
+                      lambda *a, **k: drawn.append([p.detach().clone() for p in seen["loop"].trainable]) or [])
+    return patch_more
+
+
 def _saved_weights(models, params, path):
     """The tensors of a LoRA file, in the order of the run's trainable parameters."""
     folder = models.model_dir("tiny")
@@ -59,11 +68,15 @@ def _saved_weights(models, params, path):
 def test_saved_lora_is_the_hand_computed_ema_after_three_steps_and_resumes(created_sd1, tmp_path):
     models = private_models(created_sd1, tmp_path / "models")
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    params = TrainingParams(max_train_steps=3, **PARAMS)
-    result, seen = _watched_train(models, params, concept)
+    params = TrainingParams(max_train_steps=3, save_preview_every_n_steps=3, **PARAMS)
+    drawn = []
+    result, seen = _watched_train(models, params, concept, _recording_samples(drawn))
     w0, w1, w2, w3 = seen["weights"]
     hand = [DECAY * (DECAY * (DECAY * a + (1 - DECAY) * b) + (1 - DECAY) * c) + (1 - DECAY) * d
             for a, b, c, d in zip(w0, w1, w2, w3)]
+    assert len(drawn) == 1  # the previews of step 3 are drawn with the averages too
+    for got, want in zip(drawn[0], hand):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     saved = _saved_weights(models, params, result.lora_path)
     assert len(saved) == len(hand) > 0
     for got, want in zip(saved, hand):
@@ -90,12 +103,7 @@ def test_a_full_finetune_samples_and_saves_the_ema_and_trains_on_with_the_raw_we
     params = TrainingParams(use_lora=False, max_train_steps=2, learning_rate=1e-3, train_text_encoder=False,
                             save_preview_every_n_steps=2, **{**PARAMS, "use_ema": True})
     drawn = []
-
-    def record_samples(patch, seen):  # the weights in the model while the previews are drawn (no drawing)
-        patch.setattr(train_module, "draw_samples",
-                      lambda *a, **k: drawn.append([p.detach().clone() for p in seen["loop"].trainable]) or [])
-
-    result, seen = _watched_train(models, params, concept, record_samples)
+    result, seen = _watched_train(models, params, concept, _recording_samples(drawn))
     w0, w1, w2 = seen["weights"]
     hand = [DECAY * (DECAY * a + (1 - DECAY) * b) + (1 - DECAY) * c for a, b, c in zip(w0, w1, w2)]
     assert result.lora_path is None and len(drawn) == 1
@@ -109,19 +117,3 @@ def test_a_full_finetune_samples_and_saves_the_ema_and_trains_on_with_the_raw_we
     for got, want in zip(saved, hand):  # the model written is the average
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
-
-def test_lora_samples_are_drawn_with_the_ema_weights(created_sd1, tmp_path):
-    models = private_models(created_sd1, tmp_path / "models")
-    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    drawn = []
-
-    def record_samples(patch, seen):
-        patch.setattr(train_module, "draw_samples",
-                      lambda *a, **k: drawn.append([p.detach().clone() for p in seen["loop"].trainable]) or [])
-
-    _, seen = _watched_train(models, TrainingParams(max_train_steps=1, save_preview_every_n_steps=1, **PARAMS),
-                             concept, record_samples)
-    w0, w1 = seen["weights"]
-    assert len(drawn) == 1
-    for got, a, b in zip(drawn[0], w0, w1):
-        torch.testing.assert_close(got, DECAY * a + (1 - DECAY) * b, rtol=1e-5, atol=1e-6)
