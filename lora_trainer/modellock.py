@@ -76,9 +76,18 @@ def check_not_busy(model_dir: Path, job: str) -> None:
         raise ModelBusy(_busy_message(model_dir, job, holder))
 
 
+def this_process() -> dict:
+    """This process as a lock names it: pid, host and start (telling a reused pid apart)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
+
+
+def owner_alive(record: dict) -> bool:
+    """Whether the process `record` (`this_process()` of some process) names still runs."""
+    return _alive(record)
+
+
 def _acquire(path: Path, job: str) -> dict:
-    record = {"job": job, "pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid()),
-              "started": time.time()}
+    record = {"job": job, **this_process(), "started": time.time()}
     for _ in range(50):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

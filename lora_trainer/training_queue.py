@@ -3,14 +3,18 @@
 Each item is a model with the settings it is to train with (Parameters and
 Concepts as dicts, frozen when it was added). The queue lives in
 `<models>/lora_trainer/queue.json`, rewritten atomically at every change, so it
-survives a restart of the app: an item that was running when the app stopped
-goes back to "pending" (training continues from its last save). `run_queue`
+survives a restart of the app. Every operation reads the file afresh and
+changes only its own item, so the tab's Add to Queue while the queue runs, a
+second page and the command line all see and keep each other's items. A
+running item names its process; one whose process is gone (the app stopped)
+reads as "pending" again (training continues from its last save). `run_queue`
 takes the pending items in order; an item that fails is marked "failed" with
 its error and the next one starts; a Cancel stops the queue after saving the
 running item, which stays "cancelled".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -18,18 +22,26 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .config import CONCEPTS_FILE, PARAMS_FILE, Concept, TrainingParams, load_concepts
 from .errors import ConfigError
 from .fileio import atomic_write_text
 from .host import ModelsDir
+from .modellock import owner_alive, this_process
 from .progress import CancelFlag, Report, no_report
+
+try:  # one process at a time changes the file (the app and a command line); absent on Windows
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: the threads of one process are still serialised
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
 QUEUE_FILE = "queue.json"
 STATUSES = ("pending", "running", "done", "failed", "cancelled")
+_process_locks: dict[str, threading.RLock] = {}  # queue file -> the lock every TrainingQueue of it shares
+_process_locks_guard = threading.Lock()
 
 
 @dataclass
@@ -42,6 +54,7 @@ class QueueItem:
     lora: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     added_at: float = field(default_factory=time.time)
+    runner: dict = field(default_factory=dict)  # the process training it while "running" (modellock.this_process)
 
     def describe(self) -> str:
         tail = f": {self.error}" if self.error else (f": {self.lora}" if self.lora else "")
@@ -49,16 +62,37 @@ class QueueItem:
 
 
 class TrainingQueue:
-    """The items of `path` (a JSON list); every change is written back at once. Thread-safe."""
+    """The items of `path` (a JSON list). Every call reads the file and writes its change back at once,
+    under a lock shared by the threads of this process and (where the system has `fcntl`) other processes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._lock = threading.RLock()
-        self.items: list[QueueItem] = self._read()
+        with _process_locks_guard:
+            self._lock = _process_locks.setdefault(str(self.path.resolve()), threading.RLock())
+        self.items  # noqa: B018 - a broken file is refused when the queue is opened
 
     @classmethod
     def at(cls, models: ModelsDir) -> "TrainingQueue":
         return cls(models.working / QUEUE_FILE)
+
+    @property
+    def items(self) -> list[QueueItem]:
+        """What the file holds now. Raises ConfigError naming the file when it is not a queue."""
+        with self._exclusive():
+            return self._read()
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._lock:
+            if fcntl is None or not self.path.parent.is_dir():
+                yield
+                return
+            with open(self.path.with_name(f".{self.path.name}.lock"), "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _read(self) -> list[QueueItem]:
         """Raises ConfigError naming the file when it is not a queue."""
@@ -70,37 +104,58 @@ class TrainingQueue:
         except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise ConfigError(f"{self.path}: not a training queue ({e}); fix or delete the file") from None
         for item in items:
-            if item.status == "running":  # the app stopped while it trained: it continues from its last save
-                item.status = "pending"
+            if item.status == "running" and not owner_alive(item.runner):
+                # its process stopped while it trained: it continues from its last save when run again
+                item.status, item.runner = "pending", {}
         return items
 
-    def save(self) -> None:
-        with self._lock:
-            atomic_write_text(self.path, json.dumps([asdict(i) for i in self.items], indent=2) + "\n")
+    def _write(self, items: list[QueueItem]) -> None:
+        atomic_write_text(self.path, json.dumps([asdict(i) for i in items], indent=2) + "\n")
 
     def add(self, model: str, params: TrainingParams, concepts: list[Concept]) -> QueueItem:
         """Append a training of `model` with these settings; returns the item."""
         item = QueueItem(model, params.to_dict(), [c.to_dict() for c in concepts])
-        with self._lock:
-            self.items.append(item)
-            self.save()
-        log.info("Queued training of %s (%d waiting)", model, len(self.pending()))
+        with self._exclusive():
+            items = self._read()
+            self._write(items + [item])
+        log.info("Queued training of %s (%d waiting)", model, sum(i.status == "pending" for i in items) + 1)
         return item
 
     def pending(self) -> list[QueueItem]:
-        with self._lock:
-            return [i for i in self.items if i.status == "pending"]
+        return [i for i in self.items if i.status == "pending"]
+
+    def claim(self, item: QueueItem) -> bool:
+        """Mark `item` "running" for this process if it is still pending (no other runner took it)."""
+        with self._exclusive():
+            items = self._read()
+            stored = next((i for i in items if i.id == item.id), None)
+            if stored is None or stored.status != "pending":
+                return False
+            stored.status, stored.runner = "running", this_process()
+            self._write(items)
+        item.status, item.runner = stored.status, stored.runner
+        return True
 
     def mark(self, item: QueueItem, status: str, *, error: str = "", lora: str = "") -> None:
-        with self._lock:
-            item.status, item.error, item.lora = status, error, lora
-            self.save()
+        """Set `item`'s status (and error or LoRA); an item no longer in the file is put back at its end."""
+        runner = this_process() if status == "running" else {}
+        with self._exclusive():
+            items = self._read()
+            stored = next((i for i in items if i.id == item.id), None)
+            if stored is None:
+                items.append(item)
+                stored = item
+            stored.status, stored.error, stored.lora, stored.runner = status, error, lora, runner
+            self._write(items)
+        item.status, item.error, item.lora, item.runner = status, error, lora, runner
 
-    def clear_finished(self) -> None:
-        """Forget the items that are done, failed or cancelled."""
-        with self._lock:
-            self.items = [i for i in self.items if i.status in ("pending", "running")]
-            self.save()
+    def clear_finished(self) -> int:
+        """Forget the items that are done, failed or cancelled; returns how many were removed."""
+        with self._exclusive():
+            items = self._read()
+            kept = [i for i in items if i.status in ("pending", "running")]
+            self._write(kept)
+        return len(items) - len(kept)
 
 
 def saved_settings(models: ModelsDir, model: str) -> tuple[TrainingParams, list[Concept]]:
@@ -132,7 +187,8 @@ def run_queue(models: ModelsDir, queue: TrainingQueue, *, train_fn: TrainFn | No
     while (waiting := [i for i in queue.pending() if only is None or i.id in only]) \
             and not (cancel is not None and cancel.is_set()):
         item = waiting[0]
-        queue.mark(item, "running")
+        if not queue.claim(item):  # another runner (the command line, another page's job) took it meanwhile
+            continue
         ran.append(item)
         log.info("Queue: training %s (%d more waiting)", item.model, len(waiting) - 1)
         try:

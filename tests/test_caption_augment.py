@@ -65,3 +65,43 @@ def test_off_by_default_and_never_for_written_prompts(tmp_path):
 def test_rates_out_of_range_are_refused():
     with pytest.raises(ConfigError, match="caption_dropout_rate"):
         TrainingParams(caption_dropout_rate=1.5)
+
+
+def test_a_resumed_run_augments_with_the_seed_the_interrupted_run_picked(created_sd1, tmp_path, monkeypatch):
+    """Seed -1 picks one at random: the run started again after a Cancel draws its captions from that same
+    seed, so steps 3-4 see the captions an uninterrupted run would have."""
+    import threading
+
+    from helpers_train import private_models
+
+    from lora_trainer.data import DreamBoothDataset
+    from lora_trainer.lora import read_lora
+    from lora_trainer.train import train
+
+    models = private_models(created_sd1, tmp_path / "models")
+    folder = tmp_path / "pictures"
+    for name in ("a", "b", "c"):
+        solid(folder / f"{name}.png", size=(32, 32), caption=", ".join(["scs girl"] + TAGS))
+    concept = Concept(instance_data_dir=str(folder), instance_prompt="[filewords]")
+    params = TrainingParams(max_train_steps=4, resolution=32, hflip=False, seed=-1, train_text_encoder=False,
+                            shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.3)
+    drawn: list[tuple[int, str]] = []
+    real = DreamBoothDataset.prompt_of
+
+    def recording(self, index):
+        prompt = real(self, index)
+        drawn.append((self.seed, prompt))
+        return prompt
+
+    monkeypatch.setattr(DreamBoothDataset, "prompt_of", recording)
+    cancel = threading.Event()
+    first = train(models, "tiny", params, [concept], cancel=cancel, device="cpu",
+                  report=lambda p: p.step == 2 and p.loss is not None and cancel.set())
+    assert first.cancelled and first.steps == 2
+    picked = int(read_lora(first.lora_path)[1]["ss_seed"])
+    assert {seed for seed, _ in drawn} == {picked}
+    drawn.clear()
+    second = train(models, "tiny", params, [concept], device="cpu")
+    assert (second.steps, second.lifetime_steps) == (2, 4)
+    assert drawn and {seed for seed, _ in drawn} == {picked}
+    assert any(prompt != ", ".join(["scs girl"] + TAGS) for _, prompt in drawn)  # the captions were augmented

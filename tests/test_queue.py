@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 from helpers_train import instance_pictures, private_models
 from lora_trainer.cli import main
@@ -62,7 +64,13 @@ def test_the_queue_survives_a_restart_and_an_interrupted_item_runs_again(tmp_pat
     queue = TrainingQueue.at(models)
     first = queue.add("a", TrainingParams(rank=8), [Concept(instance_data_dir="x")])
     queue.add("b", TrainingParams(), [])
-    queue.mark(first, "running")  # the app stops here
+    assert queue.claim(first) and not queue.claim(first)  # one runner per item
+    assert TrainingQueue.at(models).items[0].status == "running"  # while its process runs
+    # The app stops here: the process that claimed the item is gone.
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    saved = json.loads((models.working / QUEUE_FILE).read_text())
+    saved[0]["runner"]["pid"] = int(gone.stdout)
+    (models.working / QUEUE_FILE).write_text(json.dumps(saved))
     again = TrainingQueue.at(models)
     assert [(i.model, i.status) for i in again.items] == [("a", "pending"), ("b", "pending")]
     assert again.items[0].params["rank"] == 8 and again.items[0].concepts[0]["instance_data_dir"] == "x"
@@ -100,3 +108,57 @@ def test_add_to_queue_in_the_tab_runs_the_queue_with_the_tabs_settings(created_s
     assert state.error is None and "tiny2 [done]" in state.progress.message, state.progress.message
     assert [p.name for p in models.lora.glob("*.safetensors")] == ["tiny2_1.safetensors"]
     assert ctl.run_queue() == "The queue is empty."
+
+
+def test_the_tabs_queue_box_follows_queue_json_and_clear_finished_keeps_the_waiting(tmp_path):
+    """The box is read from the file, so a page after a restart (or a CLI run meanwhile) shows what it holds."""
+    import gradio  # noqa: F401  (the UI needs it)
+
+    from helpers_hosts import RecordingHost
+    from lora_trainer.host import ModelsDir
+    from lora_trainer.ui.controller import Controller
+    from lora_trainer.ui.layout import _poll
+
+    models = ModelsDir.at(tmp_path / "models")
+    ctl = Controller(RecordingHost(models))
+    assert ctl.queue_text() == "The queue is empty."
+    first = _poll(ctl, {}, None)
+    assert first["queue"] == "The queue is empty." and _poll(ctl, first["seen"], None) == {}
+    queue = TrainingQueue.at(models)  # as another process would: the app learns of it from the file
+    done, failed = queue.add("a", TrainingParams(), []), queue.add("b", TrainingParams(), [])
+    queue.add("c", TrainingParams(), [])
+    queue.mark(done, "done", lora="/x/a_1.safetensors")
+    queue.mark(failed, "failed", error="ConfigError: no pictures")
+    shown = "1. a [done]: /x/a_1.safetensors\n2. b [failed]: ConfigError: no pictures\n3. c [pending]"
+    changed = _poll(ctl, first["seen"], None)
+    assert changed["queue"] == shown
+    assert "queue" not in _poll(ctl, {**changed["seen"], "version": -1}, None)  # sent only when it changed
+    assert ctl.clear_queue() == "Removed 2 finished item(s) from the queue; 1 left."
+    assert ctl.queue_text() == "1. c [pending]"
+    (models.working / QUEUE_FILE).write_text("{not json")
+    assert ctl.queue_text().startswith(f"Error: {models.working / QUEUE_FILE}: not a training queue")
+
+
+def test_an_item_added_while_the_queue_runs_is_kept_and_runs_after_the_current_one(tmp_path):
+    """The tab's Add to Queue during a run opens the queue afresh: the running queue neither loses its item nor
+    shows the running item as waiting."""
+    from lora_trainer.host import ModelsDir
+
+    models = ModelsDir.at(tmp_path / "models")
+    TrainingQueue.at(models).add("a", TrainingParams(), [])
+    trained, seen = [], []
+
+    class Result:
+        lora_path, cancelled = None, False
+
+    def fake_train(models, model, params, concepts, **kwargs):
+        trained.append(model)
+        if model == "a":  # what another page's click does while "a" trains
+            TrainingQueue.at(models).add("b", TrainingParams(), [])
+            seen.append([(i.model, i.status) for i in TrainingQueue.at(models).items])
+        return Result()
+
+    ran = run_queue(models, TrainingQueue.at(models), train_fn=fake_train)
+    assert trained == ["a", "b"] and [i.model for i in ran] == ["a", "b"]
+    assert seen == [[("a", "running"), ("b", "pending")]]
+    assert [(i.model, i.status) for i in TrainingQueue.at(models).items] == [("a", "done"), ("b", "done")]

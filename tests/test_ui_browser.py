@@ -30,7 +30,7 @@ JOB_TIMEOUT_MS = 120_000
 GRADIO_TEMPLATE_REQUESTS = ("iframeResizer.contentWindow.min.js",)
 
 
-def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -44,34 +44,60 @@ def wait_for_server(url: str, process: subprocess.Popen, log: Path, timeout: flo
     raise RuntimeError(f"the app did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+class App:
+    """The standalone app in a subprocess on a fresh models folder; unpacks as (url, models folder, log).
+    `restart()` stops it and starts it again on the same folder (a new port), as a user restarting it."""
+
+    def __init__(self, root: Path):
+        self.root, self.models, self.log = root, root / "models", root / "app.log"
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def __iter__(self):
+        return iter((self.url, self.models, self.log))
+
+    def start(self) -> None:
+        port = free_port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+               "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        with open(self.log, "a") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--models-dir",
+                                             str(self.models), "--port", str(port)], cwd=self.root, env=env,
+                                            stdout=out, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}/"
+        wait_for_server(self.url, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The standalone app in a subprocess: (url, models folder)."""
-    root = tmp_path_factory.mktemp("ui-app")
-    models = root / "models"
-    port = free_port()
-    log = root / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "lora_trainer", "ui", "--models-dir", str(models),
-                                    "--port", str(port)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    """The standalone app in a subprocess: (url, models folder, log)."""
+    running = App(tmp_path_factory.mktemp("ui-app"))
     try:
-        wait_for_server(url, process, log)
-        yield url, models, log
+        running.start()
+        yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        running.stop()
 
 
 @pytest.fixture(scope="module")
 def page(app):
     require_chromium()
-    url, _, _ = app
+    url = app.url
     blocked: list[str] = []
 
     def only_this_machine(route):
@@ -424,3 +450,63 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
                        r"'cat'; merged into 'dog'$")
     ours = [u for u in page.blocked if not u.endswith(GRADIO_TEMPLATE_REQUESTS)]
     assert ours == [], f"the page tried to reach other hosts: {ours}"
+
+
+def queue_shows(page, pattern: str) -> str:
+    """Wait until the Train tab's Queue box matches `pattern` (a regular expression); return its text."""
+    open_tab(page, "Train")
+    try:
+        page.wait_for_function("p => { const e = document.querySelector('#lora_trainer_queue textarea');"
+                               " return e && new RegExp(p).test(e.value); }", arg=pattern, timeout=JOB_TIMEOUT_MS)
+    except sync_api.TimeoutError:
+        shot(page, "queue-timeout")
+        raise AssertionError(f"the Queue box never matched {pattern!r}; it shows "
+                             f"{value(page, 'lora_trainer_queue')!r}") from None
+    return value(page, "lora_trainer_queue")
+
+
+def test_the_queue_from_the_tab_survives_a_restart_and_a_failed_item_lets_the_next_run(page, app):
+    """Add to Queue three times while the first trains; Cancel; restart the app; the reloaded tab shows the
+    queue; Run Queue: 'dog' (no pictures) fails with its error and 'cat' trains its one step."""
+    _, models, _ = app
+    choose_model(page, "cat")
+    open_tab(page, "Parameters")
+    wait_value(page, "lora_trainer_param_max_train_steps", "3")  # cat's saved settings have landed
+    type_into(page, "lora_trainer_param_max_train_steps", "500")  # long: the next two wait behind it
+    type_into(page, "lora_trainer_param_num_train_epochs", "500")
+    click(page, "lora_trainer_add_to_queue")
+    wait_message(page, "^Added 'cat' to the queue. Started training queue")
+    queue_shows(page, r"^1\. cat \[running\]$")
+    choose_model(page, "dog")  # its concept's folder has no pictures: it will fail
+    click(page, "lora_trainer_add_to_queue")
+    wait_message(page, "^Added 'dog' to the queue. 1 waiting; they run after the current one")
+    choose_model(page, "cat")
+    open_tab(page, "Parameters")
+    # cat's saved settings have landed: the running item's (Train writes them at its start), or still the old
+    page.wait_for_function("() => /^(3|500)$/.test(document.querySelector("
+                           "'#lora_trainer_param_max_train_steps input').value)")
+    type_into(page, "lora_trainer_param_max_train_steps", "1")
+    click(page, "lora_trainer_add_to_queue")
+    wait_message(page, "^Added 'cat' to the queue. 2 waiting")
+    queue_shows(page, r"^1\. cat \[running\]\n2\. dog \[pending\]\n3\. cat \[pending\]$")
+    click(page, "lora_trainer_cancel")
+    wait_status(page, "training queue cancelled")
+    queue_shows(page, r"^1\. cat \[cancelled\]: .*cat_\d+\.safetensors\n2\. dog \[pending\]\n3\. cat \[pending\]$")
+    shot(page, "6-queued")
+
+    app.restart()
+    page.goto(app.url)
+    page.wait_for_selector("#lora_trainer_train")
+    queue_shows(page, r"^1\. cat \[cancelled\].*\n2\. dog \[pending\]\n3\. cat \[pending\]$")
+    loras = set(models.joinpath("Lora").glob("cat_*.safetensors"))
+    click(page, "lora_trainer_run_queue")
+    wait_message(page, "^Started training queue")
+    wait_status(page, "training queue finished")
+    shown = queue_shows(page, r"\n3\. cat \[done\]: .*cat_\d+\.safetensors$")
+    assert re.search(r"^2\. dog \[failed\]: ConfigError: Concept 1 Dataset Directory .*no pictures", shown, re.M), shown
+    assert len(set(models.joinpath("Lora").glob("cat_*.safetensors")) - loras) == 1
+    assert "Queue: training dog failed" in value(page, "lora_trainer_log")
+    shot(page, "7-queue-ran")
+    click(page, "lora_trainer_clear_queue")
+    wait_message(page, "^Removed 3 finished item\\(s\\) from the queue; 0 left")
+    queue_shows(page, "^The queue is empty.$")

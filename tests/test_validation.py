@@ -110,3 +110,49 @@ def test_run_measures_plots_and_names_the_best_step(created_sd1, tmp_path):
     def blue(image):
         return int((np.asarray(image) == (37, 99, 235)).all(axis=-1).sum())
     assert blue(plotted) > 0 and blue(plain) == 0
+
+
+def test_the_tabs_loss_plot_shows_the_validation_losses_the_job_reports(models_dir):
+    """The Train tab's poll draws the validation losses the running job reported beside its training losses."""
+    import gradio  # noqa: F401  (the UI needs it)
+    from helpers_hosts import RecordingHost
+
+    from lora_trainer.jobs import JobRunner
+    from lora_trainer.progress import Progress
+    from lora_trainer.ui.controller import Controller
+    from lora_trainer.ui.layout import _poll
+
+    ctl = Controller(RecordingHost(models_dir), JobRunner(RecordingHost(models_dir)))
+
+    def job(report, cancel):
+        report(Progress(job="train", step=1, total_steps=2, loss=0.5))
+        report(Progress(job="train", step=2, total_steps=2, loss=0.4, val_loss=0.3))
+        report(Progress(job="train", step=2, total_steps=2, loss=0.4, val_loss=0.3))  # the same step twice
+
+    ctl.runner.start("train", "train 'cat'", job)
+    assert ctl.runner.wait(timeout=20)
+    assert ctl.state().val_losses == [(2, 0.3)]
+    plotted = _poll(ctl, {}, None)["loss_plot"]
+    assert int((np.asarray(plotted) == (37, 99, 235)).all(axis=-1).sum()) > 0  # the validation curve's blue
+
+
+def test_the_best_saved_lora_is_named_and_kept_while_older_intermediate_files_go(created_sd1, tmp_path,
+                                                                                   monkeypatch):
+    """Saving every step and keeping the last one: the best step's file (step 2 here) stays beside the last
+    intermediate (3) and the final file (4), while step 1's goes; the end names it."""
+    from lora_trainer.training import validation as validation_module
+
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(_pictures(tmp_path / "pictures", count=4)), instance_prompt="[filewords]")
+    measured = iter([0.5, 0.2, 0.4, 0.6])  # the loss of steps 1-4: step 2 is the best
+    monkeypatch.setattr(validation_module, "validation_loss", lambda *a, **k: next(measured))
+    params = TrainingParams(max_train_steps=4, resolution=RES, hflip=False, seed=0, train_text_encoder=False,
+                            validation_split=0.25, save_every_n_steps=1, keep_last_n_saves=1,
+                            use_lifetime_steps=False)
+    reports = []
+    result = train(models, "tiny", params, [concept], report=reports.append, device="cpu")
+    assert result.best_step == 2 and result.best_lora == models.lora / "tiny_2.safetensors"
+    assert sorted(p.name for p in models.lora.glob("*.safetensors")) == \
+        ["tiny_2.safetensors", "tiny_3.safetensors", "tiny_4.safetensors"]
+    named = [r.message for r in reports if r.message.startswith("Best validation loss")]
+    assert named and named[-1].startswith("Best validation loss 0.200000 at step 2") and "tiny_2" in named[-1]

@@ -169,6 +169,28 @@ class Controller:
             return f"Error: {e}"
         return self.run_queue(added=model)
 
+    def queue_text(self) -> str:
+        """The Train tab's "Queue" box: one line per item ("1. cat [failed]: error"), read from queue.json.
+
+        Read afresh at every look (a small file), so every page, also one opened after a restart of
+        the app or while the command line runs a queue, shows what the file holds.
+        """
+        try:
+            items = tasks.open_queue(self.models).items
+        except LoraTrainerError as e:
+            return f"Error: {e}"
+        return "\n".join(f"{n}. {item.describe()}" for n, item in enumerate(items, 1)) or "The queue is empty."
+
+    def clear_queue(self) -> str:
+        """"Clear Finished": forget the queue's done, failed and cancelled items; the waiting ones stay."""
+        try:
+            queue = tasks.open_queue(self.models)
+            removed = queue.clear_finished()
+            left = len(queue.items)
+        except LoraTrainerError as e:
+            return f"Error: {e}"
+        return f"Removed {removed} finished item(s) from the queue; {left} left."
+
     def run_queue(self, added: str | None = None) -> str:
         """"Run Queue": train the queue's waiting items one after another (those left by a restart too)."""
         queue = tasks.open_queue(self.models)

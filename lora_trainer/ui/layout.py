@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable, Sequence
 
 import gradio as gr
@@ -25,7 +26,8 @@ POLL_SECONDS = 1.0
 # The buttons whose answer goes to the Message box: a click empties it at once.
 MESSAGE_BUTTONS = ("create_button", "train_button", "cancel_button", "class_images_button", "check_memory_button",
                    "generate_ckpt_button", "save_params_button", "load_params_button", "apply_preset_button",
-                   "load_concepts_button", "save_concepts_button")
+                   "load_concepts_button", "save_concepts_button", "add_to_queue_button", "run_queue_button",
+                   "clear_queue_button")
 LOG_LINES_SHOWN = 400
 REFRESH = "\U0001f504"  # the web UI's refresh button glyph
 
@@ -198,6 +200,13 @@ def _train_tab(w: Widgets, ctl: Controller) -> None:
     state = ctl.state()
     w.add("status", compat.component(gr.HTML, value=render.status_html(state), elem_id=eid("status")))
     w.add("progress", compat.component(gr.HTML, value=render.progress_html(state), elem_id=eid("progress")))
+    with gr.Row(elem_id=eid("queue_row")):
+        w.add("queue", compat.component(gr.Textbox, label="Queue", lines=3, max_lines=8, interactive=False,
+                                        value=ctl.queue_text(), elem_id=eid("queue"), scale=4,
+                                        info="Trainings added with Add to Queue, in order, with their status; "
+                                             "kept across restarts of the app."))
+        w.add("clear_queue_button", compat.component(gr.Button, value="Clear Finished", elem_id=eid("clear_queue"),
+                                                     scale=1))
     with gr.Row():
         w.add("loss_plot", compat.component(gr.Image, label="Loss", type="pil", interactive=False,
                                             value=render.loss_plot(state.losses, state.val_losses), elem_id=eid("loss_plot")))
@@ -234,7 +243,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     info_keys = [f"info.{n}" for n in INFO_FIELDS]
     msg = ["message"]
     # Per-model fields follow the chosen model; the web UI's ui-config.json must not pin them.
-    compat.keep_out_of_host_config(w.components(["model", "lora", "preset", "message", "log"] + param_keys
+    compat.keep_out_of_host_config(w.components(["model", "lora", "preset", "message", "log", "queue"] + param_keys
                                                 + concept_keys + info_keys))
     for key in MESSAGE_BUTTONS:
         compat.clear_on_click(w[key], w["message"])
@@ -243,8 +252,12 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
                                                                       "create.extract_ema", "create.overwrite"], msg)
     _on(w["train_button"], lambda n: {"message": ctl.train(n)}, w, settings, msg)
     _on(w["cancel_button"], lambda n: {"message": ctl.cancel()}, w, [], msg)
-    _on(w["add_to_queue_button"], lambda n: {"message": ctl.add_to_queue(n)}, w, settings, msg)
-    _on(w["run_queue_button"], lambda n: {"message": ctl.run_queue()}, w, [], msg)
+    queue_out = msg + ["queue"]
+    _on(w["add_to_queue_button"], lambda n: {"message": ctl.add_to_queue(n), "queue": ctl.queue_text()}, w,
+        settings, queue_out)
+    _on(w["run_queue_button"], lambda n: {"message": ctl.run_queue(), "queue": ctl.queue_text()}, w, [], queue_out)
+    _on(w["clear_queue_button"], lambda n: {"message": ctl.clear_queue(), "queue": ctl.queue_text()}, w, [],
+        queue_out)
     _on(w["class_images_button"], lambda n: {"message": ctl.class_images(n)}, w, settings, msg)
     _on(w["check_memory_button"], lambda n: {"message": ctl.check_memory(n)}, w, ["model"] + param_keys, msg)
     _on(w["generate_ckpt_button"], lambda n: {"message": ctl.generate_ckpt(n)}, w,
@@ -310,13 +323,14 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
         """A new page, a reload or "Reload UI": the model shown is one that exists now, with its settings."""
         models = ctl.model_choices()
         chosen = model if model in models else (models[0] if models else None)
-        values = {"model": compat.update(choices=models, value=chosen), **model_values(chosen or "")}
-        return [values.get(k, compat.no_change()) for k in ["model"] + follow + msg]
+        values = {"model": compat.update(choices=models, value=chosen), **model_values(chosen or ""),
+                  "queue": ctl.queue_text()}
+        return [values.get(k, compat.no_change()) for k in ["model"] + follow + msg + ["queue"]]
 
-    compat.on_load(demo, page_opened, [w["model"]], w.components(["model"] + follow + msg))
+    compat.on_load(demo, page_opened, [w["model"]], w.components(["model"] + follow + msg + ["queue"]))
 
     poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source",
-                "into", "message"] + info_keys
+                "into", "message", "queue"] + info_keys
 
     def poll(seen, model, lora):
         values = _poll(ctl, seen or {}, model, lora)
@@ -332,9 +346,15 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
 def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = None) -> dict[str, Any]:
     """What changed since this page last looked: only those outputs are sent."""
     state = ctl.state()
-    if seen.get("version") == state.version and seen.get("finished") == state.finished_jobs:
+    # The queue changes also without a job of this app (another page's Add to Queue, a CLI run).
+    queue = ctl.queue_text()
+    queue_mark = zlib.crc32(queue.encode())
+    if seen.get("version") == state.version and seen.get("finished") == state.finished_jobs \
+            and seen.get("queue") == queue_mark:
         return {}
     out: dict[str, Any] = {"status": render.status_html(state), "progress": render.progress_html(state)}
+    if seen.get("queue") != queue_mark:
+        out["queue"] = queue
     if seen.get("losses") != len(state.losses) + len(state.val_losses) or seen.get("job") != state.started:
         out["loss_plot"] = render.loss_plot(state.losses, state.val_losses)
     if seen.get("samples") != len(state.samples) or seen.get("job") != state.started:
@@ -352,7 +372,8 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
                     "into": compat.update(choices=[""] + ctl.source_choices())})
     out["seen"] = {"version": state.version, "finished": state.finished_jobs,
                    "losses": len(state.losses) + len(state.val_losses),
-                   "samples": len(state.samples), "log": list(log_mark), "job": state.started}
+                   "samples": len(state.samples), "log": list(log_mark), "job": state.started,
+                   "queue": queue_mark}
     return out
 
 
