@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 
 import yaml
 from safetensors import safe_open
@@ -31,12 +32,13 @@ def test_the_tiny_sdxl_yaml_builds_in_sgm(tiny_sdxl):
     assert _embedder(config, "FrozenOpenCLIPEmbedder2")["params"]["arch"] == TINY_OPENCLIP_ARCH
 
 
-def test_the_extension_registers_the_tiny_text_encoder_with_open_clip(tiny_sdxl, tmp_path):
+def test_the_extension_registers_the_tiny_text_encoder_with_open_clip(tiny_sdxl, tmp_path, monkeypatch):
+    open_clip = importlib.import_module("helpers_open_clip")
+    monkeypatch.setitem(sys.modules, "open_clip", open_clip)
     with StandinWebUI(tmp_path / "webui") as webui:
         webui.load_extension_script()
-        architecture = importlib.import_module("open_clip").get_model_config(TINY_OPENCLIP_ARCH)
-        added = [c for c in webui.calls.calls if c[0] == "open_clip.add_model_config"]
-    assert len(added) == 1 and architecture is not None
+    architecture = open_clip.get_model_config(TINY_OPENCLIP_ARCH)
+    assert len(open_clip.added) == 1 and architecture is not None
     # What open_clip builds from it is what the checkpoint holds (the web UI loads it with strict=False,
     # so a mismatch would leave random weights silently).
     text = architecture["text_cfg"]

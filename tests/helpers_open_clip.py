@@ -1,15 +1,16 @@
 """Stand-in of open_clip 2.20.0 (the web UI v1.10.1's pin): only its registry of architecture configs
 (open_clip/factory.py `add_model_config`, `get_model_config`, `list_models`, copied), without the
-architectures it ships. The web UI's SDXL loader builds its second text encoder from such a config's name."""
+architectures it ships. The web UI's SDXL loader builds its second text encoder from such a config's name.
+A test puts it into sys.modules as `open_clip`; it is not on the stand-in's path, where it would hide the
+real package's files (lora_trainer.tokenizer reads open_clip's BPE vocabulary from them)."""
 import json
 import re
 from copy import deepcopy
 from pathlib import Path
 
-import webui_standin_calls
-
 _MODEL_CONFIG_PATHS = []
 _MODEL_CONFIGS = {}
+added = []  # the paths add_model_config was given
 
 
 def _natural_key(string_):
@@ -37,7 +38,7 @@ def list_models():
 
 
 def add_model_config(path):
-    webui_standin_calls.record("open_clip.add_model_config", str(path))
+    added.append(str(path))
     if not isinstance(path, Path):
         path = Path(path)
     _MODEL_CONFIG_PATHS.append(path)
