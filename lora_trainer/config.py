@@ -253,7 +253,7 @@ class TrainingParams(JsonConfig):
     text_encoder_2_alpha: float = param(0.0, "Lora Text Encoder 2 Alpha", "SDXL only: scale of the second text encoder's adapters is alpha / its rank; 0 = the Lora Text Encoder Alpha. Models with one text encoder ignore it.", minimum=0.0, advanced=True)
     conv_rank: int = param(0, "LoCon Conv Rank", "LoCon: also adapt the UNet's ResNet, downsampler and upsampler convolutions, the 3x3 ones with this rank (kohya's conv_dim; 4 to 16 is usual). Learns texture and style better; a larger file. 0 = off (attention layers only).", minimum=0, maximum=256, advanced=True)
     conv_alpha: float = param(1.0, "LoCon Conv Alpha", "Scale of the 3x3 convolution adapters is alpha / conv rank (kohya's conv_alpha).", minimum=0.0, advanced=True)
-    use_dora: bool = param(False, "Use DoRA", "DoRA (weight-decomposed LoRA): each adapted layer also learns a magnitude per output row, saved as dora_scale; often closer to a full fine-tune at the same rank, a little slower. The web UI 1.10's Lora applies it.", advanced=True)
+    use_dora: bool = param(False, "Use DoRA", "DoRA (weight-decomposed LoRA): each adapted layer also learns a magnitude per input column, saved as dora_scale; often closer to a full fine-tune at the same rank, a little slower. The web UI 1.10's Lora applies it.", advanced=True)
     num_train_epochs: int = param(100, "Training Steps Per Image (Epochs)", "How many times each picture is seen; steps = epochs x pictures / batch size.", minimum=1)
     max_train_steps: int = param(0, "Max Training Steps", "Stop after this many steps; 0 = no limit besides the epochs.", minimum=0)
     train_batch_size: int = param(1, "Batch Size", "Pictures per step. Prior preservation doubles what one step holds.", minimum=1, maximum=64)

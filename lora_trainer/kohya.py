@@ -3,8 +3,9 @@
 A kohya LoRA holds, per adapted module, `<name>.lora_down.weight`,
 `<name>.lora_up.weight` and optionally `<name>.alpha` (absent or 0: the rank,
 as kohya and the web UI read it) and `<name>.dora_scale` (DoRA: the magnitude
-per output row, [out, 1, ...], or per input column, [1, in, ...], both of which
-the web UI v1.10.1 applies). LoCon modules adapt convolutions: `lora_down`
+per input column, [1, in, ...], which is what the web UI v1.10.1 applies, or per
+output row, [out, 1, ...], as some newer tools write it; the web UI v1.10.1
+divides even those by column norms, see `LoraModule.delta`). LoCon modules adapt convolutions: `lora_down`
 has the kernel, `lora_up` is 1x1. `<name>` is `lora_unet_` or `lora_te_` plus
 the module's path with '.' replaced by '_'. Tools spell the path differently:
 
@@ -65,9 +66,12 @@ class LoraModule:
 
         A DoRA module's delta depends on the weight it adapts, `base` (required
         then, any shape with the delta's number of elements): `dora_scale * (W + d) /
-        |W + d| - W`, norms over the axes `dora_scale` has size 1 in (network.py
-        `apply_weight_decompose`, with its eps). Raises ModelError when `dora_scale`
-        fits neither the rows nor the columns of the weight.
+        |W + d| - W`, norms over the axes `dora_scale` has size 1 in: for [1, in, ...]
+        (what this project writes) that is network.py `apply_weight_decompose` of the
+        web UI v1.10.1; a per-row [out, 1, ...] scale is normalised per row here, as
+        the tools that write it mean it (the web UI v1.10.1 divides it by column
+        norms). Raises ModelError when `dora_scale` fits neither the rows nor the
+        columns of the weight.
         """
         down, up = self.down.float(), self.up.float()
         product = up.flatten(1) @ down.flatten(1)

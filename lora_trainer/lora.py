@@ -37,17 +37,25 @@ LEGACY_HASH_OFFSET = 0x100000
 LEGACY_HASH_SIZE = 0x10000
 
 
+def column_norms(weight: torch.Tensor) -> torch.Tensor:
+    """The norm of each input column of a [out, in] or [out, in, kh, kw] weight, shaped [1, in] / [1, in, 1, 1]."""
+    per_column = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return per_column.reshape(1, weight.shape[1], *[1] * (weight.dim() - 2))
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus a low-rank update: base(x) + up(down(x)) * alpha / rank * multiplier.
 
     The adapter keeps its own dtype (fp32 adapters on an fp16/bf16 base): the
     input is cast to it and the update cast back to the base's output dtype.
     With `dora` (DoRA, weight-decomposed LoRA) the layer also learns a magnitude
-    per output row, `dora_scale` ([out, 1], [out, 1, 1, 1] for a convolution,
-    starting at the base's row norms): the weight used is
-    `W + multiplier * (dora_scale * (W + dW) / |W + dW| - W)`, the way the web UI's
-    built-in Lora (network.py `apply_weight_decompose`) applies a `dora_scale`
-    of that shape, so merging the file gives what training saw.
+    per input column, `dora_scale` ([1, in], [1, in, 1, 1] for a convolution,
+    starting at the base's column norms): the weight used is
+    `W + multiplier * (dora_scale * (W + dW) / |W + dW| - W)` with the norm over
+    every axis but the input one, as the web UI v1.10.1's built-in Lora
+    (network.py `apply_weight_decompose`) computes it whatever the shape of
+    `dora_scale`: a per-row magnitude would be divided there by column norms and
+    give another picture than training saw (seen in the real web UI).
     """
 
     def __init__(self, base: nn.Module, *, rank: int, alpha: float, dtype: torch.dtype = torch.float32,
@@ -68,9 +76,7 @@ class LoRALinear(nn.Module):
         self.multiplier = 1.0
         self.dora_scale = None
         if dora:
-            weight = base.weight.detach().to(dtype)
-            norms = weight.reshape(weight.shape[0], -1).norm(dim=1)
-            self.dora_scale = nn.Parameter(norms.reshape(weight.shape[0], *[1] * (weight.dim() - 1)))
+            self.dora_scale = nn.Parameter(column_norms(base.weight.detach().to(dtype)))
 
     @staticmethod
     def _low_rank(base: nn.Module, rank: int, device, dtype) -> tuple[nn.Module, nn.Module]:
@@ -99,8 +105,7 @@ class LoRALinear(nn.Module):
         """The weight DoRA uses (see the class docstring), in the adapter's dtype."""
         base = self.base.weight.to(self.lora_down.weight.dtype)
         merged = base + self.delta_weight()
-        norms = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(self.dora_scale.shape)
-        norms = norms + torch.finfo(norms.dtype).eps  # as the web UI: no division by an all-zero row
+        norms = column_norms(merged) + torch.finfo(merged.dtype).eps  # no division by an all-zero column
         return base + (merged * (self.dora_scale / norms) - base) * self.multiplier
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -247,6 +252,9 @@ def load_lora_state_dict(injected: dict[str, LoRALinear], tensors: dict[str, tor
     wrong = [(key, have, want) for key, (have, want) in shapes.items() if have != want]
     if wrong:
         key, have, want = wrong[0]
+        if all(k.endswith(".dora_scale") for k, _, _ in wrong):  # saved before DoRA's magnitude became per column
+            raise ModelError(f"{source}: its DoRA magnitudes are per output row (e.g. {key}: {have}); this version "
+                             f"learns them per input column ({want}), as the web UI applies them: train a new model")
         raise ModelError(f"{source}: {len(wrong)} tensors have another shape than the adapters (e.g. {key}: {have} vs {want}); "
                          "the rank changed since it was saved: set it back or train a new model")
     alphas = [(key, float(tensors[key].float().reshape(-1)[0]), expected[key].alpha)

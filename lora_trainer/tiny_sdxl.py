@@ -23,6 +23,9 @@ from .tiny import _random_like, tiny_text_config, write_clip_folder
 TINY_XL_NAME = "tiny-sdxl.safetensors"
 TEXT_WIDTH = 64      # each encoder: one CLIP head of 64
 TIME_DIM = 16        # width of each size/crop number's sinusoidal embedding (256 in SDXL)
+# open_clip builds the second text encoder from an architecture name (ViT-bigG-14 in SDXL); this tiny one is
+# configs/open_clip/<name>.json, which the web UI integration registers with open_clip when the web UI starts.
+TINY_OPENCLIP_ARCH = "lora-trainer-tiny-sdxl-text"
 
 
 def tiny_xl_original_config(clip_folder: Path | None = None) -> str:
@@ -41,20 +44,22 @@ def tiny_xl_original_config(clip_folder: Path | None = None) -> str:
         "scale_factor": 0.13025, "disable_first_stage_autocast": True,
         "denoiser_config": {"target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser", "params": {
             "num_idx": 1000,
+            "weighting_config": {"target": "sgm.modules.diffusionmodules.denoiser_weighting.EpsWeighting"},
             "scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling"},
             "discretization_config": {"target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization"}}},
         "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
             "adm_in_channels": TEXT_WIDTH + 6 * TIME_DIM, "num_classes": "sequential", "use_checkpoint": False,
             "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [4, 2],
             "num_res_blocks": 1, "channel_mult": [1, 2, 2], "num_head_channels": 16,
-            "use_linear_in_transformer": True, "transformer_depth": [1, 1, 2], "context_dim": 2 * TEXT_WIDTH,
-            "spatial_transformer_attn_type": "softmax-xformers"}},
+            # sgm's UNetModel refuses a context_dim without use_spatial_transformer (seen in the web UI 1.10.1)
+            "use_spatial_transformer": True, "use_linear_in_transformer": True, "transformer_depth": [1, 1, 2],
+            "context_dim": 2 * TEXT_WIDTH, "spatial_transformer_attn_type": "softmax-xformers", "legacy": False}},
         "conditioner_config": {"target": "sgm.modules.GeneralConditioner", "params": {"emb_models": [
             {"is_trainable": False, "input_key": "txt", "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
              "params": clip},
             {"is_trainable": False, "input_key": "txt",
              "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
-             "params": {"arch": "ViT-bigG-14", "version": "laion2b_s39b_b160k", "freeze": True,
+             "params": {"arch": TINY_OPENCLIP_ARCH, "version": "laion2b_s39b_b160k", "freeze": True,
                         "layer": "penultimate", "always_return_pooled": True, "legacy": False}},
             time("original_size_as_tuple"), time("crop_coords_top_left"), time("target_size_as_tuple")]}},
         "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": {

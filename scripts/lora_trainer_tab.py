@@ -67,10 +67,21 @@ def register_settings():
     register()
 
 
+def register_model_configs():
+    """Our tiny models' architectures with the web UI's model builders, before it loads a checkpoint."""
+    try:
+        from lora_trainer.ui.webui_host import register_open_clip_configs
+
+        log.debug("LoRA Trainer: registered open_clip architectures %s", register_open_clip_configs())
+    except Exception:  # noqa: BLE001 - a failure here only keeps the tiny SDXL model from loading
+        log.exception("LoRA Trainer: registering the tiny open_clip architectures failed")
+
+
 REASON = unsupported_reason()
 if REASON:
     log.warning("LoRA Trainer: %s", REASON)
     script_callbacks.on_ui_tabs(lambda: [(message_tab(REASON), TAB_TITLE, TAB_ID)])
 else:
+    register_model_configs()
     script_callbacks.on_ui_tabs(trainer_tab)
     script_callbacks.on_ui_settings(register_settings)

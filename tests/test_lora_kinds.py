@@ -17,7 +17,7 @@ from lora_trainer.checkpoint import load_model_spec
 from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ModelError
 from lora_trainer.kohya import read_kohya_lora, resolve, target_table
-from lora_trainer.lora import LoRAConv2d, lora_state_dict, remove_lora, save_lora
+from lora_trainer.lora import LoRAConv2d, load_lora_state_dict, lora_state_dict, remove_lora, save_lora
 from lora_trainer.merge import merge_lora
 from lora_trainer.train import train
 from lora_trainer.training.adapters import attach_lora
@@ -72,8 +72,9 @@ def test_files_load_in_the_web_ui_and_merge_exactly(kind, variant, tiny_sd1, tin
         layer_rows = weights.sd_module.weight.shape[0]
         up = weights.w["lora_up.weight"]
         assert up.shape[0] in (layer_rows, layer_rows // 3)  # SD 2.x q/k/v: rows of one in_proj weight
-        if "dora" in kind:  # network.py apply_weight_decompose: one magnitude per output row
-            assert tuple(weights.w["dora_scale"].shape) == (up.shape[0], *[1] * (up.dim() - 1))
+        if "dora" in kind:  # network.py apply_weight_decompose normalises per input column
+            down = weights.w["lora_down.weight"]
+            assert tuple(weights.w["dora_scale"].shape) == (1, down.shape[1], *[1] * (down.dim() - 2))
     family = "sd1" if variant == "sd1" else "sd2"
     assert set(resolve(read_kohya_lora(path), target_table(load_model_spec(folder)), family=family,
                        where="the tiny model")) == set(adapters.all)
@@ -106,3 +107,33 @@ def test_training_saves_resumes_and_refuses_a_changed_kind(created_sd1, tmp_path
     for changed, option in ((dict(conv_rank=4), "conv_rank"), (dict(use_dora=False), "use_dora")):
         with pytest.raises(ModelError, match=option):
             train(models, "tiny", TrainingParams(**{**params.to_dict(), **changed}), [concept], device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["dora", "locon+dora"])
+def test_dora_layers_use_the_weight_the_web_ui_applies(kind, tiny_sd1, models_dir, tmp_path):
+    """The web UI v1.10.1 divides `W + dW` by its norm per input column whatever the shape of `dora_scale`;
+    a per-row magnitude (what this project wrote before) drew another picture there than Generate Ckpt
+    gave (seen in the real web UI), so each layer must use exactly the web UI's weight, at strength 1 and 0.5."""
+    folder = make_model(models_dir, tiny_sd1, "tiny")
+    _unet, _text, adapters, _params = _adapters(folder, kind)
+    with StandinWebUI(tmp_path / "webui"):
+        decompose = importlib.import_module("network").apply_weight_decompose
+    assert any(isinstance(a, LoRAConv2d) for a in adapters.all.values()) == ("locon" in kind)
+    for name, adapter in adapters.all.items():
+        base = adapter.base.weight.detach().float()
+        with torch.no_grad():
+            for strength in (1.0, 0.5):
+                adapter.multiplier = strength
+                webui = base + decompose(adapter.delta_weight().float(), base, adapter.dora_scale.detach()) * strength
+                torch.testing.assert_close(adapter.dora_weight().float(), webui, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_per_row_dora_file_is_refused_for_training_on_with_the_reason(tiny_sd1, models_dir):
+    folder = make_model(models_dir, tiny_sd1, "tiny")
+    _unet, _text, adapters, _params = _adapters(folder, "dora")
+    tensors = adapters.state_dict()
+    for key in [k for k in tensors if k.endswith(".dora_scale")]:
+        tensors[key] = torch.ones(tensors[key.replace("dora_scale", "lora_up.weight")].shape[0], 1)
+    with pytest.raises(ModelError, match="per output row.*train a new model"):
+        load_lora_state_dict(adapters.unet, {k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
+                             source="old.safetensors")

@@ -17,7 +17,7 @@ STANDIN = REPO / "tests" / "webui_standin"
 BUILTIN_LORA = STANDIN / "extensions-builtin" / "Lora"
 SCRIPT = REPO / "scripts" / "lora_trainer_tab.py"
 
-_STANDIN_MODULES = ("modules", "networks", "ui_extra_networks_lora", "webui_standin_calls",
+_STANDIN_MODULES = ("modules", "networks", "network", "ui_extra_networks_lora", "webui_standin_calls",
                     "lora_trainer_tab.py", "lora_trainer.ui.webui_host")
 
 

@@ -35,6 +35,26 @@ log = logging.getLogger(__name__)
 FORGE_MEMORY_MODULES = ("backend.memory_management", "ldm_patched.modules.model_management")
 
 
+OPEN_CLIP_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
+
+
+def register_open_clip_configs() -> list[str]:
+    """Make open_clip know our tiny text-encoder architectures (configs/open_clip/*.json); return their names.
+
+    The web UI's SDXL loader builds the second text encoder with
+    `open_clip.create_model_and_transforms(<arch of the yaml>)` (weights come from
+    the checkpoint), so the tiny SDXL model's yaml names an architecture open_clip
+    must know. Called when the extension loads, before the web UI loads a model.
+    Nothing happens where open_clip is not installed.
+    """
+    try:
+        import open_clip
+    except ImportError:
+        return []
+    open_clip.add_model_config(OPEN_CLIP_CONFIGS)
+    return sorted(path.stem for path in OPEN_CLIP_CONFIGS.glob("*.json"))
+
+
 def host_models_dir(models_path: str, cmd_opts: Any, opts: Any) -> ModelsDir:
     """The folders the web UI itself uses, so our files appear in its lists.
 
