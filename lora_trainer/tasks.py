@@ -9,7 +9,6 @@ Memory" and the settings files are quick calls, not jobs.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -112,22 +111,13 @@ def train(models: ModelsDir, model_name: str, params: TrainingParams, concepts: 
 
 
 QUEUE_JOB = "training queue"
-_QUEUES: dict[Path, object] = {}  # queue file -> its one TrainingQueue in this app run
-_QUEUES_LOCK = threading.Lock()
 
 
 def open_queue(models: ModelsDir):
-    """The models' training queue (`<models>/lora_trainer/queue.json`): read at its first use in this app run,
-    then always that one object, so a running queue job sees what Add to Queue adds meanwhile. (With an object
-    per call, seen in the web UI, the job's next save dropped the item added meanwhile, and a second
-    object read the running item as left by a restart, i.e. pending.)"""
-    from .training_queue import QUEUE_FILE, TrainingQueue
+    """The models' training queue (`<models>/lora_trainer/queue.json`), read afresh."""
+    from .training_queue import TrainingQueue
 
-    path = (models.working / QUEUE_FILE).resolve()
-    with _QUEUES_LOCK:
-        if path not in _QUEUES:
-            _QUEUES[path] = TrainingQueue(path)
-        return _QUEUES[path]
+    return TrainingQueue.at(models)
 
 
 def run_queue(models: ModelsDir, *, device=None):
