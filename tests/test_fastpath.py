@@ -1,6 +1,6 @@
-"""The fast path, "Compile UNet (fast path)": refused where torch.compile cannot run, and a compiled run
-trains what an eager run trains (same losses and LoRA within rounding), falling back with a line when
-compiling fails."""
+"""The fast path, "Compile UNet (fast path)": refused where torch.compile cannot run; the compiled step
+gives the eager loss and gradients within rounding (it compiles for minutes on a loaded CPU: marked one_env);
+a compilation that fails falls back with a line and the eager step's exact result."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +16,9 @@ from lora_trainer.lora import read_lora
 from lora_trainer.train import train
 from lora_trainer.training import fastpath
 from lora_trainer.training.hardware import check_options, probe_hardware
+from lora_trainer.training.loop import compute_loss
 
-# Three steps at 32 px with a learning rate that moves the loss: steps 2 and 3 differ from step 1's only
-# through what the compiled backward taught the adapters.
+# 32 px, and a learning rate that moves the adapters well away from their start.
 PARAMS = dict(max_train_steps=3, train_batch_size=1, unet_learning_rate=2e-2, text_encoder_learning_rate=2e-2,
               resolution=32, hflip=False, seed=3, new_run=True)
 
@@ -57,24 +57,40 @@ def _run(created_sd1, root, concept, **changes):
     return result, read_lora(result.lora_path)[0], loops[0]
 
 
-@pytest.mark.compile
-def test_compiled_run_trains_like_the_eager_run(created_sd1, tmp_path, caplog):
-    if fastpath.compile_problem(torch.device("cpu")):
-        pytest.fail(f"this machine cannot compile: {fastpath.compile_problem(torch.device('cpu'))}")
+@pytest.mark.one_env
+def test_the_compiled_step_gives_the_eager_loss_and_gradients(created_sd1, tmp_path, caplog):
+    """One compiled training step through `train`, then the loss and gradients of a batch through the compiled
+    UNet against the eager one on the weights that step trained (its LoRA no longer zero, so it counts)."""
+    problem = fastpath.compile_problem(torch.device("cpu"))
+    assert problem is None, f"this machine cannot compile: {problem}"
     concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
-    eager, eager_lora, _ = _run(created_sd1, tmp_path / "eager", concept)
-    torch._dynamo.reset()
     with caplog.at_level(logging.INFO, logger="lora_trainer"):
-        fast, fast_lora, loop = _run(created_sd1, tmp_path / "fast", concept, compile_unet=True)
+        # 64 px: at 32 the tiny UNet's lowest level is 1 x 1, where GroupNorm over a one-value group turns
+        # rounding into large gradient differences (eager against eager in another order would show them too).
+        result, lora, loop = _run(created_sd1, tmp_path / "fast", concept, compile_unet=True, max_train_steps=1,
+                                  resolution=64)
     assert loop.compiled_unet is not None and loop.compiled_unet.active, caplog.text
-    assert "torch.compile failed" not in caplog.text
-    assert len(fast.losses) == len(eager.losses) == 3
-    assert eager.losses[1] != pytest.approx(eager.losses[0], rel=1e-2)  # the step changes the loss: a real check
-    assert fast.losses == pytest.approx(eager.losses, rel=1e-4, abs=1e-6)
-    ups = [k for k in eager_lora if k.endswith("lora_up.weight") and k.startswith("lora_unet")]
-    assert ups and all(eager_lora[k].abs().max() > 0 for k in ups)  # the UNet's adapters learned
-    for key, tensor in eager_lora.items():
-        torch.testing.assert_close(fast_lora[key], tensor, rtol=1e-3, atol=1e-5, msg=key)
+    assert "torch.compile failed" not in caplog.text and len(result.losses) == 1
+    # The compiled backward reached the UNet's adapters (a self-attention over one latent pixel has a zero gradient
+    # in its key projection, eager too: not all of them move).
+    moved = [float(lora[k].abs().max()) > 0 for k in lora if k.endswith("lora_up.weight") and k.startswith("lora_unet")]
+    assert sum(moved) > len(moved) / 2, moved
+    batch = next(iter(loop.loader))
+
+    def loss_and_gradients(compiled: bool):
+        loop.compiled_unet.active = compiled
+        loop.optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss = compute_loss(loop, batch)
+        loss.total.backward()
+        return loss.total.item(), [p.grad.clone() for p in loop.trainable]
+
+    compiled_loss, compiled_grads = loss_and_gradients(True)
+    eager_loss, eager_grads = loss_and_gradients(False)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert len(compiled_grads) == len(eager_grads) == len(loop.trainable)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()) + 1e-12)
 
 
 def test_a_failing_compile_falls_back_with_a_line(created_sd1, tmp_path, caplog, monkeypatch):
