@@ -27,6 +27,22 @@ def _guarded_connect(self, address):
     raise NetworkAccessError(f"test tried to reach the network: {address!r}")
 
 
+# .ci/run names the environment it tests in; the slow end-to-end tests marked `one_env` run in this one only
+# (each environment's suite would otherwise spend minutes repeating them). Unset, as on a developer's machine,
+# every test runs.
+ONE_ENV = "a1111"
+
+
+def pytest_collection_modifyitems(config, items):
+    where = os.environ.get("LORA_TRAINER_CI_ENV")
+    if not where or where == ONE_ENV:
+        return
+    elsewhere = [item for item in items if item.get_closest_marker("one_env")]
+    if elsewhere:
+        config.hook.pytest_deselected(items=elsewhere)
+        items[:] = [item for item in items if not item.get_closest_marker("one_env")]
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Fail any test that opens a socket to anything but this machine."""

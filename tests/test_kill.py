@@ -74,6 +74,7 @@ def _move(source: Path, target: Path) -> None:
     shutil.move(str(source), str(target))
 
 
+@pytest.mark.one_env
 def test_kill_9_at_20_moments(created_sd1, tiny_sd1, tmp_path, children, reliability):
     root = tmp_path / "root"
     (root / "models" / "Stable-diffusion").mkdir(parents=True)

@@ -28,6 +28,7 @@ H100_RUNS = [
 ]
 
 
+@pytest.mark.one_env
 def test_predicted_peak_is_within_15_percent_of_each_measured_h100_run():
     """Computed on the CPU, without a GPU, in reasonable time (seconds on an idle machine)."""
     configs = PartConfigs.standard("sd1")
@@ -57,6 +58,7 @@ def test_live_bytes_counts_allocations_and_frees_as_the_cuda_allocator_rounds_th
     del c, d
 
 
+@pytest.mark.one_env
 def test_the_estimate_follows_each_option(created_sd1):
     configs = PartConfigs.from_model_dir(created_sd1.model_dir("tiny"))
     base = TrainingParams(mixed_precision="fp16", resolution=64, rank=4, gradient_checkpointing=False)
@@ -75,6 +77,7 @@ def test_the_estimate_follows_each_option(created_sd1):
     assert uncached.caching == 0 < plain.caching and uncached.weights > plain.weights  # the VAE stays on the GPU
 
 
+@pytest.mark.one_env
 def test_a_run_predicted_not_to_fit_is_refused_naming_what_would_fit(created_sd1):
     configs = PartConfigs.from_model_dir(created_sd1.model_dir("tiny"))
     params = TrainingParams(mixed_precision="no", resolution=128, train_batch_size=4, rank=8)

@@ -116,6 +116,7 @@ def test_memory_count_covers_both_text_encoders(created_xl):
     assert least_memory(folder, params, dtypes).weights == held
 
 
+@pytest.mark.one_env
 def test_demo_runs_the_whole_path_on_the_tiny_sdxl_model(tmp_path, capsys):
     from lora_trainer.cli import main
 
