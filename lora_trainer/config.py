@@ -232,6 +232,10 @@ OPTIMIZERS = ("AdamW", "Prodigy")
 BASE_WEIGHTS = ("default", "fp8")
 
 
+# Fields of the second text encoder (SDXL's): used, and shown in the tab, only for families with two.
+SECOND_TEXT_ENCODER_FIELDS = ("text_encoder_2_rank", "text_encoder_2_alpha", "text_encoder_2_learning_rate")
+
+
 @dataclass
 class TrainingParams(JsonConfig):
     """The "Parameters" tab. Field names follow diffusers' train_dreambooth_lora.py where the meaning is the same."""
@@ -243,8 +247,10 @@ class TrainingParams(JsonConfig):
     use_lora: bool = param(True, "Use LORA", "Train low-rank adapters (small file, fits 8 GB). Off: a full DreamBooth fine-tune of the UNet (and the text encoder if chosen).")
     rank: int = param(4, "Lora UNET Rank", "Rank of the UNet adapters: higher learns more detail and makes a larger file.", minimum=1, maximum=256)
     lora_alpha: float = param(4.0, "Lora UNET Alpha", "Scale of the UNet adapters is alpha / rank; alpha = rank means scale 1.", minimum=0.0, advanced=True)
-    text_encoder_rank: int = param(4, "Lora Text Encoder Rank", "Rank of the text-encoder adapters.", minimum=1, maximum=256)
-    text_encoder_alpha: float = param(4.0, "Lora Text Encoder Alpha", "Scale of the text-encoder adapters is alpha / rank.", minimum=0.0, advanced=True)
+    text_encoder_rank: int = param(4, "Lora Text Encoder Rank", "Rank of the text-encoder adapters (SDXL: of the first text encoder, CLIP ViT-L).", minimum=1, maximum=256)
+    text_encoder_2_rank: int = param(0, "Lora Text Encoder 2 Rank", "SDXL only: rank of the adapters on the second text encoder (OpenCLIP ViT-bigG, about five times the size of the first); 0 = the Lora Text Encoder Rank. Models with one text encoder ignore it.", minimum=0, maximum=256)
+    text_encoder_alpha: float = param(4.0, "Lora Text Encoder Alpha", "Scale of the text-encoder adapters is alpha / rank (SDXL: of the first text encoder).", minimum=0.0, advanced=True)
+    text_encoder_2_alpha: float = param(0.0, "Lora Text Encoder 2 Alpha", "SDXL only: scale of the second text encoder's adapters is alpha / its rank; 0 = the Lora Text Encoder Alpha. Models with one text encoder ignore it.", minimum=0.0, advanced=True)
     conv_rank: int = param(0, "LoCon Conv Rank", "LoCon: also adapt the UNet's ResNet, downsampler and upsampler convolutions, the 3x3 ones with this rank (kohya's conv_dim; 4 to 16 is usual). Learns texture and style better; a larger file. 0 = off (attention layers only).", minimum=0, maximum=256, advanced=True)
     conv_alpha: float = param(1.0, "LoCon Conv Alpha", "Scale of the 3x3 convolution adapters is alpha / conv rank (kohya's conv_alpha).", minimum=0.0, advanced=True)
     use_dora: bool = param(False, "Use DoRA", "DoRA (weight-decomposed LoRA): each adapted layer also learns a magnitude per output row, saved as dora_scale; often closer to a full fine-tune at the same rank, a little slower. The web UI 1.10's Lora applies it.", advanced=True)
@@ -254,15 +260,16 @@ class TrainingParams(JsonConfig):
     gradient_accumulation_steps: int = param(1, "Gradient Accumulation Steps", "Steps whose gradients add up before one update: a larger effective batch at no memory cost.", minimum=1, maximum=128, advanced=True)
     learning_rate: float = param(2e-6, "Learning Rate", "Learning rate of a full fine-tune (Use LORA off).", minimum=0.0, maximum=1.0)
     unet_learning_rate: float = param(1e-4, "Lora UNET Learning Rate", "Learning rate of the UNet adapters.", minimum=0.0, maximum=1.0)
-    text_encoder_learning_rate: float = param(5e-5, "Lora Text Encoder Learning Rate", "Learning rate of the text-encoder adapters.", minimum=0.0, maximum=1.0)
+    text_encoder_learning_rate: float = param(5e-5, "Lora Text Encoder Learning Rate", "Learning rate of the text-encoder adapters (SDXL: of the first text encoder).", minimum=0.0, maximum=1.0)
+    text_encoder_2_learning_rate: float = param(0.0, "Lora Text Encoder 2 Learning Rate", "SDXL only: learning rate of the second text encoder's adapters (OpenCLIP ViT-bigG); 0 = the Lora Text Encoder Learning Rate. Models with one text encoder ignore it.", minimum=0.0, maximum=1.0)
     lr_scheduler: str = param("constant", "Learning Rate Scheduler", "How the learning rate changes over the run.", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = param(0, "Learning Rate Warmup Steps", "Steps over which the learning rate ramps up from 0.", minimum=0, advanced=True)
     lr_num_cycles: int = param(1, "Number of Hard Resets", "Restarts of 'cosine_with_restarts'.", minimum=1, advanced=True)
     lr_power: float = param(1.0, "Polynomial Power", "Power of the 'polynomial' scheduler.", minimum=0.0, advanced=True)
-    resolution: int = param(512, "Max Resolution", "Training picture size in pixels (multiple of 8); pictures of any size are resized to it.", minimum=8, maximum=2048)
+    resolution: int = param(512, "Max Resolution", "Training picture size in pixels (multiple of 8); pictures of any size are resized to it (with Aspect Ratio Bucketing: to a shape of at most as many pixels). SDXL needs 1024, its native size (a new SDXL model starts there); smaller loses detail.", minimum=8, maximum=2048)
     center_crop: bool = param(False, "Center Crop", "Cut non-square pictures to a square in the middle. Off: resize the whole picture and pad.")
     hflip: bool = param(True, "Apply Horizontal Flip", "Randomly mirror pictures: twice the variety for subjects that look the same mirrored.")
-    use_buckets: bool = param(False, "Aspect Ratio Bucketing", "Group pictures by aspect ratio and train each at its own shape instead of cropping.", advanced=True)
+    use_buckets: bool = param(False, "Aspect Ratio Bucketing", "Group pictures by aspect ratio and train each at its own shape (at most Max Resolution x Max Resolution pixels) instead of cropping. SDXL needs it (on for a new SDXL model): it was trained on such buckets, and the picture's real size and crop go into its conditioning.")
     mixed_precision: str = param("no", "Mixed Precision", "fp16 or bf16 halve memory on the GPU; xformers needs one of them.", choices=MIXED_PRECISION)
     base_weights: str = param("default", "Base Weight Storage", "How the frozen UNet and text-encoder weights are kept: default = the Mixed Precision dtype; fp8 = float8 e4m3 with a scale per tensor, cast to the compute dtype one layer at a time: half the memory of fp16 weights (needs Use LORA and torch >= 2.1).", choices=BASE_WEIGHTS)
     attention: str = param("default", "Memory Attention", "flash_attention = PyTorch's scaled_dot_product_attention; xformers needs the xformers package and fp16/bf16.", choices=ATTENTION)
@@ -276,7 +283,7 @@ class TrainingParams(JsonConfig):
     train_text_encoder: bool = param(True, "Train Text Encoder", "Also adapt the text encoder: better likeness, more memory. Untick if out of memory.")
     prior_loss_weight: float = param(1.0, "Prior Loss Weight", "Weight of the class pictures' loss in prior preservation.", minimum=0.0)
     cache_latents: bool = param(True, "Cache Latents", "Encode every picture once and move the VAE off the GPU (flip is cached too).")
-    cache_text_encoder_outputs: bool = param(False, "Cache Text Encoder Outputs", "Encode every prompt once before the first step and move the text encoders off the GPU (SDXL's two hold about 1.6 GB in fp16). Needs Train Text Encoder off.")
+    cache_text_encoder_outputs: bool = param(False, "Cache Text Encoder Outputs", "Encode every prompt once before the first step and move the text encoders off the GPU (SDXL's two hold about 1.6 GB in fp16: the 8 GB GPU (SDXL) preset needs it on). Needs Train Text Encoder off, and no Shuffle Caption or caption dropout.")
     compile_unet: bool = param(False, "Compile UNet (fast path)", "Run the UNet's training step through torch.compile, the LoRA adapters inside the compiled graph, and on a CUDA GPU with Aspect Ratio Bucketing off also as CUDA graphs: faster steps after a first one that compiles for a minute or more (again for each new picture shape), the same loss within rounding. Needs torch >= 2 and a C++ compiler (g++, or Visual Studio's cl on Windows) on the CPU, triton on a GPU; if compiling fails the run goes on without it. Previews and validation stay uncompiled.", advanced=True)
     snr_gamma: float = param(0.0, "Min SNR Gamma", "Min-SNR loss weighting (5 is common); 0 = off.", minimum=0.0, advanced=True)
     noise_offset: float = param(0.0, "Noise Offset", "Adds a per-channel offset to the noise, helping very dark or bright pictures (0.05 to 0.1); 0 = off.", minimum=0.0, maximum=1.0, advanced=True)
@@ -299,6 +306,16 @@ class TrainingParams(JsonConfig):
     use_lifetime_steps: bool = param(True, "Use Lifetime Steps/Epochs When Saving", "Name files by the model's total steps over all runs instead of this run's.", advanced=True)
     custom_model_name: str = param("", "Custom Model Name", "Name of the LoRA and merged files; blank: the model's name.")
     new_run: bool = param(False, "Start a New Run", "Start a new run even when the last one stopped before its end (Cancel, a crash); off: a run started again with the same settings finishes the interrupted one exactly. A new run continues from what the model learned.")
+
+    def text_encoder_lora(self, index: int) -> tuple[int, float, float]:
+        """(rank, alpha, learning rate) of the adapters on text encoder `index` (in the family's order):
+        the Lora Text Encoder fields for the first, the Lora Text Encoder 2 fields for SDXL's second
+        (each 0 meaning the first one's value)."""
+        first = (self.text_encoder_rank, self.text_encoder_alpha, self.text_encoder_learning_rate)
+        if index == 0:
+            return first
+        second = (self.text_encoder_2_rank, self.text_encoder_2_alpha, self.text_encoder_2_learning_rate)
+        return tuple(own or same for own, same in zip(second, first))
 
     def __post_init__(self):
         check_all_ranges(self)

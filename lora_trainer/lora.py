@@ -372,7 +372,10 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     web UI's legacy hash of the base checkpoint (only when `source_checkpoint`,
     its path, is given and exists) and `ss_new_sd_model_hash` its sha256;
     `ss_network_args` carries the text encoder's rank and alpha when they differ
-    from the UNet's (kohya's own LoRA has one rank for both), LoCon's `conv_dim`
+    from the UNet's (kohya's own LoRA has one rank for both), SDXL's second text
+    encoder's (`text_encoder_2_dim`/`_alpha`) when they differ from the first's, and
+    `ss_text_encoder_lr` is the list of both encoders' learning rates when they
+    differ (as kohya's SDXL scripts write it), LoCon's `conv_dim`
     and `conv_alpha` and DoRA's `dora_wd`. `seed` is the seed
     the run used (`params.seed` may be -1, "pick one"). The `modelspec.*` keys
     (architecture `stable-diffusion-v1/lora` etc.) are for ComfyUI and kohya's tools. The `lora_trainer_*`
@@ -380,6 +383,10 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     """
     text_differs = params.train_text_encoder and (params.text_encoder_rank != params.rank
                                                   or params.text_encoder_alpha != params.lora_alpha)
+    # SDXL's second text encoder: its own rank, alpha and learning rate when they differ from the first's.
+    second = params.text_encoder_lora(1) if params.train_text_encoder and len(info.family.text_encoders) > 1 else None
+    second_differs = second is not None and second[:2] != params.text_encoder_lora(0)[:2]
+    text_lrs = [params.text_encoder_learning_rate] + ([second[2]] if second is not None else [])
     meta = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": str(params.rank),
@@ -393,7 +400,8 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
         "ss_num_train_images": str(num_images),
         "ss_learning_rate": str(params.unet_learning_rate),
         "ss_unet_lr": str(params.unet_learning_rate),
-        "ss_text_encoder_lr": str(params.text_encoder_learning_rate),
+        # kohya's SDXL scripts take one learning rate per text encoder and write the list when given two
+        "ss_text_encoder_lr": str(text_lrs) if len(set(text_lrs)) > 1 else str(params.text_encoder_learning_rate),
         "ss_network_train_unet_only": str(not params.train_text_encoder),
         "ss_lr_scheduler": params.lr_scheduler,
         "ss_lr_warmup_steps": str(params.lr_warmup_steps),
@@ -423,6 +431,8 @@ def lora_metadata(info: ModelInfo, params: TrainingParams, *, steps: int, epochs
     if text_differs:
         network_args.update(text_encoder_dim=str(params.text_encoder_rank),
                             text_encoder_alpha=str(float(params.text_encoder_alpha)))
+    if second_differs:
+        network_args.update(text_encoder_2_dim=str(second[0]), text_encoder_2_alpha=str(float(second[1])))
     if params.conv_rank:  # kohya's LoCon arguments, as its train_network.py writes them
         network_args.update(conv_dim=str(params.conv_rank), conv_alpha=str(float(params.conv_alpha)))
     if params.use_dora:  # LyCORIS's name for weight decomposition

@@ -101,7 +101,8 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
     adapters = prepare_model(model, params, accelerator.device, dtypes)
     validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
     optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
-    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state)
+    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state,
+                    validation_prompts=[e.prompt for e in held_out])
     started_at = interrupted.plan["started_at"] if interrupted else time.time()
     if interrupted and interrupted.total_steps == run.total_steps:
         run.resume_at = interrupted.position
@@ -167,12 +168,10 @@ def check_before_loading(models: ModelsDir, model_name: str, params: TrainingPar
     """
     model_dir = models.existing_model_dir(model_name)
     info = ModelInfo.load(model_dir / MODEL_INFO_FILE)
-    if not params.use_lora and not info.family.full_finetune:
-        raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {info.family.title} models is not supported; "
-                          "tick Use LORA")
+    info.family.check_params(params)
     hardware = probe_hardware(device)
     check_options(params, hardware)
-    check_trains_something(params)
+    check_trains_something(params, info.family)
     check_feature_pairs(params, concepts, info)
     output_name(info, params)
     grid_seeds(params)
@@ -221,19 +220,18 @@ def check_feature_pairs(params: TrainingParams, concepts: list[Concept], info: M
     if params.cache_text_encoder_outputs and CaptionAugment.from_params(params).active:
         raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') encodes each caption once, so "
                           "Shuffle Caption and the caption dropout rates cannot change it; turn one of them off")
-    validating = params.validation_split > 0 or any(c.validation_data_dir.strip() for c in concepts if c.is_set)
-    if validating and info.family.time_ids:
-        raise ConfigError(f"Validation Share / Validation Directory: the validation loss of {info.family.title} "
-                          "models is not measured yet; set Validation Share ('validation_split') to 0 and clear "
-                          "the Validation Directory")
 
 
-def check_trains_something(params: TrainingParams) -> None:
-    """Refuse a run whose every trained part has learning rate 0: it would save a copy of what was there."""
+def check_trains_something(params: TrainingParams, family=None) -> None:
+    """Refuse a run whose every trained part has learning rate 0: it would save a copy of what was there.
+    `family` (default: one text encoder) tells whether SDXL's second encoder's rate counts."""
     if params.use_lora:
         rates = {"Lora UNET Learning Rate ('unet_learning_rate')": params.unet_learning_rate}
         if params.train_text_encoder:
             rates["Lora Text Encoder Learning Rate ('text_encoder_learning_rate')"] = params.text_encoder_learning_rate
+            if family is not None and len(family.text_encoders) > 1 and params.text_encoder_2_learning_rate:
+                rates["Lora Text Encoder 2 Learning Rate ('text_encoder_2_learning_rate')"] = \
+                    params.text_encoder_2_learning_rate
     else:
         rates = {"Learning Rate ('learning_rate')": params.learning_rate}
     if all(rate == 0 for rate in rates.values()):
@@ -319,8 +317,10 @@ def resume_from_last_run(models: ModelsDir, model_dir: Path, info: ModelInfo, ad
 
 
 def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, params: TrainingParams,
-              instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None) -> Loop:
-    """Batches, optimizer and schedule, prepared by accelerate."""
+              instance, class_, info: ModelInfo, seed: int, optimizer_state: dict | None, *,
+              validation_prompts: list[str] | None = None) -> Loop:
+    """Batches, optimizer and schedule, prepared by accelerate; with "Cache Text Encoder Outputs" the
+    encodings of every prompt, the validation pictures' `validation_prompts` too."""
     dataset = make_dataset(instance, class_, params, model.tokenizer, cached=params.cache_latents, seed=seed,
                            tokenizer_2=model.tokenizer_2, time_ids=model.info.family.time_ids)
     if isinstance(dataset, LatentDataset):
@@ -349,7 +349,8 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
     text_cache = None
     if params.cache_text_encoder_outputs:
         text_cache = TextCache()
-        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_], accelerator.device)
+        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_]
+                        + list(validation_prompts or []), accelerator.device)
         for encoder in encoders:
             encoder.to("cpu")  # not needed again until samples: free the GPU for training
         free_device_memory(accelerator.device)

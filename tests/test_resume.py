@@ -39,7 +39,7 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _train(models, concept, cancel_at=None, **changes):
+def _train(models, concept, cancel_at=None, *, model="tiny", base=PARAMS, **changes):
     cancel, lines = threading.Event(), _Lines()
 
     def report(progress):
@@ -50,7 +50,7 @@ def _train(models, concept, cancel_at=None, **changes):
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
     try:
-        result = train(models, "tiny", TrainingParams(**{**PARAMS, **changes}), [concept], report=report,
+        result = train(models, model, TrainingParams(**{**base, **changes}), [concept], report=report,
                        cancel=cancel, device="cpu")
     finally:
         logger.removeHandler(lines)
@@ -100,3 +100,38 @@ def test_finished_run_or_new_run_flag_starts_a_new_run(created_sd1, tmp_path, da
     assert not any("Resuming" in line for line in lines) and (third.steps, third.lifetime_steps) == (3, 7)
     saved = TrainingParams.load(models.model_dir("tiny") / "params.json")
     assert not saved.new_run  # asked for once, not kept for the next start
+
+
+# SDXL: 3 pictures of two shapes in buckets, accumulation 2 (2 steps an epoch: 2 + 1 batches), so step 2 stops at
+# an epoch's end and mid-way through none; 4 steps keep the tiny SDXL model quick. The time ids, pooled embedding
+# and (with the 8 GB GPU (SDXL) preset's Cache Text Encoder Outputs) the text cache all take part.
+SDXL_PARAMS = dict(PARAMS, max_train_steps=4, resolution=64, use_buckets=True, seed=5)
+
+
+@pytest.mark.one_env  # six short SDXL runs; what they check does not depend on the host's pins
+@pytest.mark.parametrize("changes", [
+    pytest.param(dict(train_text_encoder=False, cache_text_encoder_outputs=True), id="cached-text-encoder-outputs"),
+    pytest.param(dict(text_encoder_2_rank=2, text_encoder_2_learning_rate=5e-3), id="both-text-encoders-trained"),
+])
+def test_an_sdxl_run_stopped_and_started_again_equals_the_uninterrupted_run(created_xl, tmp_path, changes):
+    pictures = tmp_path / "pictures"
+    halves(pictures / "wide.png", RED, BLUE, size=(96, 48))
+    halves(pictures / "tall.png", BLUE, RED, size=(48, 96))
+    solid(pictures / "square.png", GREEN, size=(64, 64))
+    concept = Concept(instance_data_dir=str(pictures), instance_prompt="zwx thing")
+    run = dict(model="xl", base=SDXL_PARAMS, **changes)
+    uninterrupted, _ = _train(private_models(created_xl, tmp_path / "whole", "xl"), concept, **run)
+    halves_ = private_models(created_xl, tmp_path / "halves", "xl")
+    first, _ = _train(halves_, concept, cancel_at=2, **run)
+    assert first.cancelled and first.steps == 2
+    second, lines = _train(halves_, concept, **run)
+    assert "Resuming the interrupted run at step 3 of 4" in lines, lines
+    assert second.lora_path.name == uninterrupted.lora_path.name == "xl_4.safetensors"
+    assert second.losses == pytest.approx(uninterrupted.losses[2:], rel=1e-6, abs=1e-7)
+    expected, _ = read_lora(uninterrupted.lora_path)
+    got, _ = read_lora(second.lora_path)
+    assert expected.keys() == got.keys()
+    assert any(k.startswith("lora_te2_") for k in got) != changes.get("cache_text_encoder_outputs", False)
+    worst = max(float((expected[k].float() - got[k].float()).abs().max()) for k in expected)
+    assert worst <= 1e-6, worst
+    assert max(float(expected[k].float().abs().max()) for k in expected if k.endswith("lora_up.weight")) > 1e-3

@@ -150,8 +150,6 @@ def test_train_on_the_command_line_starts_an_sdxl_model_at_its_native_size_with_
 
 @pytest.mark.parametrize("changes, concept_changes, named", [
     ({"cache_text_encoder_outputs": True, "train_text_encoder": False, "shuffle_caption": True}, {}, "Shuffle Caption"),
-    ({"validation_split": 0.5}, {}, "validation_split"),
-    ({}, {"validation_data_dir": "held-out"}, "Validation Directory"),
 ])
 def test_features_that_cannot_work_together_are_refused_before_anything_is_written(created_xl, tmp_path, changes,
                                                                                    concept_changes, named):

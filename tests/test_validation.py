@@ -67,7 +67,7 @@ def test_the_same_lora_gives_the_same_validation_loss_twice(created_sd1, tmp_pat
     def measure():
         vset = build_validation_set(instance, model, resolution=RES, center_crop=True, device=torch.device("cpu"))
         torch.manual_seed(int(torch.randint(0, 1000, ())))  # whatever the global state: the same inputs
-        return validation_loss(vset, model.unet, model.text_encoder, model.noise_scheduler,
+        return validation_loss(vset, model.unet, model.text_encoders, model.noise_scheduler, family=model.info.family,
                                device=torch.device("cpu"), autocast=contextlib.nullcontext)
 
     first, second = measure(), measure()

@@ -85,6 +85,19 @@ class Family:
         """The diffusers parts of a working model, in conversion order."""
         return ("unet", "vae", *(te.part for te in self.text_encoders))
 
+    def check_params(self, params) -> None:
+        """Refuse, before anything is loaded, the TrainingParams this family cannot train with.
+
+        The options shared by every family are checked elsewhere (train.check_before_loading);
+        docs/families.md goes through every option for SDXL.
+        Raises ConfigError naming the option and the fix.
+        """
+        from ..errors import ConfigError
+
+        if not params.use_lora and not self.full_finetune:
+            raise ConfigError(f"Use LORA ('use_lora'): a full fine-tune of {self.title} models is not supported; "
+                              "tick Use LORA")
+
     def text_encoder(self, part: str) -> TextEncoder:
         for te in self.text_encoders:
             if te.part == part:

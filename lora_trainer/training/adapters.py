@@ -16,10 +16,16 @@ UNET_PREFIX = "lora_unet"
 
 @dataclass
 class Adapters:
-    """The injected LoRA layers by kohya module name; `text` is empty without Train Text Encoder."""
+    """The injected LoRA layers by kohya module name: the UNet's, and each text encoder's (in the family's
+    order; none without Train Text Encoder)."""
 
     unet: dict = field(default_factory=dict)
-    text: dict = field(default_factory=dict)
+    text_encoders: list[dict] = field(default_factory=list)
+
+    @property
+    def text(self) -> dict:
+        """The adapters of every text encoder."""
+        return {name: layer for injected in self.text_encoders for name, layer in injected.items()}
 
     @property
     def all(self) -> dict:
@@ -27,7 +33,7 @@ class Adapters:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Kohya-named tensors (`.lora_down.weight`, `.lora_up.weight`, `.alpha`) of every adapter."""
-        return lora_state_dict(*(part for part in (self.unet, self.text) if part))
+        return lora_state_dict(*(part for part in (self.unet, *self.text_encoders) if part))
 
 
 def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
@@ -41,14 +47,15 @@ def attach_lora(model: WorkingModel, params: TrainingParams) -> Adapters:
     if params.conv_rank:
         unet.update(inject_locon(model.unet, rank=params.rank, alpha=params.lora_alpha, conv_rank=params.conv_rank,
                                  conv_alpha=params.conv_alpha, prefix=UNET_PREFIX, dora=dora, rename=rename))
-    text = {}
+    text = []
     if params.train_text_encoder:
-        for te, encoder in zip(family.text_encoders, model.text_encoders):
-            text.update(inject_lora(encoder, TEXT_TARGETS, rank=params.text_encoder_rank,
-                                    alpha=params.text_encoder_alpha, prefix=te.kohya_prefix, dora=dora))
-    for parameter in lora_parameters({**unet, **text}):
+        for index, (te, encoder) in enumerate(zip(family.text_encoders, model.text_encoders)):
+            rank, alpha, _ = params.text_encoder_lora(index)  # SDXL's second encoder has its own
+            text.append(inject_lora(encoder, TEXT_TARGETS, rank=rank, alpha=alpha, prefix=te.kohya_prefix, dora=dora))
+    adapters = Adapters(unet, text)
+    for parameter in lora_parameters(adapters.all):
         parameter.requires_grad_(True)
-    return Adapters(unet, text)
+    return adapters
 
 
 def unfreeze_for_full_finetune(model: WorkingModel, params: TrainingParams) -> None:
@@ -59,8 +66,8 @@ def unfreeze_for_full_finetune(model: WorkingModel, params: TrainingParams) -> N
 
 
 def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: TrainingParams) -> list[dict]:
-    """Optimizer parameter groups, each with its learning rate: LoRA UNet / text-encoder LRs,
-    or the Learning Rate of a full fine-tune."""
+    """Optimizer parameter groups, each with its learning rate: the LoRA UNet's, then one per text encoder
+    (SDXL's second with the Lora Text Encoder 2 Learning Rate), or the Learning Rate of a full fine-tune."""
     if adapters is None:
         groups = [{"params": [p for p in model.unet.parameters() if p.requires_grad], "lr": params.learning_rate}]
         if params.train_text_encoder:
@@ -68,6 +75,6 @@ def trainable_groups(model: WorkingModel, adapters: Adapters | None, params: Tra
                            "lr": params.learning_rate})
         return groups
     groups = [{"params": list(lora_parameters(adapters.unet)), "lr": params.unet_learning_rate}]
-    if adapters.text:
-        groups.append({"params": list(lora_parameters(adapters.text)), "lr": params.text_encoder_learning_rate})
+    for index, injected in enumerate(adapters.text_encoders):
+        groups.append({"params": list(lora_parameters(injected)), "lr": params.text_encoder_lora(index)[2]})
     return groups

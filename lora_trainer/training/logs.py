@@ -78,7 +78,7 @@ class RunLog:
 
 def group_names(count: int) -> list[str]:
     """Names of the optimizer's parameter groups in the order `adapters.trainable_groups` makes them."""
-    names = ["unet", "text_encoder"]
+    names = ["unet", "text_encoder", "text_encoder_2"]
     return names[:count] + [f"group{i}" for i in range(len(names), count)]
 
 

@@ -98,21 +98,33 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     noise = sample_noise(latents, params.noise_offset)
     timesteps = sample_timesteps(model.noise_scheduler, latents.shape[0], device)
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
-    family = model.info.family
-    if loop.text_cache is not None:
-        hidden, pooled = loop.text_cache.lookup(batch["prompts"], device)
-        added = family.added_conditioning(pooled, batch, device, hidden.dtype)
-    else:
-        with torch.set_grad_enabled(loop.train_text):
-            hidden, added = family.condition(loop.text_encoders, batch, device)
-    extra = {"added_cond_kwargs": added} if added is not None else {}
+    hidden, added = conditioning(model.info.family, loop.text_encoders, batch, device, train_text=loop.train_text,
+                                 text_cache=loop.text_cache)
     unet = loop.compiled_unet if loop.compiled_unet is not None else loop.unet
-    prediction = unet(noisy, timesteps, hidden, return_dict=False, **extra)[0]
+    prediction = predict(unet, noisy, timesteps, hidden, added)
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
     mask = latent_weights(batch["loss_mask"], latents) if "loss_mask" in batch else None
     return dreambooth_loss(prediction, target, batch["is_class"], prior_loss_weight=params.prior_loss_weight,
                            weights=weights, pixel_weights=mask)
+
+
+def conditioning(family, encoders: list, batch: dict, device, *, train_text: bool,
+                 text_cache: "TextCache | None" = None) -> tuple:
+    """The UNet's conditioning of a batch (training's and validation's): (encoder hidden states,
+    added_cond_kwargs or None), from the text cache by prompt or from the text encoders (with gradients
+    when `train_text`). SDXL's added conditioning is its pooled embedding and the batch's time ids."""
+    if text_cache is not None:
+        hidden, pooled = text_cache.lookup(batch["prompts"], device)
+        return hidden, family.added_conditioning(pooled, batch, device, hidden.dtype)
+    with torch.set_grad_enabled(train_text and torch.is_grad_enabled()):
+        return family.condition(encoders, batch, device)
+
+
+def predict(unet, noisy: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor, added: dict | None):
+    """The UNet's prediction with its conditioning (and SDXL's added conditioning)."""
+    extra = {"added_cond_kwargs": added} if added is not None else {}
+    return unet(noisy, timesteps, hidden, return_dict=False, **extra)[0]
 
 
 class TextCache:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PARTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL's (absent: nothing counted)
 EIGHT_BIT_MIN_VALUES = 4096   # bitsandbytes keeps 8-bit moments for tensors this large, 32-bit ones below
 GB = 2**30
-FP8_PARTS = ("unet", "text_encoder")  # the parts whose layers Base Weight Storage fp8 keeps in float8
+FP8_PARTS = ("unet", "text_encoder", "text_encoder_2")  # the parts whose layers Base Weight Storage fp8 keeps in float8
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,8 @@ def _trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
         return [shape for part in parts for dtype, shape in layouts[part].values() if dtype.is_floating_point]
     shapes = []
     for part in parts:
-        targets, rank = (UNET_TARGETS, params.rank) if part == "unet" else (TEXT_TARGETS, params.text_encoder_rank)
+        targets, rank = (UNET_TARGETS, params.rank) if part == "unet" else \
+            (TEXT_TARGETS, params.text_encoder_lora(1 if part == "text_encoder_2" else 0)[0])
         for key, (_, shape) in layouts[part].items():
             if key.endswith(".weight") and len(shape) == 2 and is_target(key.removesuffix(".weight"), targets):
                 out_features, in_features = shape

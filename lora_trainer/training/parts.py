@@ -123,10 +123,12 @@ def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def store_base_in_fp8(model: WorkingModel, dtypes: dict[str, torch.dtype], device: torch.device) -> None:
-    """"Base Weight Storage" fp8: the frozen UNet and text encoder's layers keep float8 weights (see fp8.py)."""
+    """"Base Weight Storage" fp8: the frozen UNet's and text encoders' layers keep float8 weights (see fp8.py)."""
     from ..fp8 import store_in_fp8
+    from .memory import FP8_PARTS
 
-    layers = sum(store_in_fp8(getattr(model, part), dtypes[part]) for part in ("unet", "text_encoder"))
+    layers = sum(store_in_fp8(getattr(model, part), dtypes[part]) for part in FP8_PARTS
+                 if getattr(model, part) is not None)
     free_device_memory(device)
     log.info("Stored the base weights of %d layers in float8 e4m3", layers)
 

@@ -190,7 +190,7 @@ def _prepare(parts: dict, params: TrainingParams) -> None:
     if params.base_weights == "fp8":
         from ..fp8 import store_in_fp8
 
-        for name in FP8_PARTS:
+        for name in (n for n in FP8_PARTS if n in parts):
             store_in_fp8(parts[name], dtypes[name])
     unet, text_encoder = parts["unet"], parts["text_encoder"]
     set_attention(unet, "flash_attention")  # SDPA, as diffusers' default and xformers: no attention matrix kept

@@ -127,7 +127,9 @@ def interrupted_run(model_dir: Path, info: ModelInfo, params: TrainingParams, co
     if params.new_run:
         log.info("%s; starting a new run from what it learned, as Start a New Run ('new_run') asks", stopped)
         return None
-    changed = sorted(k for k, v in run_settings(params).items() if run["settings"].get(k) != v)
+    # A setting added since the interrupted run was planned (e.g. Lora Text Encoder 2 Rank) counts as its default.
+    defaults = TrainingParams().to_dict()
+    changed = sorted(k for k, v in run_settings(params).items() if run["settings"].get(k, defaults[k]) != v)
     if run["concepts"] != [c.to_dict() for c in concepts]:
         changed.append("concepts")
     if run["pictures"] != pictures:
@@ -160,25 +162,35 @@ def check_resume_fits(model_dir: Path, lora_dir: Path, info: ModelInfo, params: 
     source = previous_adapters(model_dir, lora_dir, info) if params.use_lora else None
     if source is None:
         return
-    found = {prefix: _ranks_and_alphas(source, prefix) for prefix in ("lora_unet_", "lora_te_")}
     _check_kinds_fit(source, params)
     fix = f"set it back, or create a new model to start afresh (the last run's adapters are in {source})"
-    unet_ranks, unet_alphas = found["lora_unet_"]
-    text_ranks, text_alphas = found["lora_te_"]
+    unet_ranks, unet_alphas = _ranks_and_alphas(source, "lora_unet_")
     if unet_ranks and unet_ranks != {params.rank}:
         raise ModelError(f"Lora UNET Rank ('rank') is {params.rank}, the model was trained with {_one(unet_ranks)}; {fix}")
     if unet_alphas and unet_alphas != {float(params.lora_alpha)}:
         raise ModelError(f"Lora UNET Alpha ('lora_alpha') is {params.lora_alpha:g}, the model was trained with "
                          f"{_one(unet_alphas):g}; {fix}")
-    if bool(text_ranks) != params.train_text_encoder:
-        was = "on" if text_ranks else "off"
+    encoders = info.family.text_encoders
+    found = [_ranks_and_alphas(source, te.kohya_prefix + "_") for te in encoders]
+    if any(ranks for ranks, _ in found) != params.train_text_encoder:
+        was = "off" if params.train_text_encoder else "on"
         raise ModelError(f"Train Text Encoder ('train_text_encoder') was {was} when the model was trained; {fix}")
-    if text_ranks and text_ranks != {params.text_encoder_rank}:
-        raise ModelError(f"Lora Text Encoder Rank ('text_encoder_rank') is {params.text_encoder_rank}, the model was "
-                         f"trained with {_one(text_ranks)}; {fix}")
-    if text_alphas and text_alphas != {float(params.text_encoder_alpha)}:
-        raise ModelError(f"Lora Text Encoder Alpha ('text_encoder_alpha') is {params.text_encoder_alpha:g}, the model "
-                         f"was trained with {_one(text_alphas):g}; {fix}")
+    for index, (ranks, alphas) in enumerate(found):
+        rank, alpha, _ = params.text_encoder_lora(index)
+        label, suffix = ("Lora Text Encoder", "") if index == 0 else ("Lora Text Encoder 2", "_2")
+        if ranks and ranks != {rank}:
+            raise ModelError(f"{label} Rank ('text_encoder{suffix}_rank') {_gives(params, f'text_encoder{suffix}_rank', rank)}, "
+                             f"the model was trained with {_one(ranks)}; {fix}")
+        if alphas and alphas != {float(alpha)}:
+            raise ModelError(f"{label} Alpha ('text_encoder{suffix}_alpha') "
+                             f"{_gives(params, f'text_encoder{suffix}_alpha', alpha)}, the model was trained with "
+                             f"{_one(alphas):g}; {fix}")
+
+
+def _gives(params: TrainingParams, name: str, value) -> str:
+    """"is 8", or for a Text Encoder 2 field left at 0 "is 0 (the first text encoder's: 8)"."""
+    own = getattr(params, name)
+    return f"is {own:g}" if own else f"is 0 (the first text encoder's: {value:g})"
 
 
 def _ranks_and_alphas(path: Path, prefix: str, *, conv: bool = False) -> tuple[set[int], set[float]]:

@@ -9,6 +9,9 @@ Resolution, never mirrored) with its prompt as written (no caption
 augmentation), and noise is drawn once per picture and timestep from a
 generator of its own with a fixed seed. Every evaluation then uses the same
 latents, noise and timesteps, so the curve moves only when the weights do.
+The UNet is conditioned as in training (`loop.conditioning`): SDXL gets both
+encoders' states, the pooled embedding and each picture's size/crop ids, and
+with "Cache Text Encoder Outputs" the prompts come from the run's text cache.
 The loss is the plain mean squared error of the prediction against the
 training target, averaged over the pictures and VALIDATION_TIMESTEPS.
 """
@@ -24,8 +27,9 @@ from pathlib import Path
 import torch
 
 from ..config import Concept
-from ..data import Example, instance_examples
+from ..data import DreamBoothDataset, Example, instance_examples
 from ..images import load_image, resize_to, to_tensor
+from .loop import conditioning, predict
 from .loss import training_target
 
 log = logging.getLogger(__name__)
@@ -65,10 +69,15 @@ class ValidationSet:
     """The fixed inputs of every evaluation (on the CPU)."""
 
     latents: torch.Tensor          # [N, C, h, w], scaled
-    input_ids: torch.Tensor        # [N, 77]
+    conditioning: dict[str, torch.Tensor]   # "input_ids" [N, 77] (SDXL: "input_ids_2", "time_ids" [N, 6])
+    prompts: list[str]
     noise: torch.Tensor            # [T, N, C, h, w]
     timesteps: list[int]
     paths: list[Path]
+
+    def batch(self, rows: slice) -> dict:
+        """The prompt-side keys of rows `rows`, as a training batch holds them."""
+        return {**{key: value[rows] for key, value in self.conditioning.items()}, "prompts": self.prompts[rows]}
 
 
 @torch.no_grad()
@@ -90,41 +99,50 @@ def build_validation_set(examples: list[Example], model, *, resolution: int, cen
         encoded = model.vae.encode(torch.stack(pixels).to(device, vae_dtype)).latent_dist.mean
         latents.append(encoded.float().cpu() * model.latent_scale)
     latents = torch.cat(latents)
-    ids = model.tokenizer([e.prompt for e in examples], padding="max_length", truncation=True,
-                          max_length=model.tokenizer.model_max_length, return_tensors="pt").input_ids
+    # The token ids (and SDXL's size/crop ids) as the training data makes them, unmirrored.
+    data = DreamBoothDataset(examples, [], resolution=resolution, center_crop=center_crop, hflip=False,
+                             tokenizer=model.tokenizer, tokenizer_2=model.tokenizer_2, time_ids=model.info.family.time_ids)
+    rows = [data.conditioning(example, (resolution, resolution), False) for example in examples]
     generator = torch.Generator("cpu").manual_seed(VALIDATION_SEED)
     noise = torch.randn((len(VALIDATION_TIMESTEPS), *latents.shape), generator=generator)
     steps = model.noise_scheduler.config.num_train_timesteps
     timesteps = [min(steps - 1, int(fraction * steps)) for fraction in VALIDATION_TIMESTEPS]
-    return ValidationSet(latents, ids, noise, timesteps, [e.image_path for e in examples])
+    conditions = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    return ValidationSet(latents, conditions, [e.prompt for e in examples], noise, timesteps,
+                         [e.image_path for e in examples])
 
 
 @torch.no_grad()
-def validation_loss(vset: ValidationSet, unet, text_encoder, noise_scheduler, *, device: torch.device,
-                    autocast, batch_size: int = 4) -> float:
-    """The mean loss of `unet`/`text_encoder` (unwrapped) on the validation set; the same inputs every time."""
-    was_training = unet.training, text_encoder.training
-    unet.eval()
-    text_encoder.eval()
+def validation_loss(vset: ValidationSet, unet, text_encoders: list, noise_scheduler, *, family,
+                    device: torch.device, autocast, batch_size: int = 4, text_cache=None) -> float:
+    """The mean loss of `unet` and `text_encoders` (unwrapped, in `family`'s order) on the validation set;
+    the same inputs every time. `text_cache` (training.loop.TextCache) holds the prompts' encodings when
+    "Cache Text Encoder Outputs" is on."""
+    modules = [unet, *text_encoders]
+    was_training = [module.training for module in modules]
+    for module in modules:
+        module.eval()
     total, count = 0.0, 0
     try:
         with autocast():
             for start in range(0, vset.latents.shape[0], batch_size):
                 rows = slice(start, start + batch_size)
                 latents = vset.latents[rows].to(device)
-                hidden = text_encoder(vset.input_ids[rows].to(device))[0]
+                batch = vset.batch(rows)
+                hidden, added = conditioning(family, text_encoders, batch, device, train_text=False,
+                                             text_cache=text_cache)
                 for t, noise in zip(vset.timesteps, vset.noise[:, rows]):
                     noise = noise.to(device)
                     timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    prediction = unet(noisy, timesteps, hidden, return_dict=False)[0]
+                    prediction = predict(unet, noisy, timesteps, hidden, added)
                     target = training_target(noise_scheduler, latents, noise, timesteps)
                     error = ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
                     total += float(error.sum())
                     count += latents.shape[0]
     finally:
-        unet.train(was_training[0])
-        text_encoder.train(was_training[1])
+        for module, was in zip(modules, was_training):
+            module.train(was)
     return total / max(count, 1)
 
 
@@ -192,9 +210,10 @@ def evaluate(run, validator: Validator | None, step: int, *, saving: bool) -> fl
         return None
     unwrap = run.accelerator.unwrap_model
     with ema_applied(run.ema):
-        loss = validation_loss(validator.vset, unwrap(run.unet), unwrap(run.text_encoder), run.model.noise_scheduler,
+        loss = validation_loss(validator.vset, unwrap(run.unet), [unwrap(e) for e in run.text_encoders],
+                               run.model.noise_scheduler, family=run.model.info.family,
                                device=run.accelerator.device, autocast=run.accelerator.autocast,
-                               batch_size=run.params.train_batch_size)
+                               batch_size=run.params.train_batch_size, text_cache=run.text_cache)
     validator.record(step, loss, saved=saving or last)
     return loss
 

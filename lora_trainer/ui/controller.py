@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import presets, tasks
-from ..config import CONCEPTS_FILE, MODEL_INFO_FILE, ModelInfo, TrainingParams, load_concepts, save_concepts
+from ..config import (CONCEPTS_FILE, MODEL_INFO_FILE, SECOND_TEXT_ENCODER_FIELDS, ModelInfo, TrainingParams,
+                      load_concepts, save_concepts)
 from ..errors import LoraTrainerError, ModelError
 from ..host import validate_model_name
 from ..hosts import Host
@@ -64,6 +65,13 @@ class Controller:
         """The left column's model info, keyed "info.<field>"; blank for no model."""
         info = self.model_info(model_name)
         return {f"info.{name}": "" if info is None else str(getattr(info, name)) for name in INFO_FIELDS}
+
+    def shown_params(self, model_name: str) -> dict[str, bool]:
+        """Whether each Parameters widget that only some models use is shown for `model_name`: the Lora
+        Text Encoder 2 fields for models with two text encoders (SDXL), and while no model is chosen."""
+        info = self.model_info(model_name)
+        two = info is None or len(info.family.text_encoders) > 1
+        return {fields.params_key(name): two for name in SECOND_TEXT_ENCODER_FIELDS}
 
     def latest_lora(self, model_name: str) -> str:
         """The model's newest LoRA as a "Lora Model" choice, or NO_LORA when it has none."""
