@@ -89,15 +89,21 @@ def gpu_rows() -> list[Row]:
             Row("recipe r4, batch 4", "recipe", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, batch 4", "ours", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, bf16", "ours", dict(mixed_precision="bf16", gradient_checkpointing=True, rank=4)),
+            Row("ours r4, checkpointing, fast path", "ours", dict(ckpt, rank=4, compile_unet=True)),
             Row("ours 8 GB GPU preset", "ours", {"preset": "8 GB GPU"}),
             Row("ours 4 GB card preset", "ours", {"preset": "4 GB card"})]
     return rows
 
 
-def cpu_rows(sizes: list[str]) -> list[Row]:
+def cpu_rows(sizes: list[str], fast_path: bool = False) -> list[Row]:
     # fp32: CPUs without bf16 instructions emulate bf16 convolutions, many times slower than fp32.
     options = dict(mixed_precision="no", gradient_checkpointing=False, rank=4)
-    return [Row(f"{runner} {size}", runner, options, size) for size in sizes for runner in ("floor", "recipe", "ours")]
+    rows = []
+    for size in sizes:
+        rows += [Row(f"{runner} {size}", runner, options, size) for runner in ("floor", "recipe", "ours")]
+        if fast_path:  # torch.compile takes minutes at first: only when asked for
+            rows.append(Row(f"ours {size}, fast path", "ours", dict(options, compile_unet=True), size))
+    return rows
 
 
 def row_params(row: Row, resolution: int, cuda: bool) -> TrainingParams:
@@ -273,6 +279,10 @@ def our_step_of(model, params: TrainingParams, device):
     loop = Loop(accelerator, model, unet_p, encoders[0], params.train_text_encoder,
                 [p for g in groups for p in g["params"]], optimizer, lr_scheduler, None, None, None, params, 1000, 0,
                 text_encoder_2=encoders[1] if len(encoders) > 1 else None)
+    if params.compile_unet:  # the fast path, as train.build_run sets it up (one shape: CUDA graphs on a GPU)
+        from lora_trainer.training.fastpath import CompiledUNet
+
+        loop.compiled_unet = CompiledUNet(unet_p, device, static_shapes=True)
     return (lambda data: optimizer_micro_step(loop, data)), []
 
 
@@ -326,6 +336,11 @@ def time_steps(step, data: dict, device: torch.device, steps: int, warmup: int) 
     return (time.perf_counter() - start) / steps, loss
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median step time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
 def run_child(row: Row, index: int, argv: list[str]) -> dict:
     """A CPU row in a fresh process: memory the process owns is only comparable from a clean start."""
     out = subprocess.run([sys.executable, __file__, *argv, "--row", str(index)], capture_output=True, text=True)
@@ -377,7 +392,7 @@ def report(results: list[dict]) -> list[str]:
     for result in results:
         row = result["row"]
         if row.runner == "ours":
-            recipe = by_name.get(row.name.replace("ours", "recipe", 1))
+            recipe = by_name.get(row.name.replace("ours", "recipe", 1).replace(", fast path", ""))
             if recipe:
                 lines.append(f"{row.name}: {result['seconds'] / recipe['seconds']:.2f}x the recipe's step time, "
                              f"{result['peak'] / max(recipe['peak'], 1):.2f}x its peak memory")
@@ -394,6 +409,10 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="CPU threads (default 1: figures that stay put on a shared machine)")
     parser.add_argument("--in-process", action="store_true",
                         help="CPU: every row in this process (quicker; the memory figures then overlap)")
+    parser.add_argument("--fast-path", action="store_true",
+                        help="CPU mode: also our step with Compile UNet (fast path) (compiling takes minutes)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the rows this many times, alternating, and report each row's median step time")
     parser.add_argument("--row", type=int, default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -414,25 +433,32 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 def run_rows(args, argv: list[str], gpu: bool, device: torch.device) -> list[str]:
-    rows = gpu_rows() if gpu else cpu_rows(args.sizes.split(","))
+    rows = gpu_rows() if gpu else cpu_rows(args.sizes.split(","), args.fast_path)
     print(header(device, args), flush=True)
     if args.row is not None:  # a child of a CPU run: one row, its figures as JSON
         result = run_row(rows[args.row], device, args.steps, args.warmup)
         print("RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("row", "params")}))
         return []
     results = []
-    for index, row in enumerate(rows):
-        try:
-            results.append((run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
-                            else run_child(row, index, argv)))
-        except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
-            print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
-            if gpu:
-                torch.cuda.empty_cache()
-            continue
-        print(report(results)[len(results) - 1], flush=True)
-        if not math.isfinite(results[-1]["loss"]):
-            print(f"{row.name}: the loss was not a number", flush=True)
+    runs: list[list[dict]] = [[] for _ in rows]
+    for turn in range(args.repeat):  # row after row, again and again: a busy spell of the machine hits all alike
+        for index, row in enumerate(rows):
+            try:
+                result = (run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
+                          else run_child(row, index, argv))
+            except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
+                print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
+                if gpu:
+                    torch.cuda.empty_cache()
+                continue
+            runs[index].append(result)
+            if args.repeat > 1:
+                print(f"{row.name}: run {turn + 1} of {args.repeat}: {result['seconds']:.3f} s/step", flush=True)
+            if not math.isfinite(result["loss"]):
+                print(f"{row.name}: the loss was not a number", flush=True)
+            if turn == args.repeat - 1 and runs[index]:
+                results.append(median_run(runs[index]))
+                print(report(results)[len(results) - 1], flush=True)
     lines = report(results)
     for line in lines[len(results):]:
         print(line)

@@ -40,6 +40,7 @@ from .training.peak import PartConfigs, check_peak, describe_peak, estimate_for_
 from .training.parts import (WorkingModel, enable_checkpointing, free_device_memory, load_working_model,
                              part_dtypes, place, set_attention, store_base_in_fp8)
 from .training.ema import EMA, ema_applied
+from .training.fastpath import CompiledUNet
 from .training.resume import (RESUME_DIR, check_resume_fits, interrupted_run, load_ema_state, load_resume_state,
                               restore_optimizer, run_plan)
 from .training.samples import draw_samples, sample_prompts
@@ -351,9 +352,12 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
         for encoder in encoders:
             encoder.to("cpu")  # not needed again until samples: free the GPU for training
         free_device_memory(accelerator.device)
+    compiled = CompiledUNet(unet, accelerator.device, static_shapes=len(set(dataset.sizes)) == 1) \
+        if params.compile_unet else None
     return Loop(accelerator, model, unet, encoders[0], train_text, trainable, optimizer, lr_scheduler, loader,
                 sampler, dataset, params, steps, info.lifetime_epochs,
-                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache)
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache,
+                compiled_unet=compiled)
 
 
 @dataclass

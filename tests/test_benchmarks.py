@@ -88,3 +88,20 @@ def test_the_create_benchmark_builds_a_seeded_checkpoint_and_measures_create_aga
     assert ratio == pytest.approx(job["seconds"] / copy["seconds"], abs=0.01)
     assert ("met" if ratio <= 2 else "MISSED") in time_line
     assert f"{job['owned_mb'] / size_mb:.2f}x the" in memory_line
+
+
+def test_the_gpu_table_has_the_fast_path_beside_the_recipe():
+    rows = {row.name: row for row in train_speed.gpu_rows()}
+    fast = rows["ours r4, checkpointing, fast path"]
+    params = train_speed.row_params(fast, 512, cuda=True)
+    assert (params.compile_unet, params.gradient_checkpointing, params.mixed_precision, params.rank) == (True, True, "fp16", 4)
+    recipe = rows["recipe r4, checkpointing"]
+
+    def result(row, seconds):
+        return dict(row=row, params=train_speed.row_params(row, 512, cuda=True), seconds=seconds, samples=2 / seconds,
+                    peak=2**31, predicted=None, loss=0.1)
+
+    lines = train_speed.report([result(recipe, 0.4), result(fast, 0.25)])
+    assert "ours r4, checkpointing, fast path: 0.62x the recipe's step time, 1.00x its peak memory" in lines
+    runs = [dict(seconds=s) for s in (0.5, 0.2, 0.3)]
+    assert train_speed.median_run(runs)["seconds"] == 0.3

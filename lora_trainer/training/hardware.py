@@ -15,6 +15,7 @@ from ..config import TrainingParams
 from ..errors import ConfigError
 from ..fp8 import fp8_problem
 from ..optional import BITSANDBYTES_ON_CPU, bitsandbytes_runs_on_cpu
+from .fastpath import COMPILE, compile_problem
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,10 @@ def check_options(params: TrainingParams, hw: Hardware) -> None:
         if not hw.bitsandbytes:
             raise ConfigError(f"{ADAM8}: the bitsandbytes package is not installed; untick Use 8bit Adam or install bitsandbytes")
     check_optimizer(params)
+    if params.compile_unet:
+        problem = compile_problem(hw.device)
+        if problem:
+            raise ConfigError(f"{COMPILE}: {problem}; untick it (training runs the same without it, only slower)")
 
 
 def check_optimizer(params: TrainingParams) -> None:

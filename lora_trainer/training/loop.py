@@ -20,6 +20,7 @@ from ..progress import CancelFlag
 from .batches import batch_latents
 from .console import ProgressDisplay
 from .ema import EMA
+from .fastpath import NOT_COMPILE_FAILURES, CompiledUNet
 from .loss import Loss, dreambooth_loss, min_snr_weights, sample_noise, sample_timesteps, training_target
 from .parts import WorkingModel
 from .position import RunPosition, capture, restore
@@ -64,6 +65,7 @@ class Loop:
     resume_at: RunPosition | None = None   # where an interrupted run of the same plan stopped
     position: RunPosition | None = None    # after the last completed step (what a save keeps)
     ema: EMA | None = None                 # "Use EMA": averaged after every optimizer step
+    compiled_unet: CompiledUNet | None = None   # "Compile UNet (fast path)": the training step's UNet call
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -98,7 +100,8 @@ def compute_loss(loop: Loop, batch: dict) -> Loss:
     noisy = model.noise_scheduler.add_noise(latents, noise, timesteps)
     hidden, added = conditioning(model.info.family, loop.text_encoders, batch, device, train_text=loop.train_text,
                                  text_cache=loop.text_cache)
-    prediction = predict(loop.unet, noisy, timesteps, hidden, added)
+    unet = loop.compiled_unet if loop.compiled_unet is not None else loop.unet
+    prediction = predict(unet, noisy, timesteps, hidden, added)
     target = training_target(model.noise_scheduler, latents, noise, timesteps)
     weights = min_snr_weights(model.noise_scheduler, timesteps, params.snr_gamma)
     mask = latent_weights(batch["loss_mask"], latents) if "loss_mask" in batch else None
@@ -190,7 +193,7 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
             in_epoch += 1
             if accelerator.sync_gradients:
                 step += 1
-                loop.losses.append(sum(pending) / len(pending))
+                loop.losses.append(step_loss(pending))
                 pending = []
                 non_finite = 0 if math.isfinite(loop.losses[-1]) else non_finite + 1
                 if non_finite >= MAX_NON_FINITE_STEPS:
@@ -206,8 +209,9 @@ def run_loop(loop: Loop, display: ProgressDisplay) -> Outcome:
     return Outcome(step, micro_batches // batches_per_epoch, False)
 
 
-def optimizer_micro_step(loop: Loop, batch: dict) -> float:
+def optimizer_micro_step(loop: Loop, batch: dict) -> torch.Tensor:
     """Forward and backward of one batch; the optimizer steps when the accumulation is complete.
+    Returns the batch's loss, detached and still on the device (see `step_loss`).
 
     Gradients that are not numbers never reach the weights: with fp16 the gradient
     scaler skips such a step itself (and lowers its scale); otherwise the step is
@@ -216,8 +220,7 @@ def optimizer_micro_step(loop: Loop, batch: dict) -> float:
     """
     accelerator = loop.accelerator
     with accelerator.accumulate(loop.unet):
-        loss = compute_loss(loop, batch)
-        accelerator.backward(loss.total)
+        loss = forward_backward(loop, batch)
         finite = True
         if accelerator.sync_gradients:
             norm = accelerator.clip_grad_norm_(loop.trainable, MAX_GRAD_NORM)
@@ -228,7 +231,43 @@ def optimizer_micro_step(loop: Loop, batch: dict) -> float:
         loop.optimizer.zero_grad(set_to_none=True)
         if loop.ema is not None and accelerator.sync_gradients:
             loop.ema.update()
-    return float(loss.total.detach().item())
+    return loss.total.detach()
+
+
+def step_loss(losses: list[torch.Tensor]) -> float:
+    """The mean loss of one optimizer step's micro-batches, read back from the device in one go: reading
+    waits for the device to finish, so it happens once per step (for the progress bar, the UI's plot and
+    the run log, which show every step), not once per micro-batch."""
+    values = torch.stack(losses).tolist() if len(losses) > 1 else [losses[0].item()]
+    return sum(values) / len(values)
+
+
+def forward_backward(loop: Loop, batch: dict) -> Loss:
+    """The batch's loss, with its gradients added to the trained weights' (scaled by accelerate).
+
+    With "Compile UNet" the UNet runs compiled; when compiling fails, the run goes on eagerly from this
+    very batch: the random generators are put back first, so it draws the same noise and timesteps.
+    """
+    fast = loop.compiled_unet
+    if fast is None or not fast.active:
+        loss = compute_loss(loop, batch)
+        loop.accelerator.backward(loss.total)
+        return loss
+    device = loop.accelerator.device
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        loss = compute_loss(loop, batch)
+        loop.accelerator.backward(loss.total)
+        return loss
+    except NOT_COMPILE_FAILURES:
+        raise
+    except Exception as error:  # noqa: BLE001 - inductor's failures have many types (compiler, triton, codegen)
+        fast.fall_back(error)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return forward_backward(loop, batch)
 
 
 def set_epoch(loop: Loop, epoch: int) -> None:

@@ -32,7 +32,10 @@ def make_optimizer(groups: list[dict], params: TrainingParams) -> torch.optim.Op
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, betas=BETAS, weight_decay=params.weight_decay, eps=EPS)
-    return torch.optim.AdamW(groups, betas=BETAS, weight_decay=params.weight_decay, eps=EPS)
+    # foreach: one kernel per operation over all the weights instead of one per weight, with the very same
+    # figures. torch picks it on CUDA by itself, not on the CPU, where it halves the optimizer's time.
+    # (The fused kernel rounds otherwise, and accelerate's gradient scaler cannot tell its skipped steps.)
+    return torch.optim.AdamW(groups, betas=BETAS, weight_decay=params.weight_decay, eps=EPS, foreach=True)
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int,
