@@ -44,7 +44,8 @@ def main() -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         estimate = estimate_for_configs(configs, params, prior_preservation=prior)
         print(f"{estimate.rows} picture(s) per step: whole run {estimate.reserved / GB:.2f} GiB reserved, training "
-              f"{estimate.training_reserved / GB:.2f} GiB ({describe_peak(estimate)}); "
+              f"{estimate.training_reserved / GB:.2f} GiB ({describe_peak(estimate)}), filling the caches "
+              f"{estimate.caching / GB:.2f} GiB allocated; "
               f"{time.process_time() - cpu:.1f} s CPU, {time.perf_counter() - wall:.1f} s wall")
     cpu, wall = time.process_time(), time.perf_counter()
     estimate_for_configs(configs, TrainingParams(**{**params.to_dict(), "use_8bit_adam": False}),

@@ -288,8 +288,10 @@ def make_class_pictures(models: ModelsDir, model_name: str, concepts: list[Conce
 
 def prepare_model(model: WorkingModel, params: TrainingParams, device: torch.device,
                   dtypes: dict[str, torch.dtype]) -> Adapters | None:
-    """Place the parts, set attention and checkpointing, attach LoRA (or unfreeze for a full fine-tune)."""
-    place(model, device, dtypes)
+    """Place the parts, set attention and checkpointing, attach LoRA (or unfreeze for a full fine-tune).
+    With latents or text-encoder outputs cached, the UNet joins the GPU only after the caches are filled
+    (build_run): the SDXL VAE at 1024 px beside the UNet would not fit an 8 GB card (docs/training.md)."""
+    place(model, device, dtypes, unet_later=params.cache_latents or params.cache_text_encoder_outputs)
     if params.base_weights == "fp8":
         store_base_in_fp8(model, dtypes, device)
     set_attention(model.unet, params.attention)
@@ -325,6 +327,18 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
         dataset.fill_cache(model.vae, device=accelerator.device, dtype=next(model.vae.parameters()).dtype)
         model.vae.to("cpu")  # not needed again until samples: free the GPU for training
         free_device_memory(accelerator.device)
+    train_text = params.train_text_encoder
+    for encoder in model.text_encoders:
+        encoder.train(train_text)
+    text_cache = None
+    if params.cache_text_encoder_outputs:
+        text_cache = TextCache()
+        text_cache.fill(model.info.family, model.text_encoders, dataset, [e.prompt for e in instance + class_]
+                        + list(validation_prompts or []), accelerator.device)
+        for encoder in model.text_encoders:
+            encoder.to("cpu")  # not needed again until samples: free the GPU for training
+        free_device_memory(accelerator.device)
+    model.unet.to(accelerator.device)  # kept off the GPU while the caches were filled (prepare_model)
     loader, sampler = make_dataloader(dataset, params.train_batch_size, seed=seed)
     groups = trainable_groups(model, adapters, params)
     optimizer = make_optimizer(groups, params)
@@ -333,7 +347,6 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
     per_epoch = steps_per_epoch(len(sampler), accelerator.num_processes, params.gradient_accumulation_steps)
     steps = total_steps(params, per_epoch)
     lr_scheduler = make_lr_scheduler(optimizer, params, steps, accelerator.num_processes)
-    train_text = params.train_text_encoder
     if train_text:
         unet, *encoders, optimizer, loader, lr_scheduler = accelerator.prepare(
             model.unet, *model.text_encoders, optimizer, loader, lr_scheduler)
@@ -341,17 +354,7 @@ def build_run(accelerator, model: WorkingModel, adapters: Adapters | None, param
         unet, optimizer, loader, lr_scheduler = accelerator.prepare(model.unet, optimizer, loader, lr_scheduler)
         encoders = model.text_encoders
     unet.train()
-    for encoder in encoders:
-        encoder.train(train_text)
     trainable = [p for group in groups for p in group["params"]]
-    text_cache = None
-    if params.cache_text_encoder_outputs:
-        text_cache = TextCache()
-        text_cache.fill(model.info.family, encoders, dataset, [e.prompt for e in instance + class_]
-                        + list(validation_prompts or []), accelerator.device)
-        for encoder in encoders:
-            encoder.to("cpu")  # not needed again until samples: free the GPU for training
-        free_device_memory(accelerator.device)
     compiled = CompiledUNet(unet, accelerator.device, static_shapes=len(set(dataset.sizes)) == 1) \
         if params.compile_unet else None
     return Loop(accelerator, model, unet, encoders[0], train_text, trainable, optimizer, lr_scheduler, loader,

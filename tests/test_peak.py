@@ -229,7 +229,8 @@ def test_sdxl_prediction_runs_its_conditioning_and_frees_cached_encoders(created
     model = load_working_model(folder, info, part_dtypes(frozen, torch.device("cuda"), info.family))
     encoder_bytes = [t.numel() * t.element_size() for e in model.text_encoders for t in e.state_dict().values()]
     assert _close(encoded.weights - cached.weights, sum(encoder_bytes), len(encoder_bytes))
-    assert cached.caching >= encoded.weights  # UNet and encoders while encoding the prompts
+    assert cached.caching >= sum(encoder_bytes)  # the encoders while encoding the prompts ...
+    assert cached.caching < cached.weights + sum(encoder_bytes)  # ... and the UNet not yet on the GPU
     assert cached.rows == 1 and cached.step <= encoded.step  # the looked-up outputs are what the encoders give
     trained = estimate_for_configs(configs, dataclasses.replace(frozen, train_text_encoder=True),
                                    prior_preservation=False)

@@ -8,7 +8,8 @@ FakeTensorMode every operation runs as it would, but no data exists, so a
 full-size model takes seconds on a CPU and needs no GPU. `LiveBytes` counts
 what each phase of a run allocates above what it holds already:
 
-- caching latents: the VAE encoding one picture (`batches.CACHE_BATCH`);
+- caching latents: the VAE encoding one picture (`batches.CACHE_BATCH`), the
+  UNet not yet on the GPU;
 - caching the text encoders' outputs ("Cache Text Encoder Outputs"): the
   run's own `TextCache.fill`, one batch of prompts;
 - one training step, forward and backward, conditioned as the loop conditions
@@ -64,14 +65,15 @@ def measure_run(model_type: str, configs: dict, params: TrainingParams, rows: in
         trained = tuple(p.numel() for part in (model.unet, *encoders) for p in part.parameters() if p.requires_grad)
         unet_bytes, vae_bytes = _bytes(model.unet), _bytes(model.vae)
         text_bytes = sum(_bytes(e) for e in encoders)
-        everything = unet_bytes + vae_bytes + text_bytes  # all on the GPU until the caches are filled
+        # While the caches are filled the UNet is not on the GPU yet (train.prepare_model), the VAE and
+        # text encoders are, until their outputs are cached.
         caching = 0
         if params.cache_latents:
-            caching = everything + _encode_bytes(model.vae, params)
+            caching = vae_bytes + text_bytes + _encode_bytes(model.vae, params)
         text_cache = None
         if params.cache_text_encoder_outputs:
             text_cache, filling = _fill_text_cache(family, encoders)
-            caching = max(caching, everything - (vae_bytes if params.cache_latents else 0) + filling)
+            caching = max(caching, text_bytes + (0 if params.cache_latents else vae_bytes) + filling)
         step = _step_bytes(model, params, rows, text_cache)
     weights = (unet_bytes + (0 if params.cache_latents else vae_bytes)
                + (0 if params.cache_text_encoder_outputs else text_bytes))

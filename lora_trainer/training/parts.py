@@ -108,11 +108,12 @@ def enable_checkpointing(model: WorkingModel, *, text_encoder: bool) -> None:
             enable_text_encoder_checkpointing(encoder)
 
 
-def place(model: WorkingModel, device: torch.device, dtypes: dict[str, torch.dtype]) -> None:
-    """Move the parts to `device`, each in its dtype of `part_dtypes`."""
+def place(model: WorkingModel, device: torch.device, dtypes: dict[str, torch.dtype], *, unet_later: bool = False) -> None:
+    """Move the parts to `device`, each in its dtype of `part_dtypes`. `unet_later`: the UNet gets its dtype
+    but stays where it is (on the CPU) until the caches are filled (train.build_run moves it)."""
     for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
         if getattr(model, part) is not None:
-            _move(getattr(model, part), device, dtypes[part])
+            _move(getattr(model, part), torch.device("cpu") if part == "unet" and unet_later else device, dtypes[part])
 
 
 def _move(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:

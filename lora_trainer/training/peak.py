@@ -59,7 +59,7 @@ MEASURED_FIELDS = ("mixed_precision", "use_lora", "rank", "text_encoder_rank", "
                    "resolution", "cache_latents", "cache_text_encoder_outputs", "base_weights")
 CACHE_FILE = "peak_cache.json"  # in the model folder: what the fake runs of this model measured
 CACHE_ENTRIES = 64              # the most it keeps (the newest)
-MEASURE_VERSION = 2             # raised when the fake run changes what it measures: older entries are not used
+MEASURE_VERSION = 3             # raised when the fake run changes what it measures: older entries are not used
 
 
 @dataclass(frozen=True)
