@@ -34,7 +34,7 @@ def _gradients(created_sd1, folder, *, masked: bool) -> list[torch.Tensor]:
     batch = collate_examples([dataset[i] for i in range(len(dataset))])
     loop = SimpleNamespace(model=model, params=params, accelerator=SimpleNamespace(device=torch.device("cpu")),
                            unet=model.unet, text_encoder=model.text_encoder, text_encoders=[model.text_encoder],
-                           text_cache=None, train_text=False)
+                           text_cache=None, train_text=False, compiled_unet=None)
     torch.manual_seed(1)
     compute_loss(loop, batch).total.backward()
     return [p.grad.clone() for a in adapters.all.values() for p in a.parameters() if p.grad is not None]

@@ -87,7 +87,7 @@ LOCON_CONV = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2|conv_shortcut)|(down
 def trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
     """Shapes of the tensors the optimizer updates: the adapters' down and up matrices (with LoCon Conv Rank
     also those of the UNet's ResNet and resampler convolutions; with Use DoRA each adapter's magnitude per
-    output row), or whole parts."""
+    input column), or whole parts."""
     parts = ["unet"] + (["text_encoder", "text_encoder_2"] if params.train_text_encoder else [])
     if not params.use_lora:
         return [shape for part in parts for dtype, shape in layouts.get(part, {}).values() if dtype.is_floating_point]
@@ -108,8 +108,8 @@ def trained_shapes(layouts, params: TrainingParams) -> list[tuple[int, ...]]:
                 shapes += [(conv_rank, in_channels, *kernel), (out_channels, conv_rank, 1, 1)]
             else:
                 continue
-            if params.use_dora:
-                shapes.append((shape[0], *[1] * (len(shape) - 1)))
+            if params.use_dora:  # one magnitude per input column, as the web UI applies dora_scale
+                shapes.append((1, shape[1], *[1] * (len(shape) - 2)))
     return shapes
 
 
