@@ -243,7 +243,7 @@ def test_set_parameters_and_a_concept(page, app, tmp_path_factory):
     type_into(page, "lora_trainer_param_resolution", "72")
     click(page, "lora_trainer_apply_preset")  # applied again
     wait_message(page, "Applied preset 'CPU / test'")
-    assert value(page, "lora_trainer_param_resolution") == "64"
+    wait_value(page, "lora_trainer_param_resolution", "64")  # the click's answer may land after its message
     type_into(page, "lora_trainer_param_max_train_steps", "3")
     type_into(page, "lora_trainer_param_num_train_epochs", "2")
 
