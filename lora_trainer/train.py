@@ -172,7 +172,7 @@ def check_before_loading(models: ModelsDir, model_name: str, params: TrainingPar
     hardware = probe_hardware(device)
     check_options(params, hardware)
     check_trains_something(params, info.family)
-    check_feature_pairs(params, concepts, info)
+    check_feature_pairs(params)
     output_name(info, params)
     grid_seeds(params)
     check_concepts(concepts, model_dir)
@@ -215,7 +215,7 @@ def check_concepts(concepts: list[Concept], model_dir: Path) -> None:
     plan_class_images(model_dir, concepts, quiet=True)
 
 
-def check_feature_pairs(params: TrainingParams, concepts: list[Concept], info: ModelInfo) -> None:
+def check_feature_pairs(params: TrainingParams) -> None:
     """Refuse features that cannot work together (before loading). Raises ConfigError naming both."""
     if params.cache_text_encoder_outputs and CaptionAugment.from_params(params).active:
         raise ConfigError("Cache Text Encoder Outputs ('cache_text_encoder_outputs') encodes each caption once, so "
