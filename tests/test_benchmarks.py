@@ -65,7 +65,8 @@ def test_the_class_image_benchmark_reports_the_measured_images_per_second(capsys
     assert len(lines) == 1, lines
     count, seconds, rate = re.search(r"batch 2, float32 on cpu, 2 steps: (\d+) images in (\d+\.\d+) s = "
                                      r"(\d+\.\d+) images/s", lines[0]).groups()
-    assert int(count) == 2 and float(rate) == pytest.approx(2 / float(seconds), rel=0.05)
+    # The seconds are printed rounded to 0.01 s, so the rate is checked against what they round from.
+    assert int(count) == 2 and float(rate) > 0 and abs(2 / float(rate) - float(seconds)) <= 0.005 + 1e-3
 
 
 @pytest.mark.one_env
