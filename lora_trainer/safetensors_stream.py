@@ -29,6 +29,9 @@ DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 DEFERRED_WIDTH = 64  # a SHA-256 in hex
 DEFERRED_PLACEHOLDER = "?" * DEFERRED_WIDTH
+# Bytes per write() call. One call per tensor (up to 100 MB) took 1.3-2.7 s for a 2 GB checkpoint on
+# ext4 where 1 MB pieces took 0.62-0.70 s, about what a plain copy of the file takes (0.8 s).
+WRITE_PIECE = 1 << 20
 
 
 def read_layout(path: str | Path) -> Layout:
@@ -63,6 +66,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
+def write_in_pieces(f, data: memoryview) -> None:
+    """`f.write(data)` in WRITE_PIECE-sized calls."""
+    for start in range(0, len(data), WRITE_PIECE):
+        f.write(data[start:start + WRITE_PIECE])
+
+
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
                       metadata: dict[str, str] | None = None, overwrite: bool = False,
                       deferred: dict[str, Callable[[], str]] | None = None) -> Path:
@@ -91,7 +100,7 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
             if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 raise ValueError(f"{path.name}: tensor {key} ({tensor.dtype}, {tuple(tensor.shape)}) does not match "
                                  f"the layout entry {want_key} ({dtype}, {shape})")
-            f.write(tensor_bytes(tensor))
+            write_in_pieces(f, tensor_bytes(tensor))
         left = next(expected, None)
         if left is not None:
             raise ValueError(f"{path.name}: tensor {left[0]} of the layout was never written")

@@ -418,3 +418,21 @@ def test_sdxl_weights_only_fp16_ckpt_converts_and_is_recognised_without_yaml(mod
     # Without its yaml the file is taken for SDXL 1.0 base: the tiny shapes are then refused by part.
     with pytest.raises(CheckpointError, match="the unet weights do not fit"):
         create_model(models_dir, "xl.ckpt", "xl2")
+
+
+def test_the_background_hash_leaves_torch_one_thread_fewer_and_gives_it_back(tmp_path):
+    from lora_trainer.checkpoint_io import BackgroundSha256, file_sha256
+
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"x" * 4096)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with BackgroundSha256(path) as first:
+            assert torch.get_num_threads() == 2
+            with BackgroundSha256(path) as second:  # two jobs at once: one thread left for the two hashes
+                assert torch.get_num_threads() == 2 and second.result() == file_sha256(path)
+            assert torch.get_num_threads() == 2 and first.result() == file_sha256(path)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -359,3 +359,30 @@ def test_a_picture_is_generated_from_the_merged_checkpoint(sd1, tmp_path):
         assert image.size == (64, 64) and image.format == "PNG"
         low, high = image.convert("L").getextrema()
         assert low < high
+
+
+def test_a_weight_merged_in_blocks_of_rows_equals_the_whole_weight_merged(sd2v, monkeypatch):
+    """SD 2.x's OpenCLIP fused q/k/v rows, merged 3 rows at a time at width 32: blocks straddle q, k and v."""
+    from lora_trainer import merge
+
+    write_tiny_checkpoint(sd2v.models.checkpoints, v2=True, seed=1, name="other")
+    whole = tensors_of(merge_lora(sd2v.models, "tiny", into="other", custom_name="whole"))
+    monkeypatch.setattr(merge, "_CHUNK_ELEMENTS", 96)
+    blocks = tensors_of(merge_lora(sd2v.models, "tiny", into="other", custom_name="blocks"))
+    base = tensors_of(sd2v.models.checkpoints / "other.safetensors")
+    fused = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    assert fused in whole and not torch.equal(whole[fused], base[fused])
+    assert set(whole) == set(blocks)
+    for key in whole:
+        torch.testing.assert_close(blocks[key], whole[key], atol=1e-6, rtol=1e-6)
+
+
+def test_a_half_model_beyond_fp16s_range_is_refused_and_the_same_merge_in_fp32_is_written(sd1):
+    key = "lora_te_text_model_encoder_layers_1_mlp_fc2"
+    state = {k: v for k, v in sd1.lora.items() if k.startswith(key)}
+    state[f"{key}.lora_up.weight"] = torch.full_like(state[f"{key}.lora_up.weight"], 300.0)
+    state[f"{key}.lora_down.weight"] = torch.full_like(state[f"{key}.lora_down.weight"], 300.0)
+    save_lora(sd1.models.lora / "large.safetensors", state)
+    with pytest.raises(ModelError, match=rf"merging module {key} gives non-finite values .*beyond"):
+        merge_lora(sd1.models, "tiny", lora="large", half=True)
+    assert merge_lora(sd1.models, "tiny", lora="large").is_file()

@@ -84,3 +84,13 @@ def test_a_deferred_metadata_entry_is_filled_in_once_the_tensors_are_written(tmp
         write_safetensors(tmp_path / "bad.safetensors", layout_of(tensors), iter(tensors.items()),
                           deferred={"h": lambda: "short"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_tensors_written_in_pieces_read_back_exactly(tmp_path, monkeypatch):
+    from lora_trainer import safetensors_stream
+
+    monkeypatch.setattr(safetensors_stream, "WRITE_PIECE", 7)  # every tensor of more than 7 bytes in several writes
+    tensors = sample_tensors()
+    path = write_safetensors(tmp_path / "out.safetensors", layout_of(tensors), iter(tensors.items()))
+    back = load_file(str(path))
+    assert all(torch.equal(back[key], tensor) for key, tensor in tensors.items())
