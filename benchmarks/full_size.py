@@ -180,6 +180,11 @@ def header(title: str) -> str:
             f"load average {load}; {', '.join(versions)}")
 
 
+def forget_hashes(work: Path) -> None:
+    """Remove the checkpoint hashes Create Model and merges keep (models/lora_trainer), so the next job hashes."""
+    (work / "lora_trainer" / "checkpoint_hashes.json").unlink(missing_ok=True)
+
+
 def verdict(job: dict, copies: list[dict], size_mb: float, name: str) -> list[str]:
     """The figures of one job against the mean of the copies measured around it, and the issue's targets."""
     copy = sum(c["seconds"] for c in copies) / len(copies)

@@ -4,8 +4,9 @@ Writes a checkpoint with the real key set and shapes and seeded random weights (
 4 GB in fp32; see full_size.py), creates a working model of it and a seeded rank-16 LoRA over every
 Linear of its UNet and text encoder (untimed), then, each in a fresh process and from the same
 page-cache state: a plain copy of the checkpoint (`shutil.copyfile`), the merge into the model's own
-weights, the merge into the checkpoint file (`--into`), and the copy again. Prints the seconds of each
-(the merge itself, and the whole process with its imports), the merge's time as a multiple of the
+weights, the merge into the checkpoint file (`--into`) twice (the first hashing the checkpoint, the
+second with its hash known: models/lora_trainer/checkpoint_hashes.json), and the copy again. Prints
+the seconds of each (the merge itself, and the whole process with its imports), the merge's time as a multiple of the
 copies' mean, the peak memory it owned as a multiple of the file's size, and the issue 13 targets
 (at most 2x the copy, at most 1.3x the file). Usage:
 
@@ -18,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, full_size_checkpoint,  # noqa: E402,F401
-                       measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
+from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, forget_hashes,  # noqa: E402,F401
+                       full_size_checkpoint, measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
 
 RANK = 16
 MODEL = "full"
@@ -90,10 +91,14 @@ def bench(work: Path, dtype: str, seed: int) -> list[str]:
     copy_args = ["--source", str(checkpoint), "--target", str(work / "copy.safetensors")]
     copies = [run_phase(__file__, "copy", copy_args, checkpoint)]
     own = run_phase(__file__, "own", ["--target", str(work)], model_dir)
-    into = run_phase(__file__, "into", ["--target", str(work), "--source", checkpoint.name], checkpoint)
+    into_args = ["--target", str(work), "--source", checkpoint.name]
+    forget_hashes(work)  # Create Model stored the checkpoint's hash
+    into = run_phase(__file__, "into", into_args, checkpoint)
+    again = run_phase(__file__, "into", into_args, checkpoint)
     copies.append(run_phase(__file__, "copy", copy_args, checkpoint))
     return [*verdict(own, copies, size_mb, f"merge sd1 {dtype} into the model"),
-            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint")]
+            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, checkpoint hashed"),
+            *verdict(again, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, hash known from the first")]
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -90,7 +90,7 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     checkpoint = models.find_checkpoint(source)
     # The working model holds about what the checkpoint holds (a full disk's message says so).
     # The source's hash is computed while the parts are converted (it took a third of the time after them).
-    with BackgroundSha256(checkpoint) as sha256, CheckpointReader(checkpoint) as reader, \
+    with BackgroundSha256(checkpoint, models.hash_cache) as sha256, CheckpointReader(checkpoint) as reader, \
             atomic_dir(target, overwrite=overwrite, need=checkpoint.stat().st_size) as tmp:
         spec = read_spec(reader)
         use_ema = extract_ema and _has_ema(reader)

@@ -23,6 +23,7 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import atomic_path
+from .hash_cache import HashCache, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -238,22 +239,28 @@ class BackgroundSha256:
     (an error) stops the thread at its next chunk.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, cache: HashCache | None = None):
         self._stop = threading.Event()
-        self._digest: str | None = None
         self._error: BaseException | None = None
-        _leave_a_core_for_hashing()
-        self._thread = threading.Thread(target=self._run, args=(Path(path),), daemon=True, name="sha256")
-        self._thread.start()
+        self._digest = cache.get(Path(path)) if cache is not None else None
+        self._thread: threading.Thread | None = None
+        if self._digest is None:  # not hashed before (or changed since): hashed now, beside the work
+            _leave_a_core_for_hashing()
+            self._thread = threading.Thread(target=self._run, args=(Path(path), cache), daemon=True, name="sha256")
+            self._thread.start()
 
-    def _run(self, path: Path) -> None:
+    def _run(self, path: Path, cache: HashCache | None) -> None:
         try:
+            stamp = file_stamp(path)
             self._digest = file_sha256(path, stop=self._stop)
+            if cache is not None and self._digest:
+                cache.put(path, self._digest, stamp)
         except BaseException as e:  # handed to the caller by result()
             self._error = e
 
     def result(self) -> str:
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         if self._error is not None:
             raise self._error
         return self._digest or ""
@@ -262,9 +269,10 @@ class BackgroundSha256:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        _give_the_core_back()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            _give_the_core_back()
 
 
 # torch's CPU threads while hashes run: (hashes running, torch's thread count before the first).

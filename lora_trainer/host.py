@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError, ModelError
+from .hash_cache import HASH_CACHE_FILE, HashCache
 
 CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt")
 _TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
@@ -46,6 +47,11 @@ class ModelsDir:
     def at(cls, models_dir: str | Path) -> "ModelsDir":
         root = Path(models_dir)
         return cls(root / "Stable-diffusion", root / "Lora", root / "lora_trainer")
+
+    @property
+    def hash_cache(self) -> HashCache:
+        """The SHA-256 of checkpoints hashed before (Create Model, Merge Into)."""
+        return HashCache(self.working / HASH_CACHE_FILE)
 
     def list_checkpoints(self) -> list[str]:
         """Checkpoint names relative to the checkpoints folder, as the web UI shows them."""

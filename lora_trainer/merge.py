@@ -27,6 +27,7 @@ from .checkpoint_io import FORMATS, BackgroundSha256, CheckpointReader, file_sha
 from .config import ModelInfo, param
 from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
+from .hash_cache import HashCache
 from .host import ModelsDir, validate_model_name
 from .kohya import KohyaLora, Target, read_kohya_lora, resolve, target_table
 from .leftovers import clean_leftovers
@@ -106,7 +107,7 @@ def _merge_lora(models: ModelsDir, model_name: str, *, lora, into, unet_weight, 
                           overwrite=overwrite, progress=progress)
     else:
         _merge_into_checkpoint(source, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
-                               overwrite=overwrite, progress=progress)
+                               overwrite=overwrite, progress=progress, hash_cache=models.hash_cache)
     if yaml_text is not None:
         atomic_write_text(out_path.with_suffix(".yaml"), yaml_text)
     progress("Checkpoint written", 1.0)
@@ -366,7 +367,8 @@ def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_pat
 
 
 def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
-                           half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
+                           half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress,
+                           hash_cache: HashCache) -> None:
     with CheckpointReader(source) as reader:
         spec = read_spec(reader)
         family = spec.family
@@ -381,7 +383,7 @@ def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_p
         merged = ((key, merger.original_tensor(key, reader.get(key))) for key in reader.keys())
         # The source's hash is computed while the tensors are merged and written (a whole pass over the file
         # before them cost as much as the merge itself); a .safetensors header gets it filled in at the end.
-        with BackgroundSha256(source) as sha256:
+        with BackgroundSha256(source, hash_cache) as sha256:
             try:
                 if fmt == "safetensors":
                     # Tensors are written as they are merged: peak memory is one tensor, not the checkpoint.

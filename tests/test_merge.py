@@ -206,6 +206,7 @@ def test_merge_into_another_checkpoint_of_the_same_family(request, variant, tmp_
     with CheckpointReader(out) as reader:
         assert reader.metadata["lora_trainer_base"] == "other.safetensors"
         assert reader.metadata["lora_trainer_base_sha256"] == file_sha256(other)
+    assert s.models.hash_cache.get(other) == file_sha256(other)  # the next merge into it does not read it to hash
 
     other_unet, other_text = load_checkpoint_parts(other, tmp_path / "other")
     want_unet, want_text = s.reference(unet=other_unet, text=other_text)
