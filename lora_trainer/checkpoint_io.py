@@ -275,30 +275,29 @@ class BackgroundSha256:
             _give_the_core_back()
 
 
-# torch's CPU threads while hashes run: (hashes running, torch's thread count before the first).
-_hashing = [0, 0]
-_hashing_lock = threading.Lock()
+# Per thread (torch's CPU thread count is the calling thread's own: OpenMP): how many hashes that thread
+# runs beside its work, and its torch thread count before the first.
+_hashing = threading.local()
 
 
 def _leave_a_core_for_hashing() -> None:
-    """One torch CPU thread fewer while a hash runs beside the work.
+    """One torch CPU thread fewer, in the calling thread, while a hash runs beside its work.
 
     torch splits each operation over all its threads and waits for the slowest; with the hash busy on
     one of the cores, that thread waits its turn, and on 2 cores a merge's casts and products took 3x
     longer (0.98 s of casts with 2 threads, 0.33 s with 1, in a full-size SD 1.5 merge).
     """
-    with _hashing_lock:
-        if _hashing[0] == 0:
-            _hashing[1] = torch.get_num_threads()
-            torch.set_num_threads(max(1, _hashing[1] - 1))
-        _hashing[0] += 1
+    depth = getattr(_hashing, "depth", 0)
+    if depth == 0:
+        _hashing.threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, _hashing.threads - 1))
+    _hashing.depth = depth + 1
 
 
 def _give_the_core_back() -> None:
-    with _hashing_lock:
-        _hashing[0] -= 1
-        if _hashing[0] == 0:
-            torch.set_num_threads(_hashing[1])
+    _hashing.depth -= 1
+    if _hashing.depth == 0:
+        torch.set_num_threads(_hashing.threads)
 
 
 def iter_tensors(reader: CheckpointReader, keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:

@@ -422,6 +422,8 @@ def test_sdxl_weights_only_fp16_ckpt_converts_and_is_recognised_without_yaml(mod
 
 
 def test_the_background_hash_leaves_torch_one_thread_fewer_and_gives_it_back(tmp_path):
+    import threading
+
     from lora_trainer.checkpoint_io import BackgroundSha256, file_sha256
 
     path = tmp_path / "file.bin"
@@ -435,6 +437,19 @@ def test_the_background_hash_leaves_torch_one_thread_fewer_and_gives_it_back(tmp
                 assert torch.get_num_threads() == 2 and second.result() == file_sha256(path)
             assert torch.get_num_threads() == 2 and first.result() == file_sha256(path)
         assert torch.get_num_threads() == 3
+        # Each thread has its own count (a job's worker thread): another thread's hash leaves this one's as it is.
+        seen = []
+
+        def job():
+            torch.set_num_threads(2)
+            with BackgroundSha256(path) as hashing:
+                seen.append((torch.get_num_threads(), hashing.result()))
+            seen.append(torch.get_num_threads())
+
+        worker = threading.Thread(target=job)
+        worker.start()
+        worker.join()
+        assert seen == [(1, file_sha256(path)), 2] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
 
