@@ -6,37 +6,53 @@ machine whose copy runs from the page cache. It is stored in
 `<models>/lora_trainer/checkpoint_hashes.json` under the file's resolved path
 with its size and modification time, as the web UI's cache.json keeps them;
 a file whose size or time changed is hashed again. A cache that cannot be
-read or written costs only the time: the hash is then computed.
+read or written costs only the time: the hash is then computed. Inside the web
+UI, a checkpoint it has loaded already has its hash in the web UI's own cache
+(`modules.hashes`, checked against the file's time): that one is used too.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from pathlib import Path
+from typing import Callable
 
 from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 HASH_CACHE_FILE = "checkpoint_hashes.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class HashCache:
     """Checkpoint path -> {"size", "mtime_ns", "sha256"}, kept in one JSON file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, host: Callable[[Path], str | None] | None = None):
         self.path = Path(path)
+        self.host = host  # the hash the host already knows (the web UI's own cache), asked second
         self._lock = threading.Lock()
 
     def get(self, file: Path) -> str | None:
-        """The stored hash of `file`, or None when it is not stored or the file changed since."""
+        """The stored hash of `file`, else the host's, or None when neither knows the file as it is now."""
         entry = self._read().get(_key(file))
         stamp = file_stamp(file)
         if isinstance(entry, dict) and stamp is not None and entry.get("size") == stamp[0] \
                 and entry.get("mtime_ns") == stamp[1] and isinstance(entry.get("sha256"), str):
             return entry["sha256"]
-        return None
+        return self._from_host(file)
+
+    def _from_host(self, file: Path) -> str | None:
+        if self.host is None:
+            return None
+        try:
+            digest = self.host(Path(file))
+        except Exception as e:  # the host's own code: its failure costs only the time of hashing
+            log.debug("The host's hash of %s could not be read (%s: %s)", file, type(e).__name__, e)
+            return None
+        return digest if isinstance(digest, str) and _SHA256.fullmatch(digest) else None
 
     def put(self, file: Path, digest: str, stamp: tuple[int, int] | None) -> None:
         """Store `digest` for `file` as it was when hashing began (`stamp`: size and time then)."""

@@ -10,8 +10,9 @@ passes them in); standalone they are all under `--models-dir`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import ConfigError, ModelError
 from .hash_cache import HASH_CACHE_FILE, HashCache
@@ -42,6 +43,8 @@ class ModelsDir:
     checkpoints: Path
     lora: Path
     working: Path
+    # The SHA-256 the host already knows for a checkpoint (the web UI's hash cache), else None.
+    known_sha256: Callable[[Path], str | None] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def at(cls, models_dir: str | Path) -> "ModelsDir":
@@ -51,7 +54,7 @@ class ModelsDir:
     @property
     def hash_cache(self) -> HashCache:
         """The SHA-256 of checkpoints hashed before (Create Model, Merge Into)."""
-        return HashCache(self.working / HASH_CACHE_FILE)
+        return HashCache(self.working / HASH_CACHE_FILE, host=self.known_sha256)
 
     def list_checkpoints(self) -> list[str]:
         """Checkpoint names relative to the checkpoints folder, as the web UI shows them."""

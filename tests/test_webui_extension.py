@@ -216,6 +216,34 @@ def test_folders_follow_ckpt_dir_lora_dir_and_the_setting(tmp_path):
         assert (host.models.checkpoints, host.models.lora, host.models.working) == (ckpts, loras, work)
 
 
+def test_create_model_takes_the_hash_the_web_ui_already_has_unless_the_file_changed_since(webui, tiny_sd1,
+                                                                                           monkeypatch):
+    import shutil
+
+    from modules import hashes
+
+    from lora_trainer import checkpoint_io
+    from lora_trainer.checkpoint import create_model
+    from lora_trainer.config import ModelInfo
+
+    models = webui_host(webui).models
+    models.checkpoints.mkdir(parents=True, exist_ok=True)
+    source = Path(shutil.copy(tiny_sd1, models.checkpoints / "base.safetensors"))
+    shutil.copy(tiny_sd1.with_suffix(".yaml"), source.with_suffix(".yaml"))  # the tiny model's config
+    reads = []
+    real_sha256 = checkpoint_io.file_sha256
+    monkeypatch.setattr(checkpoint_io, "file_sha256", lambda path, **kw: reads.append(path) or real_sha256(path, **kw))
+    # What the web UI does when it loads the checkpoint for txt2img.
+    known = hashes.sha256(str(source), "checkpoint/base.safetensors")
+
+    info = ModelInfo.load(create_model(models, "base.safetensors", "a") / "model_info.json")
+    assert info.source_checkpoint_hash == known and reads == []
+    # Written after the web UI hashed it: the web UI's hash is stale, so the file is hashed.
+    os.utime(source, (source.stat().st_atime, source.stat().st_mtime + 10))
+    info = ModelInfo.load(create_model(models, "base.safetensors", "b") / "model_info.json")
+    assert info.source_checkpoint_hash == known and reads == [source]
+
+
 # --- GPU memory around a job ----------------------------------------------------
 
 def test_checkpoint_leaves_the_gpu_for_the_job_and_comes_back(webui):

@@ -66,7 +66,20 @@ def host_models_dir(models_path: str, cmd_opts: Any, opts: Any) -> ModelsDir:
     checkpoints = getattr(cmd_opts, "ckpt_dir", None) or root / "Stable-diffusion"
     lora = getattr(cmd_opts, "lora_dir", None) or root / "Lora"
     working = setting(opts, WORKING_DIR, "") or root / "lora_trainer"
-    return ModelsDir(Path(checkpoints), Path(lora), Path(working).expanduser())
+    return ModelsDir(Path(checkpoints), Path(lora), Path(working).expanduser(), known_sha256=webui_known_sha256)
+
+
+def webui_known_sha256(checkpoint: Path) -> Optional[str]:
+    """The SHA-256 the web UI already knows for `checkpoint`, else None.
+
+    The web UI hashes a checkpoint when it loads it and keeps the hash in its cache under the
+    checkpoint's title; `CheckpointInfo` reads it back, checked against the file's time
+    (`modules.hashes.sha256_from_cache`). Create Model of the loaded checkpoint then reads it
+    only to convert it, not a second time to hash it.
+    """
+    from modules import sd_models
+
+    return getattr(sd_models.CheckpointInfo(str(checkpoint)), "sha256", None)
 
 
 def forge_memory_manager() -> Optional[ModuleType]:
