@@ -59,7 +59,8 @@ class HashCache:
         if stamp is None or stamp != file_stamp(file):  # changed while it was read: not stored
             return
         with self._lock:
-            entries = self._read()
+            # Checkpoints deleted since are forgotten, so the file holds no more than the folders do.
+            entries = {key: entry for key, entry in self._read().items() if Path(key).exists()}
             entries[_key(file)] = {"size": stamp[0], "mtime_ns": stamp[1], "sha256": digest}
             try:
                 atomic_write_text(self.path, json.dumps(entries, indent=1, sort_keys=True))

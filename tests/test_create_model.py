@@ -483,6 +483,15 @@ def test_a_checkpoint_is_hashed_once_and_again_only_after_it_changed(models_dir,
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # only touched: hashed again
     assert created_hash("d") != first and len(reads) == 3
 
-    (models_dir.working / "checkpoint_hashes.json").write_text("{not json")  # a damaged cache costs only the time
+    cache = models_dir.working / "checkpoint_hashes.json"
+    cache.write_text("{not json")  # a damaged cache costs only the time
     assert created_hash("e") == hashlib.sha256(source.read_bytes()).hexdigest() and len(reads) == 4
     assert created_hash("f") == hashlib.sha256(source.read_bytes()).hexdigest() and len(reads) == 4
+
+    gone = _place(models_dir, tiny_sd1, "gone.safetensors")
+    create_model(models_dir, "gone", "g")
+    assert len(json.loads(cache.read_text())) == 2
+    gone.unlink()
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
+    created_hash("h")  # hashed and stored again: the entry of the deleted checkpoint is dropped
+    assert list(json.loads(cache.read_text())) == [str(source.resolve())]
