@@ -143,17 +143,20 @@ def tick(page, elem_id: str, on: bool = True) -> None:
 def choose(page, elem_id: str, option: str) -> None:
     quoted = option.replace('"', '\\"')
     item = page.locator(f'li[aria-label="{quoted}"], li[data-value="{quoted}"]').first
-    for attempt in range(3):  # a poll that updates the dropdown's choices closes an open list: open it again
+    chosen = "([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }"
+    # A poll that updates the dropdown's choices closes an open list, and one that was asked before the click
+    # answers with the value the page had then: open the list and choose again.
+    for attempt in range(3):
         field(page, elem_id).click()
         try:
             item.click(timeout=5_000)
-            break
+            page.wait_for_function(chosen, arg=[elem_id, option], timeout=10_000)
+            return
         except sync_api.TimeoutError:
             page.keyboard.press("Escape")
-    else:
-        item.click()
-    page.wait_for_function("([id, v]) => { const e = document.querySelector('#' + id + ' input'); return e && e.value === v; }",
-                           arg=[elem_id, option])
+    field(page, elem_id).click()
+    item.click()
+    page.wait_for_function(chosen, arg=[elem_id, option])
 
 
 def click(page, elem_id: str) -> None:
@@ -448,6 +451,9 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     click(page, "lora_trainer_generate_ckpt_button")
     wait_message(page, rf"^Generate ckpt of 'dog' finished: .*; LoRA {re.escape(Path(lora).stem)} was trained on "
                        r"'cat'; merged into 'dog'$")
+    # The poll has seen the end too: its list update selects the model the page had when the poll asked, so
+    # a model chosen while that answer is on its way would be set back (the next test chooses one at once).
+    wait_status(page, "generate ckpt of 'dog' finished")
     ours = [u for u in page.blocked if not u.endswith(GRADIO_TEMPLATE_REQUESTS)]
     assert ours == [], f"the page tried to reach other hosts: {ours}"
 
