@@ -273,8 +273,13 @@ class Merger:
             target, module = self.targets[name], self.lora.modules[name]
             first, end = (0, rows) if whole or target.rows is None else target.rows
             updates.append((name, first, end, module.up.flatten(1).float(), module.down.flatten(1).float(),
-                            self.weights[target.part] * module.alpha / module.rank))
+                            self._scale(name)))
         return updates
+
+    def _scale(self, name: str) -> float:
+        """The factor of module `name`'s up @ down: its part's Lora Weight times alpha / rank."""
+        module = self.lora.modules[name]
+        return self.weights[self.targets[name].part] * module.alpha / module.rank
 
     def _merge_in_chunks(self, tensor: torch.Tensor, names: list[str], *, whole: bool,
                          out_dtype: torch.dtype) -> torch.Tensor:
@@ -315,7 +320,7 @@ class Merger:
             module = self.lora.modules[name]
             if module.dora_scale is None:
                 view.view(view.shape[0], -1).addmm_(module.up.flatten(1).float(), module.down.flatten(1).float(),
-                                                    alpha=self.weights[target.part] * module.alpha / module.rank)
+                                                    alpha=self._scale(name))
             else:
                 view += self.weights[target.part] * module.delta(view).reshape(view.shape)
         return merged
