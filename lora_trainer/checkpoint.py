@@ -10,6 +10,7 @@ so writing the model back gives the original keys and tensors exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -31,6 +32,7 @@ from .fileio import atomic_dir
 from .host import ModelsDir, validate_model_name
 from .leftovers import clean_leftovers
 from .modellock import check_not_busy
+from .safetensors_stream import mapped_file, write_safetensors
 from .tokenizer import save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,11 @@ def convert_part(reader: CheckpointReader, spec: ModelSpec, part: str, out_dir: 
     Raises CheckpointError naming missing, unexpected or misshapen tensors.
     """
     builder = PART_BUILDERS[part]
-    model = builder.build(spec)  # on the meta device: names, shapes and config, no memory
+    model = keymap.meta_model(spec, part)  # names, shapes and config, no memory
     tensors, used = convert_part_tensors(reader, spec, part, use_ema=use_ema, model=model)
     if part == "unet" and spec.model_type == spec.family.provisional:
         spec.family.settle(spec, _materialise(builder.build(spec), tensors))
-        model = builder.build(spec)  # the settled spec may change the config
+        model = keymap.meta_model(spec, part)  # the settled spec may change the config
     if is_text_part(part):
         # Canonical `text_model.` names load in every transformers version (>= 5 maps them itself).
         tensors = {canonical_clip_name(k): v for k, v in tensors.items()}
@@ -157,7 +159,7 @@ def convert_part_tensors(reader: CheckpointReader, spec: ModelSpec, part: str, *
     Raises CheckpointError naming missing, unexpected or misshapen tensors.
     """
     builder = PART_BUILDERS[part]
-    model = model if model is not None else builder.build(spec)
+    model = model if model is not None else keymap.meta_model(spec, part)
     expected = model.state_dict()
     links = [link for link in builder.links(spec, model) if all(k in reader for k in link.original)]
 
@@ -264,34 +266,59 @@ def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensor
     """Write a working model back as one original-layout checkpoint the web UI loads.
 
     `hook(part, diffusers_key, tensor)` may replace each diffusers tensor on the
-    way (the LoRA merge uses it); parts are read one at a time. `half` writes
+    way (the LoRA merge uses it); a `.safetensors` file is written as the tensors
+    are made, so only a few made tensors are in memory at once. `half` writes
     floating-point tensors as fp16. Raises FileExistsError when `out_path`
     exists and `overwrite` is False; a failure leaves no file at `out_path`.
     """
     spec = load_model_spec(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
     parts = spec.family.parts
-    for i, part in enumerate(tqdm(parts, desc=f"Writing {Path(out_path).name}", unit="part")):
-        progress(f"Writing {part}", i / (len(parts) + 1))
-        stored = load_file(str(model_dir / part / PART_FILES[part]))
-        if is_text_part(part):
-            stored = {installed_clip_name(k, spec.family.text_encoder(part).with_projection): v
-                      for k, v in stored.items()}
-        links = PART_BUILDERS[part].links(spec)
+    with contextlib.ExitStack() as mapped:  # the parts' files, while their tensors are written
+        stored_parts = {part: _stored_part(model_dir, spec, part, mapped) for part in parts}
+        links = {part: [link for link in PART_BUILDERS[part].links(spec) if all(k in stored for k in link.diffusers)]
+                 for part, stored in stored_parts.items()}
+        extras = load_file(str(model_dir / EXTRAS_FILE)) if (model_dir / EXTRAS_FILE).is_file() else {}
 
-        def get(key: str, part=part, stored=stored) -> torch.Tensor:
-            tensor = stored[key]
-            return hook(part, key, tensor) if hook is not None else tensor
+        def halved(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.half() if half and tensor.is_floating_point() else tensor
 
-        tensors.update(keymap.to_original([l for l in links if all(k in stored for k in l.diffusers)], get))
-        del stored
-    extras = model_dir / EXTRAS_FILE
-    if extras.is_file():
-        for key, tensor in load_file(str(extras)).items():
-            tensors.setdefault(key, tensor)
-    if half:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    progress("Saving", len(parts) / (len(parts) + 1))
-    save_checkpoint(tensors, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+        def tensors(*, shapes_only: bool = False):
+            """(original key, tensor) in the file's order; with `shapes_only`, meta tensors of its dtypes and shapes."""
+            written: set[str] = set()
+            for i, part in enumerate(tqdm(parts, desc=f"Writing {Path(out_path).name}", unit="part", disable=shapes_only)):
+                stored = stored_parts[part]
+                if shapes_only:
+                    def get(key: str, stored=stored) -> torch.Tensor:
+                        return torch.empty_like(stored[key], device="meta")
+                else:
+                    progress(f"Writing {part}", i / (len(parts) + 1))
+
+                    def get(key: str, part=part, stored=stored) -> torch.Tensor:
+                        return hook(part, key, stored[key]) if hook is not None else stored[key]
+                for link in links[part]:
+                    for key, tensor in keymap.to_original([link], get).items():
+                        written.add(key)
+                        yield key, halved(tensor)
+            for key, tensor in extras.items():
+                if key not in written:
+                    yield key, halved(tensor.to("meta") if shapes_only else tensor)
+
+        if fmt == "safetensors":
+            layout = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors(shapes_only=True)}
+            write_safetensors(out_path, layout, tensors(), metadata=metadata, overwrite=overwrite)
+        else:
+            save_checkpoint(dict(tensors()), out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
     progress("Saved", 1.0)
     return Path(out_path)
+
+
+def _stored_part(model_dir: Path, spec: ModelSpec, part: str, mapped: contextlib.ExitStack) -> dict[str, torch.Tensor]:
+    """One part of a working model, keyed as the installed transformers names it (read as needed: mapped;
+    what is written unchanged is copied file to file while `mapped` is open)."""
+    path = model_dir / part / PART_FILES[part]
+    stored = load_file(str(path))
+    mapped.enter_context(mapped_file(path, stored))
+    if is_text_part(part):
+        with_projection = spec.family.text_encoder(part).with_projection
+        stored = {installed_clip_name(k, with_projection): v for k, v in stored.items()}
+    return stored

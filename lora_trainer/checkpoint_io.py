@@ -9,6 +9,7 @@ inert placeholders.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pickle
@@ -23,6 +24,7 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import atomic_path
+from .safetensors_stream import mapped_file
 from .hash_cache import HashCache, file_stamp
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ class CheckpointReader:
         self.global_step: int | None = None
         self._handle = None
         self._tensors: dict | None = None
+        self._mapped = contextlib.ExitStack()
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: file not found")
         if self.path.stat().st_size == 0:
@@ -78,6 +81,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: not a checkpoint; use a .safetensors or .ckpt file")
         if not self.keys():
             raise CheckpointError(f"{self.path}: the file holds no weights")
+        self._key_set = set(self.keys())
 
     def _open_safetensors(self) -> None:
         from safetensors import safe_open
@@ -86,6 +90,9 @@ class CheckpointReader:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             self.metadata = dict(self._handle.metadata() or {})
             self._keys = list(self._handle.keys())
+            # Its tensors, written unchanged, are copied file to file (safetensors_stream.mapped_file).
+            ends = {key: self._handle.get_tensor(key) for key in self._keys[:1] + self._keys[-1:]}
+            self._mapped.enter_context(mapped_file(self.path, ends))
         except Exception as e:  # safetensors raises its own error types for every kind of damage
             raise CheckpointError(f"{self.path}: not a readable .safetensors file ({_first_line(e)}); it may be truncated, download or copy it again") from None
         step = self.metadata.get("global_step") or self.metadata.get("ss_steps")
@@ -128,7 +135,7 @@ class CheckpointReader:
         return self._keys
 
     def __contains__(self, key: str) -> bool:
-        return key in set(self._keys) if self._tensors is None else key in self._tensors
+        return key in self._key_set
 
     def get(self, key: str) -> torch.Tensor:
         if self._tensors is not None:
@@ -145,6 +152,7 @@ class CheckpointReader:
         return tuple(self._handle.get_slice(key).get_shape())
 
     def close(self) -> None:
+        self._mapped.close()
         self._handle = None
         self._tensors = None
 

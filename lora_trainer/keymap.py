@@ -16,6 +16,8 @@ the text-encoder maps are chosen by the part's `TextEncoder.kind`.
 """
 from __future__ import annotations
 
+import functools
+import json
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -54,6 +56,30 @@ def build_text_encoder(spec: ModelSpec, device="meta", part: str = "text_encoder
     cls = CLIPTextModelWithProjection if spec.family.text_encoder(part).with_projection else CLIPTextModel
     with torch.device(device):
         return cls(CLIPTextConfig(**spec.text_config(part)))
+
+
+def meta_model(spec: ModelSpec, part: str):
+    """Part `part` of `spec` built on the meta device, shared by every key map and LoRA target table of the
+    same configuration (a merge needs the UNet's twice; building it takes a third of a second). Read only:
+    what loads weights into a model builds its own."""
+    if part == "unet":
+        config, build = spec.unet, build_unet
+    elif part == "vae":
+        config, build = spec.vae, build_vae
+    else:
+        config, build = spec.text_config(part), functools.partial(build_text_encoder, part=part)
+        part += ":projection" if spec.family.text_encoder(part).with_projection else ""
+    key = (part, json.dumps(config, sort_keys=True, default=str))
+    model = _META_MODELS.get(key)
+    if model is None:
+        model = build(spec)
+        if len(_META_MODELS) >= 8:
+            _META_MODELS.pop(next(iter(_META_MODELS)))
+        _META_MODELS[key] = model
+    return model
+
+
+_META_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -99,7 +125,7 @@ def _resnet_rest(rest: str, prefix: str) -> str:
 
 
 def unet_links(spec: ModelSpec, model=None) -> list[Link]:
-    model = model if model is not None else build_unet(spec)
+    model = model if model is not None else meta_model(spec, "unet")
     links = []
     for key in model.state_dict():
         module, _, leaf = key.rpartition(".")
@@ -138,7 +164,7 @@ def _vae_resnet(rest: str) -> str:
 
 
 def vae_links(spec: ModelSpec, model=None) -> list[Link]:
-    model = model if model is not None else build_vae(spec)
+    model = model if model is not None else meta_model(spec, "vae")
     links = []
     for key in model.state_dict():
         original, kind = vae_key_to_original(key, spec.vae)
@@ -153,7 +179,7 @@ _OPENCLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1",
 def text_links(spec: ModelSpec, model=None, part: str = "text_encoder") -> list[Link]:
     """Links for text-encoder `part`; diffusers-side keys are as the installed transformers spells them."""
     te = spec.family.text_encoder(part)
-    model = model if model is not None else build_text_encoder(spec, part=part)
+    model = model if model is not None else meta_model(spec, part)
     keys = list(model.state_dict())
     if te.kind == "clip":
         return [Link((te.prefix + canonical_clip_name(k),), (k,)) for k in keys]

@@ -203,7 +203,7 @@ def _adaptable(model) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _unet_targets(spec: ModelSpec) -> list[tuple[str, Target]]:
-    model = keymap.build_unet(spec)
+    model = keymap.meta_model(spec, "unet")
     links = {link.diffusers[0]: link for link in keymap.unet_links(spec, model)}
     out = []
     for name, module in _adaptable(model):
@@ -216,7 +216,7 @@ def _unet_targets(spec: ModelSpec) -> list[tuple[str, Target]]:
 
 
 def _text_targets(spec: ModelSpec, te) -> list[tuple[str, Target]]:
-    model = keymap.build_text_encoder(spec, part=te.part)
+    model = keymap.meta_model(spec, te.part)
     links = {key: link for link in keymap.text_links(spec, model, part=te.part) for key in link.diffusers}
     out = []
     for name, module in _adaptable(model):

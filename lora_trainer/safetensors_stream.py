@@ -7,14 +7,24 @@ byte range, then the raw little-endian data), so when the shapes and dtypes
 are known beforehand the tensors can be written as they are produced and
 dropped: peak memory is one tensor, not two checkpoints. The file is written
 under a temporary name and renamed at the end (fileio.atomic_path).
+
+A tensor read from a `.safetensors` file and written unchanged (most of a converted
+or merged checkpoint) is copied file to file by the kernel (`os.copy_file_range`),
+as a plain copy of the file is, instead of through the memory map: safetensors
+maps each file it opens once, so such a tensor's address says where its bytes lie
+in the file (`mapped_file` records that for the files our readers open).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import os
 import struct
+import threading
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -41,12 +51,70 @@ def read_layout(path: str | Path) -> Layout:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        _, header = _read_header(path)
         return {key: (DTYPES[entry["dtype"]], tuple(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
     except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors header ({type(e).__name__}: {e})") from None
+
+
+def _read_header(path: Path) -> tuple[int, dict]:
+    """(where the data section starts, the parsed JSON header) of a `.safetensors` file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return 8 + length, json.loads(f.read(length))
+
+
+# Files whose tensors are views of one memory map: id -> (first address, last address + 1, path, two of
+# its tensors). Holding the tensors keeps the map, so its addresses cannot be reused while recorded.
+_MAPPED: dict[int, tuple[int, int, Path, list]] = {}
+_MAPPED_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def mapped_file(path: str | Path, tensors: Mapping[str, "torch.Tensor"]) -> Iterator[None]:
+    """While inside, tensors of `path` (a `.safetensors` file, as safetensors' readers give them:
+    `tensors` maps some of its keys to them) are written by copying file to file.
+
+    Recorded only when two of them lie exactly where the file's header says, relative to one address
+    (one memory map of the whole file); otherwise, or when the header cannot be read, nothing is
+    recorded and they are written from memory as any tensor. The caller keeps the file's tensors
+    unchanged while inside (a tensor changed in place would differ from the file).
+    """
+    path = Path(path)
+    entry = None
+    try:
+        start, header = _read_header(path)
+        size = path.stat().st_size
+        keys = [k for k in tensors if k in header and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
+        if keys:
+            ends = [tensors[k].data_ptr() - start - header[k]["data_offsets"][0] for k in (keys[0], keys[-1])]
+            if ends[0] == ends[1]:
+                entry = (ends[0], ends[0] + size, path, [tensors[keys[0]], tensors[keys[-1]]])
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        entry = None
+    if entry is None:
+        yield
+        return
+    with _MAPPED_LOCK:
+        _MAPPED[id(entry)] = entry
+    try:
+        yield
+    finally:
+        with _MAPPED_LOCK:
+            del _MAPPED[id(entry)]
+
+
+def file_span(tensor: torch.Tensor) -> tuple[Path, int] | None:
+    """(file, offset) where `tensor`'s bytes lie in a file recorded by `mapped_file`, else None."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    first = tensor.data_ptr()
+    last = first + tensor.numel() * tensor.element_size()
+    with _MAPPED_LOCK:
+        for low, high, path, _ in _MAPPED.values():
+            if low <= first and last <= high:
+                return path, first - low
+    return None
 
 
 def encode_header(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
@@ -69,7 +137,52 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def write_in_pieces(f, data: memoryview) -> None:
     """`f.write(data)` in WRITE_PIECE-sized calls."""
     for start in range(0, len(data), WRITE_PIECE):
-        f.write(data[start:start + WRITE_PIECE])
+        _write_all(f, data[start:start + WRITE_PIECE])
+
+
+def _write_all(f, data) -> None:
+    """All of `data` to `f`, an unbuffered file whose write() may take only a part."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view):]
+
+
+class _TensorWriter:
+    """Writes tensors one after the other to an unbuffered file: copied from their file when `file_span`
+    knows it and the kernel can (`os.copy_file_range`), else from memory in WRITE_PIECE pieces."""
+
+    def __init__(self, f):
+        self.f = f
+        self.sources: dict[Path, int] = {}
+        self.can_copy = hasattr(os, "copy_file_range")
+
+    def write(self, tensor: torch.Tensor) -> None:
+        span = file_span(tensor) if self.can_copy else None
+        if span is None or not self._copy(span, tensor.numel() * tensor.element_size()):
+            write_in_pieces(self.f, tensor_bytes(tensor))
+
+    def _copy(self, span: tuple[Path, int], size: int) -> bool:
+        """Copy `size` bytes from the span's file; False (nothing written) where the kernel cannot."""
+        path, offset = span
+        if path not in self.sources:
+            self.sources[path] = os.open(path, os.O_RDONLY)
+        source, done = self.sources[path], 0
+        try:
+            while done < size:
+                copied = os.copy_file_range(source, self.f.fileno(), size - done, offset + done)
+                if copied == 0:
+                    raise OSError(errno.EIO, f"{path} is shorter than its header says")
+                done += copied
+        except OSError as e:
+            if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
+                raise  # a full disk, a changed source: as a failed write
+            self.can_copy = False  # e.g. across file systems on an old kernel: from memory from now on
+            return False
+        return True
+
+    def close(self) -> None:
+        for fd in self.sources.values():
+            os.close(fd)
 
 
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -91,16 +204,16 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
     need = 8 + len(blob) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
     # "r+b", not "wb": the temporary file is new and empty, and on ext4 truncating it (which "wb" does even
     # to an empty file) marks it to be flushed to disk on close, which made the close wait seconds.
-    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "r+b") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "r+b", buffering=0) as f, \
+            contextlib.closing(_TensorWriter(f)) as writer:
+        _write_all(f, struct.pack("<Q", len(blob)) + blob)
         expected = iter(layout.items())
         for key, tensor in tensors:
             want_key, (dtype, shape) = next(expected, (None, (None, None)))
             if key != want_key or tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 raise ValueError(f"{path.name}: tensor {key} ({tensor.dtype}, {tuple(tensor.shape)}) does not match "
                                  f"the layout entry {want_key} ({dtype}, {shape})")
-            write_in_pieces(f, tensor_bytes(tensor))
+            writer.write(tensor)
         left = next(expected, None)
         if left is not None:
             raise ValueError(f"{path.name}: tensor {left[0]} of the layout was never written")
@@ -116,5 +229,5 @@ def _patch_metadata(f, blob: bytes, key: str, value: str) -> None:
         raise ValueError(f"deferred metadata {key!r}: {value!r} is not {DEFERRED_WIDTH} plain characters")
     entry = json.dumps({key: DEFERRED_PLACEHOLDER}, separators=(",", ":"))[1:-1].encode("utf-8")
     f.seek(8 + blob.index(entry) + len(entry) - DEFERRED_WIDTH - 1)
-    f.write(data)
+    _write_all(f, data)
     f.seek(0, 2)

@@ -10,7 +10,7 @@ import os
 import signal
 from pathlib import Path
 
-from helpers_writes import watching_open, write_part
+from helpers_writes import watching_copy_file_range, watching_open, write_part
 
 COMMANDS = ("create", "classimages", "train", "merge")
 CHECKPOINT = "tiny-sd1.safetensors"
@@ -46,11 +46,12 @@ def run_command(command: str, root: str, kill_after: int | None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         written[0] += size
 
-    real_open = builtins.open
+    real_open, real_copy = builtins.open, os.copy_file_range
     counting_open = watching_open(real_open, folders(root), before_write)
     builtins.open = io.open = counting_open
+    os.copy_file_range = watching_copy_file_range(real_copy, folders(root), before_write)
     _run(command, root)
-    builtins.open = io.open = real_open
+    builtins.open, io.open, os.copy_file_range = real_open, real_open, real_copy
     if kill_after is None:
         (root / f"bytes-{command}").write_text(str(written[0]))
 

@@ -1,5 +1,6 @@
 """Files whose writes a test watches: the disk-full writer (test_diskfull.py) and the kill -9 child
-(helpers_kill.py) replace `open` with `watching_open`, and decide at each write what happens."""
+(helpers_kill.py) replace `open` with `watching_open` and `os.copy_file_range` (how unchanged tensors
+are copied file to file) with `watching_copy_file_range`, and decide at each write what happens."""
 from __future__ import annotations
 
 import os
@@ -56,3 +57,31 @@ def watching_open(real_open, folders: list[Path], before_write: BeforeWrite):
         return handle
 
     return open_
+
+
+class _Descriptor:
+    """The target of one `os.copy_file_range` call, as the file `before_write` is given."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        return os.write(self.fd, data)
+
+    def flush(self) -> None:
+        pass
+
+
+def watching_copy_file_range(real_copy, folders: list[Path], before_write: BeforeWrite):
+    """An `os.copy_file_range` whose copies into files under `folders` first go through `before_write`,
+    given the bytes the copy would write (as a write of them would be)."""
+    inside = [str(Path(f).resolve()) + os.sep for f in folders]
+
+    def copy_file_range(src: int, dst: int, count: int, offset_src=None, offset_dst=None) -> int:
+        if any(os.readlink(f"/proc/self/fd/{dst}").startswith(folder) for folder in inside):
+            start = os.lseek(src, 0, os.SEEK_CUR) if offset_src is None else offset_src
+            data = os.pread(src, count, start)
+            before_write(_Descriptor(dst), data, len(data))
+        return real_copy(src, dst, count, offset_src, offset_dst)
+
+    return copy_file_range

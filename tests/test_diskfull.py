@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers_merge import load_parts, random_lora, save_lora
 from helpers_train import instance_pictures, private_models
-from helpers_writes import watching_open, write_part
+from helpers_writes import watching_copy_file_range, watching_open, write_part
 from PIL import Image
 
 from lora_trainer.checkpoint import create_model
@@ -47,6 +47,7 @@ def disk_fills_after(monkeypatch, folder: Path, nbytes: int):
     with monkeypatch.context() as patch:
         patch.setattr(builtins, "open", filling_open)
         patch.setattr(io, "open", filling_open)
+        patch.setattr(os, "copy_file_range", watching_copy_file_range(os.copy_file_range, [folder], before_write))
         yield
 
 

@@ -94,3 +94,71 @@ def test_tensors_written_in_pieces_read_back_exactly(tmp_path, monkeypatch):
     path = write_safetensors(tmp_path / "out.safetensors", layout_of(tensors), iter(tensors.items()))
     back = load_file(str(path))
     assert all(torch.equal(back[key], tensor) for key, tensor in tensors.items())
+
+
+def copies_seen(monkeypatch, fail_with: int | None = None) -> list[tuple[int, int]]:
+    """Every os.copy_file_range call as (offset in the source, bytes asked); `fail_with`: each fails so."""
+    import errno
+    import os
+
+    seen, real = [], os.copy_file_range
+
+    def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+        seen.append((offset_src, count))
+        if fail_with is not None:
+            raise OSError(fail_with, errno.errorcode[fail_with])
+        return real(src, dst, min(count, 5), offset_src, offset_dst)  # in several calls, as the kernel may
+
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    return seen
+
+
+def test_tensors_of_an_open_file_are_copied_file_to_file_and_the_rest_from_memory(tmp_path, monkeypatch):
+    from lora_trainer.checkpoint_io import CheckpointReader
+    from lora_trainer.safetensors_stream import _read_header, file_span
+
+    source = {k: v.contiguous() for k, v in sample_tensors().items()}
+    save_file(source, str(tmp_path / "source.safetensors"))
+    start, header = _read_header(tmp_path / "source.safetensors")
+    seen = copies_seen(monkeypatch)
+    with CheckpointReader(tmp_path / "source.safetensors") as reader:
+        out = {"b.weight": reader.get("b.weight"),              # unchanged: copied
+               "a.half": reader.get("a.half") * 2,              # changed: from memory
+               "c.bf16": reader.get("c.bf16").reshape(2, 2),    # the same bytes, another shape: copied
+               "h.strided": reader.get("h.strided").t(),        # not contiguous: from memory
+               "d.ids": reader.get("d.ids")[:, 10:20]}          # a part of a tensor: copied, that part
+        write_safetensors(tmp_path / "out.safetensors", layout_of(out), iter(out.items()))
+        assert file_span(reader.get("b.weight")) == (tmp_path / "source.safetensors", start + header["b.weight"]["data_offsets"][0])
+    assert file_span(out["b.weight"]) is None  # not once the file is closed
+    back = load_file(str(tmp_path / "out.safetensors"))
+    for key, tensor in out.items():
+        assert torch.equal(back[key], tensor), key
+    offset = {k: start + header[k]["data_offsets"][0] for k in header if k != "__metadata__"}
+    asked = sorted({first for first, _ in seen if first is not None})
+    assert offset["b.weight"] in asked and offset["c.bf16"] in asked and offset["d.ids"] + 10 * 8 in asked
+    assert offset["a.half"] not in asked and offset["h.strided"] not in asked
+
+
+def test_a_kernel_that_cannot_copy_gets_the_bytes_written_from_memory(tmp_path, monkeypatch):
+    import errno
+
+    from lora_trainer.checkpoint_io import CheckpointReader
+
+    source = {k: v.contiguous() for k, v in sample_tensors().items()}
+    save_file(source, str(tmp_path / "source.safetensors"))
+    seen = copies_seen(monkeypatch, fail_with=errno.EXDEV)  # e.g. across file systems on an old kernel
+    with CheckpointReader(tmp_path / "source.safetensors") as reader:
+        out = {k: reader.get(k) for k in source}
+        write_safetensors(tmp_path / "out.safetensors", layout_of(out), iter(out.items()))
+    assert len(seen) == 1  # tried once, then from memory
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in source.items())
+
+
+def test_tensors_that_do_not_lie_where_the_header_says_are_not_taken_for_the_files(tmp_path):
+    from lora_trainer.safetensors_stream import file_span, mapped_file
+
+    source = {k: v.contiguous() for k, v in sample_tensors().items()}
+    save_file(source, str(tmp_path / "source.safetensors"))
+    with mapped_file(tmp_path / "source.safetensors", source):  # in memory, not a map of the file
+        assert all(file_span(t) is None for t in source.values())
