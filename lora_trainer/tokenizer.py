@@ -63,14 +63,14 @@ def _bytes_to_unicode() -> list[str]:
 
 def write_vocab_from_bpe(bpe_gz: Path, out_dir: Path) -> tuple[Path, Path]:
     """Build `vocab.json` and `merges.txt` from open_clip's BPE file, the way CLIP does."""
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]  # CLIP keeps 48894 merges
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]  # CLIP keeps 48894 merges, each "first second"
     base = _bytes_to_unicode()
-    tokens = base + [t + "</w>" for t in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = base + [t + "</w>" for t in base] + [m.replace(" ", "") for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges_file = out_dir / "vocab.json", out_dir / "merges.txt"
     vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8")
+    merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return vocab, merges_file
 
 

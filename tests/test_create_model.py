@@ -495,3 +495,38 @@ def test_a_checkpoint_is_hashed_once_and_again_only_after_it_changed(models_dir,
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
     created_hash("h")  # hashed and stored again: the entry of the deleted checkpoint is dropped
     assert list(json.loads(cache.read_text())) == [str(source.resolve())]
+
+
+def test_a_meta_device_build_skips_initialisers_in_its_own_thread_only():
+    """Models are built on the meta device without running torch.nn.init (nothing to fill there); a model
+    built meanwhile in another thread is initialised as always, and the initialisers are put back after."""
+    import threading
+
+    from lora_trainer.keymap import _no_init_on_meta
+
+    original = torch.nn.init.kaiming_uniform_
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(8, 8).weight.detach().clone()
+    inside, built = threading.Event(), threading.Event()
+    other: dict[str, torch.Tensor] = {}
+
+    def build_elsewhere():
+        inside.wait(10)
+        torch.manual_seed(0)
+        other["weight"] = torch.nn.Linear(8, 8).weight.detach().clone()
+        built.set()
+
+    thread = threading.Thread(target=build_elsewhere)
+    thread.start()
+    with _no_init_on_meta("meta"):
+        assert torch.nn.init.kaiming_uniform_ is not original
+        weight = torch.zeros(4, 4)
+        torch.nn.init.normal_(weight)  # skipped in this thread
+        assert torch.equal(weight, torch.zeros(4, 4))
+        inside.set()
+        assert built.wait(10)
+    thread.join()
+    assert torch.equal(other["weight"], expected)
+    assert torch.nn.init.kaiming_uniform_ is original
+    with _no_init_on_meta("cpu"):  # a real build: initialised
+        assert torch.nn.init.kaiming_uniform_ is original
