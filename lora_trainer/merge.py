@@ -2,7 +2,7 @@
 
 Each adapted weight becomes `W + weight * (alpha / rank) * up @ down`, computed
 in fp32 and cast to the output dtype. The merge goes either into the working
-model's own weights (streamed part by part through `export_checkpoint`) or into
+model's own weights (streamed tensor by tensor through `export_checkpoint`) or into
 any other original-layout checkpoint of the same family (`into`), whose keys,
 shapes and other tensors are kept exactly. The file is written under a
 temporary name and renamed at the end, so a failure leaves nothing under the
