@@ -24,8 +24,8 @@ import torch
 
 from .errors import CheckpointError
 from .fileio import atomic_path
-from .safetensors_stream import mapped_file
 from .hash_cache import HashCache, file_stamp
+from .safetensors_stream import mapped_file
 
 log = logging.getLogger(__name__)
 

@@ -64,9 +64,10 @@ def _read_header(path: Path) -> tuple[int, dict]:
         return 8 + length, json.loads(f.read(length))
 
 
-# Files whose tensors are views of one memory map: id -> (first address, last address + 1, path, two of
-# its tensors). Holding the tensors keeps the map, so its addresses cannot be reused while recorded.
-_MAPPED: dict[int, tuple[int, int, Path, list]] = {}
+# Files whose tensors are views of one memory map: id -> (first address, last address + 1, the file opened
+# when recorded, two of its tensors). Holding the tensors keeps the map, so its addresses cannot be reused
+# while recorded; the file is opened then, so that a file put in its place later is not the one read.
+_MAPPED: dict[int, tuple[int, int, int, list]] = {}
 _MAPPED_LOCK = threading.Lock()
 
 
@@ -80,18 +81,18 @@ def mapped_file(path: str | Path, tensors: Mapping[str, "torch.Tensor"]) -> Iter
     recorded and they are written from memory as any tensor. The caller keeps the file's tensors
     unchanged while inside (a tensor changed in place would differ from the file).
     """
-    path = Path(path)
     entry = None
-    try:
-        start, header = _read_header(path)
-        size = path.stat().st_size
-        keys = [k for k in tensors if k in header and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
-        if keys:
-            ends = [tensors[k].data_ptr() - start - header[k]["data_offsets"][0] for k in (keys[0], keys[-1])]
-            if ends[0] == ends[1]:
-                entry = (ends[0], ends[0] + size, path, [tensors[keys[0]], tensors[keys[-1]]])
-    except (OSError, struct.error, ValueError, KeyError, TypeError):
-        entry = None
+    if hasattr(os, "copy_file_range"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            fd = None
+        try:
+            entry = _mapping(fd, path, tensors) if fd is not None else None
+        except (OSError, struct.error, ValueError, KeyError, TypeError):
+            entry = None
+        if entry is None and fd is not None:
+            os.close(fd)
     if entry is None:
         yield
         return
@@ -102,18 +103,31 @@ def mapped_file(path: str | Path, tensors: Mapping[str, "torch.Tensor"]) -> Iter
     finally:
         with _MAPPED_LOCK:
             del _MAPPED[id(entry)]
+        os.close(entry[2])
 
 
-def file_span(tensor: torch.Tensor) -> tuple[Path, int] | None:
-    """(file, offset) where `tensor`'s bytes lie in a file recorded by `mapped_file`, else None."""
+def _mapping(fd: int, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int, list] | None:
+    """The `_MAPPED` entry of the file open as `fd`, or None when `tensors` do not lie in one map of it."""
+    start, header = _read_header(Path(path))
+    keys = [k for k in tensors if k in header and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
+    if not keys:
+        return None
+    ends = [tensors[k].data_ptr() - start - header[k]["data_offsets"][0] for k in (keys[0], keys[-1])]
+    if ends[0] != ends[1] or os.fstat(fd).st_size != Path(path).stat().st_size:
+        return None
+    return ends[0], ends[0] + os.fstat(fd).st_size, fd, [tensors[keys[0]], tensors[keys[-1]]]
+
+
+def file_span(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(open file, offset) where `tensor`'s bytes lie in a file recorded by `mapped_file`, else None."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
     first = tensor.data_ptr()
     last = first + tensor.numel() * tensor.element_size()
     with _MAPPED_LOCK:
-        for low, high, path, _ in _MAPPED.values():
+        for low, high, fd, _ in _MAPPED.values():
             if low <= first and last <= high:
-                return path, first - low
+                return fd, first - low
     return None
 
 
@@ -153,25 +167,22 @@ class _TensorWriter:
 
     def __init__(self, f):
         self.f = f
-        self.sources: dict[Path, int] = {}
-        self.can_copy = hasattr(os, "copy_file_range")
+        self.can_copy = True
 
     def write(self, tensor: torch.Tensor) -> None:
         span = file_span(tensor) if self.can_copy else None
         if span is None or not self._copy(span, tensor.numel() * tensor.element_size()):
             write_in_pieces(self.f, tensor_bytes(tensor))
 
-    def _copy(self, span: tuple[Path, int], size: int) -> bool:
+    def _copy(self, span: tuple[int, int], size: int) -> bool:
         """Copy `size` bytes from the span's file; False (nothing written) where the kernel cannot."""
-        path, offset = span
-        if path not in self.sources:
-            self.sources[path] = os.open(path, os.O_RDONLY)
-        source, done = self.sources[path], 0
+        source, offset = span
+        done = 0
         try:
             while done < size:
                 copied = os.copy_file_range(source, self.f.fileno(), size - done, offset + done)
                 if copied == 0:
-                    raise OSError(errno.EIO, f"{path} is shorter than its header says")
+                    raise OSError(errno.EIO, "a source file is shorter than its header says")
                 done += copied
         except OSError as e:
             if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF):
@@ -179,10 +190,6 @@ class _TensorWriter:
             self.can_copy = False  # e.g. across file systems on an old kernel: from memory from now on
             return False
         return True
-
-    def close(self) -> None:
-        for fd in self.sources.values():
-            os.close(fd)
 
 
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
@@ -204,8 +211,8 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
     need = 8 + len(blob) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
     # "r+b", not "wb": the temporary file is new and empty, and on ext4 truncating it (which "wb" does even
     # to an empty file) marks it to be flushed to disk on close, which made the close wait seconds.
-    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "r+b", buffering=0) as f, \
-            contextlib.closing(_TensorWriter(f)) as writer:
+    with atomic_path(path, overwrite=overwrite, need=need) as tmp, open(tmp, "r+b", buffering=0) as f:
+        writer = _TensorWriter(f)
         _write_all(f, struct.pack("<Q", len(blob)) + blob)
         expected = iter(layout.items())
         for key, tensor in tensors:

@@ -128,7 +128,7 @@ def test_tensors_of_an_open_file_are_copied_file_to_file_and_the_rest_from_memor
                "h.strided": reader.get("h.strided").t(),        # not contiguous: from memory
                "d.ids": reader.get("d.ids")[:, 10:20]}          # a part of a tensor: copied, that part
         write_safetensors(tmp_path / "out.safetensors", layout_of(out), iter(out.items()))
-        assert file_span(reader.get("b.weight")) == (tmp_path / "source.safetensors", start + header["b.weight"]["data_offsets"][0])
+        assert file_span(reader.get("b.weight"))[1] == start + header["b.weight"]["data_offsets"][0]
     assert file_span(out["b.weight"]) is None  # not once the file is closed
     back = load_file(str(tmp_path / "out.safetensors"))
     for key, tensor in out.items():
@@ -162,3 +162,22 @@ def test_tensors_that_do_not_lie_where_the_header_says_are_not_taken_for_the_fil
     save_file(source, str(tmp_path / "source.safetensors"))
     with mapped_file(tmp_path / "source.safetensors", source):  # in memory, not a map of the file
         assert all(file_span(t) is None for t in source.values())
+
+
+def test_a_file_put_in_the_sources_place_meanwhile_is_not_what_is_copied(tmp_path, monkeypatch):
+    import os
+
+    from lora_trainer.checkpoint_io import CheckpointReader
+
+    source = {k: v.contiguous() for k, v in sample_tensors().items()}
+    save_file(source, str(tmp_path / "source.safetensors"))
+    seen = copies_seen(monkeypatch)
+    with CheckpointReader(tmp_path / "source.safetensors") as reader:
+        other = {k: torch.zeros_like(v) for k, v in source.items()}  # same layout, other bytes
+        save_file(other, str(tmp_path / "other.safetensors"))
+        os.replace(tmp_path / "other.safetensors", tmp_path / "source.safetensors")
+        out = {k: reader.get(k) for k in source}
+        write_safetensors(tmp_path / "out.safetensors", layout_of(out), iter(out.items()))
+    assert seen  # copied file to file, from the file the reader opened
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in source.items())
