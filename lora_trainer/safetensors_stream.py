@@ -81,18 +81,7 @@ def mapped_file(path: str | Path, tensors: Mapping[str, "torch.Tensor"]) -> Iter
     recorded and they are written from memory as any tensor. The caller keeps the file's tensors
     unchanged while inside (a tensor changed in place would differ from the file).
     """
-    entry = None
-    if hasattr(os, "copy_file_range"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            fd = None
-        try:
-            entry = _mapping(fd, path, tensors) if fd is not None else None
-        except (OSError, struct.error, ValueError, KeyError, TypeError):
-            entry = None
-        if entry is None and fd is not None:
-            os.close(fd)
+    entry = _mapping(path, tensors) if hasattr(os, "copy_file_range") else None
     if entry is None:
         yield
         return
@@ -106,16 +95,25 @@ def mapped_file(path: str | Path, tensors: Mapping[str, "torch.Tensor"]) -> Iter
         os.close(entry[2])
 
 
-def _mapping(fd: int, path: str | Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int, list] | None:
-    """The `_MAPPED` entry of the file open as `fd`, or None when `tensors` do not lie in one map of it."""
-    start, header = _read_header(Path(path))
-    keys = [k for k in tensors if k in header and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
-    if not keys:
+def _mapping(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> tuple[int, int, int, list] | None:
+    """The `_MAPPED` entry of `path`, its file opened now; None (nothing left open) when `tensors` do not
+    lie in one map of it or it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    ends = [tensors[k].data_ptr() - start - header[k]["data_offsets"][0] for k in (keys[0], keys[-1])]
-    if ends[0] != ends[1] or os.fstat(fd).st_size != Path(path).stat().st_size:
-        return None
-    return ends[0], ends[0] + os.fstat(fd).st_size, fd, [tensors[keys[0]], tensors[keys[-1]]]
+    try:
+        start, header = _read_header(Path(path))
+        size = os.fstat(fd).st_size
+        keys = [k for k in tensors if k in header and header[k]["data_offsets"][1] > header[k]["data_offsets"][0]]
+        if keys and size == Path(path).stat().st_size:
+            ends = [tensors[k].data_ptr() - start - header[k]["data_offsets"][0] for k in (keys[0], keys[-1])]
+            if ends[0] == ends[1]:
+                return ends[0], ends[0] + size, fd, [tensors[keys[0]], tensors[keys[-1]]]
+    except (OSError, struct.error, ValueError, KeyError, TypeError):
+        pass
+    os.close(fd)
+    return None
 
 
 def file_span(tensor: torch.Tensor) -> tuple[int, int] | None:
