@@ -185,9 +185,14 @@ def forget_hashes(work: Path) -> None:
     (work / "lora_trainer" / "checkpoint_hashes.json").unlink(missing_ok=True)
 
 
+def copy_seconds(copies: list[dict]) -> float:
+    """The mean seconds of the copies measured around a job."""
+    return sum(c["seconds"] for c in copies) / len(copies)
+
+
 def verdict(job: dict, copies: list[dict], size_mb: float, name: str) -> list[str]:
     """The figures of one job against the mean of the copies measured around it, and the issue's targets."""
-    copy = sum(c["seconds"] for c in copies) / len(copies)
+    copy = copy_seconds(copies)
     copy_cpu = sum(c["cpu_seconds"] for c in copies) / len(copies)
     main = job["main_cpu_seconds"]
     ratio = job["seconds"] / copy

@@ -1,8 +1,9 @@
 """Seconds and peak memory of "Generate Ckpt" on a full-size SD 1.5-architecture checkpoint, against a plain copy.
 
 Writes a checkpoint with the real key set and shapes and seeded random weights (about 2 GB in fp16,
-4 GB in fp32; see full_size.py), creates a working model of it and a seeded rank-16 LoRA over every
-Linear of its UNet and text encoder (untimed), then, each in a fresh process and from the same
+4 GB in fp32; see full_size.py), creates a working model of it (with its source's hash recorded, as
+the model's first training run records it) and a seeded rank-16 LoRA over every Linear of its UNet and
+text encoder (untimed), then, each in a fresh process and from the same
 page-cache state: a plain copy of the checkpoint (`shutil.copyfile`), the merge into the model's own
 weights, the merge into the checkpoint file (`--into`) twice (the first hashing the checkpoint, the
 second with its hash known: models/lora_trainer/checkpoint_hashes.json), and the copy again. Prints
@@ -54,16 +55,21 @@ def seeded_lora(path: Path, models_dir: Path, seed: int) -> None:
 def prepare(work: Path, dtype: str, seed: int) -> tuple[Path, Path]:
     """The checkpoint, its working model and the LoRA (reused when there); the checkpoint and the model's folder."""
     from lora_trainer.checkpoint import create_model
+    from lora_trainer.config import MODEL_INFO_FILE, ModelInfo
     from lora_trainer.host import ModelsDir
+    from lora_trainer.source_hash import record_source_hash, source_sha256
 
     models = ModelsDir.at(work)
     checkpoint = models.checkpoints / f"full-sd1-{dtype}-seed{seed}.safetensors"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if not checkpoint.exists():
         full_size_checkpoint(checkpoint, "sd1", DTYPES[dtype], seed)
-    create_model(models, checkpoint.name, MODEL, overwrite=True)
+    folder = create_model(models, checkpoint.name, MODEL, overwrite=True)
+    info = ModelInfo.load(folder / MODEL_INFO_FILE)
+    with source_sha256(models, info) as sha256:  # what a training run of the model does first
+        record_source_hash(folder, info, sha256.result())
     seeded_lora(models.lora / f"{MODEL}_0.safetensors", work, seed)
-    return checkpoint, models.model_dir(MODEL)
+    return checkpoint, folder
 
 
 def merge_phase(work: Path, into: str | None) -> dict:
@@ -92,7 +98,7 @@ def bench(work: Path, dtype: str, seed: int) -> list[str]:
     copies = [run_phase(__file__, "copy", copy_args, checkpoint)]
     own = run_phase(__file__, "own", ["--target", str(work)], model_dir)
     into_args = ["--target", str(work), "--source", checkpoint.name]
-    forget_hashes(work)  # Create Model stored the checkpoint's hash
+    forget_hashes(work)  # the model's hash was stored when it was recorded
     into = run_phase(__file__, "into", into_args, checkpoint)
     again = run_phase(__file__, "into", into_args, checkpoint)
     copies.append(run_phase(__file__, "copy", copy_args, checkpoint))

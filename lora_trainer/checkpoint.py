@@ -26,6 +26,7 @@ from . import keymap
 from .architecture import UNET_PREFIX, ModelSpec, read_spec, spec_from_original_config
 from .compat import canonical_clip_name, installed_clip_name
 from .checkpoint_io import BackgroundSha256, CheckpointReader, save_checkpoint
+from .hash_cache import file_stamp
 from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ConfigError, ModelError
 from .fileio import atomic_dir
@@ -90,10 +91,10 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     if target.exists():
         check_not_busy(target, "Create Model (overwrite)")
     checkpoint = models.find_checkpoint(source)
+    stamp = file_stamp(checkpoint) or (0, 0)
     # The working model holds about what the checkpoint holds (a full disk's message says so).
-    # The source's hash is computed while the parts are converted (it took a third of the time after them).
-    with BackgroundSha256(checkpoint, models.hash_cache) as sha256, CheckpointReader(checkpoint) as reader, \
-            atomic_dir(target, overwrite=overwrite, need=checkpoint.stat().st_size) as tmp:
+    with _source_hash(models, checkpoint) as sha256, CheckpointReader(checkpoint) as reader, \
+            atomic_dir(target, overwrite=overwrite, need=stamp[0]) as tmp:
         spec = read_spec(reader)
         use_ema = extract_ema and _has_ema(reader)
         if extract_ema and not use_ema:
@@ -109,9 +110,10 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
         for te in spec.family.text_encoders:
             save_tokenizer(tmp / te.tokenizer, pad_token=te.pad_token)
         _save_pipeline_files(spec, tmp)
-        progress("Hashing the source checkpoint", (len(parts) + 1) / (len(parts) + 2))
+        progress("Writing the model's info", (len(parts) + 1) / (len(parts) + 2))
         info = ModelInfo(model_name=name, source_checkpoint=_display_name(models, checkpoint),
-                         source_checkpoint_hash=sha256.result(), model_type=spec.model_type,
+                         source_checkpoint_hash=sha256.result(), source_checkpoint_size=stamp[0],
+                         source_checkpoint_mtime_ns=stamp[1], model_type=spec.model_type,
                          prediction_type=spec.prediction_type, resolution=spec.resolution,
                          revision=reader.global_step or 0, extracted_ema=use_ema)
         info.save(tmp / MODEL_INFO_FILE)
@@ -120,11 +122,26 @@ def create_model(models: ModelsDir, source: str, name: str, *, extract_ema: bool
     return target
 
 
+def _source_hash(models: ModelsDir, checkpoint: Path) -> BackgroundSha256:
+    """The source's hash when it is known already; else "", computed when a job first needs it
+    (`source_hash`), except for a source outside the checkpoints folder: that one cannot be found again
+    by its name, so it is hashed now, while the parts are converted."""
+    known = models.hash_cache.get(checkpoint)
+    if known is not None:
+        return BackgroundSha256.known(known)
+    if not _in_checkpoints(models, checkpoint):
+        return BackgroundSha256(checkpoint, models.hash_cache)
+    return BackgroundSha256.known("")
+
+
+def _in_checkpoints(models: ModelsDir, checkpoint: Path) -> bool:
+    return checkpoint.resolve().is_relative_to(models.checkpoints.resolve())
+
+
 def _display_name(models: ModelsDir, checkpoint: Path) -> str:
-    try:
+    if _in_checkpoints(models, checkpoint):
         return checkpoint.resolve().relative_to(models.checkpoints.resolve()).as_posix()
-    except ValueError:
-        return checkpoint.name
+    return checkpoint.name
 
 
 def _has_ema(reader: CheckpointReader) -> bool:
@@ -262,13 +279,15 @@ TensorHook = Callable[[str, str, torch.Tensor], torch.Tensor]
 
 def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensors", half: bool = False,
                       hook: TensorHook | None = None, metadata: dict[str, str] | None = None,
-                      overwrite: bool = False, progress: Progress = _no_progress) -> Path:
+                      deferred: dict[str, Callable[[], str]] | None = None, overwrite: bool = False,
+                      progress: Progress = _no_progress) -> Path:
     """Write a working model back as one original-layout checkpoint the web UI loads.
 
     `hook(part, diffusers_key, tensor)` may replace each diffusers tensor on the
     way (the LoRA merge uses it); a `.safetensors` file is written as the tensors
     are made, so only a few made tensors are in memory at once. `half` writes
-    floating-point tensors as fp16. Raises FileExistsError when `out_path`
+    floating-point tensors as fp16. `deferred`: metadata entries known only once the tensors are
+    written (`write_safetensors`). Raises FileExistsError when `out_path`
     exists and `overwrite` is False; a failure leaves no file at `out_path`.
     """
     spec = load_model_spec(model_dir)
@@ -305,9 +324,11 @@ def export_checkpoint(model_dir: Path, out_path: Path, *, fmt: str = "safetensor
 
         if fmt == "safetensors":
             layout = {key: (tensor.dtype, tuple(tensor.shape)) for key, tensor in tensors(shapes_only=True)}
-            write_safetensors(out_path, layout, tensors(), metadata=metadata, overwrite=overwrite)
+            write_safetensors(out_path, layout, tensors(), metadata=metadata, overwrite=overwrite, deferred=deferred)
         else:
-            save_checkpoint(dict(tensors()), out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
+            tensors_made = dict(tensors())
+            metadata = {**(metadata or {}), **{key: value() for key, value in (deferred or {}).items()}}
+            save_checkpoint(tensors_made, out_path, fmt=fmt, metadata=metadata, overwrite=overwrite)
     progress("Saved", 1.0)
     return Path(out_path)
 

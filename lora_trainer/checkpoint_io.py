@@ -257,6 +257,18 @@ class BackgroundSha256:
             self._thread = threading.Thread(target=self._run, args=(Path(path), cache), daemon=True, name="sha256")
             self._thread.start()
 
+    @classmethod
+    def known(cls, digest: str) -> "BackgroundSha256":
+        """One whose `result()` is `digest` ("": no hash), with nothing to read."""
+        done = cls.__new__(cls)
+        done._stop, done._error, done._digest, done._thread = threading.Event(), None, digest, None
+        return done
+
+    @property
+    def pending(self) -> bool:
+        """Whether the hash is being computed (else `result()` is at hand: a known digest or "")."""
+        return self._thread is not None
+
     def _run(self, path: Path, cache: HashCache | None) -> None:
         try:
             stamp = file_stamp(path)

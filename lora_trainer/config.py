@@ -129,7 +129,9 @@ class ModelInfo(JsonConfig):
 
     model_name: str = param("", "Loaded Model", "Name of the working model (its folder under lora_trainer/).")
     source_checkpoint: str = param("", "Source Checkpoint", "File name of the checkpoint the model was created from.")
-    source_checkpoint_hash: str = param("", "Source Checkpoint Hash", "SHA-256 of the source checkpoint file (the web UI shows its first 10 characters).")
+    source_checkpoint_hash: str = param("", "Source Checkpoint Hash", "SHA-256 of the source checkpoint file (the web UI shows its first 10 characters); blank until a job first needs it, unless it was known at Create Model.")
+    source_checkpoint_size: int = param(0, "Source Checkpoint Size", "Size in bytes of the source checkpoint at Create Model: its hash is computed later only from the same file.", minimum=0)
+    source_checkpoint_mtime_ns: int = param(0, "Source Checkpoint Time", "Modification time (ns) of the source checkpoint at Create Model, for the same check.", minimum=0)
     model_type: str = param("sd1", "Model Type", "Architecture family: sd1, sd2 (512, epsilon), sd2-v (768, v-prediction) or sdxl (SDXL 1.0 base and its fine-tunes).", choices=MODEL_TYPES)
     prediction_type: str = param("epsilon", "Prediction Type", "What the UNet predicts: the noise (epsilon) or the velocity (v_prediction).", choices=PREDICTION_TYPES)
     resolution: int = param(512, "Resolution", "Native picture size of the model in pixels.", minimum=8)

@@ -28,6 +28,7 @@ from .config import ModelInfo, param
 from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .hash_cache import HashCache
+from .source_hash import source_sha256
 from .host import ModelsDir, validate_model_name
 from .kohya import KohyaLora, Target, read_kohya_lora, resolve, target_table
 from .leftovers import clean_leftovers
@@ -103,7 +104,7 @@ def _merge_lora(models: ModelsDir, model_name: str, *, lora, into, unet_weight, 
                 "lora_trainer_unet_weight": repr(float(unet_weight)), "lora_trainer_text_weight": repr(float(text_weight))}
     weights = {"unet": float(unet_weight), **{te.part: float(text_weight) for te in info.family.text_encoders}}
     if source is None:
-        _merge_into_model(model_dir, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
+        _merge_into_model(models, model_dir, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
                           overwrite=overwrite, progress=progress)
     else:
         _merge_into_checkpoint(source, info, kohya, out_path, weights, half=half, fmt=fmt, metadata=metadata,
@@ -349,26 +350,31 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _merge_into_model(model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,
-                      half: bool, fmt: str, metadata: dict[str, str], overwrite: bool, progress: Progress) -> None:
+def _merge_into_model(models: ModelsDir, model_dir: Path, info: ModelInfo, lora: KohyaLora, out_path: Path,
+                      weights: dict[str, float], *, half: bool, fmt: str, metadata: dict[str, str], overwrite: bool,
+                      progress: Progress) -> None:
     spec = load_model_spec(model_dir)
     targets = resolve(lora, target_table(spec), family=info.family.name,
                       where=f"the model {info.model_name!r}")
     merger = Merger(lora, targets, weights, half=half, progress=progress, span=(0.05, 0.9))
     metadata = {**modelspec(info.model_type, info.resolution, info.prediction_type, out_path.stem),
-                "lora_trainer_base": info.source_checkpoint, "lora_trainer_base_sha256": info.source_checkpoint_hash,
-                **metadata}
+                "lora_trainer_base": info.source_checkpoint, **metadata}
 
     def export_progress(message: str, fraction: float) -> None:
         if fraction >= 0.75:  # export's last step is saving the file
             progress(message, 0.9 + 0.1 * fraction)
 
     _check_targets_stored(model_dir, spec, targets)
-    try:
-        export_checkpoint(model_dir, out_path, fmt=fmt, half=half, hook=merger.diffusers_hook, metadata=metadata,
-                          overwrite=overwrite, progress=export_progress)
-    finally:
-        merger.close()
+    # The source's hash, when no job has needed it yet, is computed while the checkpoint is written.
+    with source_sha256(models, info) as sha256:
+        base_hash = {"lora_trainer_base_sha256": sha256.result}
+        if not sha256.pending:
+            metadata, base_hash = {**metadata, "lora_trainer_base_sha256": sha256.result()}, {}
+        try:
+            export_checkpoint(model_dir, out_path, fmt=fmt, half=half, hook=merger.diffusers_hook, metadata=metadata,
+                              deferred=base_hash, overwrite=overwrite, progress=export_progress)
+        finally:
+            merger.close()
 
 
 def _merge_into_checkpoint(source: Path, info: ModelInfo, lora: KohyaLora, out_path: Path, weights: dict[str, float], *,

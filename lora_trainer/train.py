@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .caption_augment import CaptionAugment
+from .checkpoint_io import BackgroundSha256
 from .classimages import generate_class_images, plan_class_images
 from .compat import new_accelerator
 from .config import CONCEPTS_FILE, MODEL_INFO_FILE, PARAMS_FILE, Concept, ModelInfo, TrainingParams, save_concepts
@@ -28,6 +29,7 @@ from .lora import load_lora_state_dict
 from .leftovers import clean_leftovers
 from .modellock import model_lock
 from .progress import CancelFlag, Progress, Report, TrainResult, no_report
+from .source_hash import source_sha256
 from .training.adapters import Adapters, attach_lora, trainable_groups, unfreeze_for_full_finetune
 from .training.batches import LatentDataset, make_dataloader, make_dataset
 from .training.console import ProgressDisplay
@@ -97,12 +99,18 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
     start_info = interrupted.start_info if interrupted else info
     seed = run_seed(params, accelerator, interrupted.seed if interrupted else None)
     report(Progress(job="train", message=f"Loading {model_name}"))
-    model = load_working_model(model_dir, info, dtypes)
-    adapters = prepare_model(model, params, accelerator.device, dtypes)
-    validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
-    optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
-    run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state,
-                    validation_prompts=[e.prompt for e in held_out])
+    # The source's hash (the LoRA's metadata; model_info.json from the first save), when Create Model left it for
+    # later: read while the model loads.
+    hashing = source_sha256(models, info) if accelerator.is_main_process else BackgroundSha256.known("")
+    with hashing as source_hash:
+        model = load_working_model(model_dir, info, dtypes)
+        adapters = prepare_model(model, params, accelerator.device, dtypes)
+        validator = make_validator(model, held_out, params, accelerator)  # before the latent cache moves the VAE off
+        optimizer_state = resume_from_last_run(models, model_dir, info, adapters)
+        run = build_run(accelerator, model, adapters, params, instance, class_, start_info, seed, optimizer_state,
+                        validation_prompts=[e.prompt for e in held_out])
+        digest = source_hash.result()
+        info, start_info = (dataclasses.replace(i, source_checkpoint_hash=digest) for i in (info, start_info))
     started_at = interrupted.plan["started_at"] if interrupted else time.time()
     if interrupted and interrupted.total_steps == run.total_steps:
         run.resume_at = interrupted.position

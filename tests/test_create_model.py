@@ -67,14 +67,15 @@ def test_parts_match_diffusers_single_file_loader(request, variant, models_dir):
 
 
 def test_model_info_records_source(models_dir, tiny_sd1):
-    import hashlib
-
     (models_dir.checkpoints / "sub").mkdir()
     source = _place(models_dir, tiny_sd1, "sub/my model.safetensors")
     folder = create_model(models_dir, "my model", "m")
     info = json.loads((folder / "model_info.json").read_text())
     assert info["source_checkpoint"] == "sub/my model.safetensors"
-    assert info["source_checkpoint_hash"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    # Never hashed before: its hash is left to the first job that needs it (tests/test_source_hash.py).
+    assert info["source_checkpoint_hash"] == ""
+    assert (info["source_checkpoint_size"], info["source_checkpoint_mtime_ns"]) == (source.stat().st_size,
+                                                                                   source.stat().st_mtime_ns)
     assert (info["model_type"], info["resolution"], info["revision"], info["lifetime_steps"]) == ("sd1", 64, 0, 0)
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (folder / part).is_dir()
@@ -229,8 +230,7 @@ def test_failure_halfway_leaves_nothing_behind_and_keeps_the_old_model(models_di
     for name, overwrite in (("new", False), ("m", True)):
         with pytest.raises(RuntimeError, match="disk full"):
             create_model(models_dir, source.name, name, overwrite=overwrite)
-    # Beside the old model only the hash of the source, stored by the first Create Model.
-    assert sorted(p.name for p in models_dir.working.iterdir()) == ["checkpoint_hashes.json", "m"]
+    assert sorted(p.name for p in models_dir.working.iterdir()) == ["m"]
     assert (old / "model_info.json").read_text() == old_info
 
 
@@ -452,49 +452,6 @@ def test_the_background_hash_leaves_torch_one_thread_fewer_and_gives_it_back(tmp
         assert seen == [(1, file_sha256(path)), 2] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
-
-
-def test_a_checkpoint_is_hashed_once_and_again_only_after_it_changed(models_dir, tiny_sd1, monkeypatch):
-    import hashlib
-    import os
-
-    from lora_trainer import checkpoint_io
-
-    source = _place(models_dir, tiny_sd1, "base.safetensors")
-    reads = []
-    real_sha256 = checkpoint_io.file_sha256
-    monkeypatch.setattr(checkpoint_io, "file_sha256", lambda path, **kw: reads.append(path) or real_sha256(path, **kw))
-
-    def created_hash(name):
-        folder = create_model(models_dir, "base", name)
-        return json.loads((folder / "model_info.json").read_text())["source_checkpoint_hash"]
-
-    first = created_hash("a")
-    assert first == hashlib.sha256(source.read_bytes()).hexdigest() and len(reads) == 1
-    assert created_hash("b") == first and len(reads) == 1  # from models/lora_trainer/checkpoint_hashes.json
-    cached = json.loads((models_dir.working / "checkpoint_hashes.json").read_text())
-    assert cached == {str(source.resolve()): {"size": source.stat().st_size, "mtime_ns": source.stat().st_mtime_ns,
-                                              "sha256": first}}
-
-    data = bytearray(source.read_bytes())
-    data[-1] ^= 1  # the file changed (one bit of its last tensor): hashed again, the new hash stored
-    source.write_bytes(bytes(data))
-    assert created_hash("c") == hashlib.sha256(source.read_bytes()).hexdigest() != first and len(reads) == 2
-    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # only touched: hashed again
-    assert created_hash("d") != first and len(reads) == 3
-
-    cache = models_dir.working / "checkpoint_hashes.json"
-    cache.write_text("{not json")  # a damaged cache costs only the time
-    assert created_hash("e") == hashlib.sha256(source.read_bytes()).hexdigest() and len(reads) == 4
-    assert created_hash("f") == hashlib.sha256(source.read_bytes()).hexdigest() and len(reads) == 4
-
-    gone = _place(models_dir, tiny_sd1, "gone.safetensors")
-    create_model(models_dir, "gone", "g")
-    assert len(json.loads(cache.read_text())) == 2
-    gone.unlink()
-    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))
-    created_hash("h")  # hashed and stored again: the entry of the deleted checkpoint is dropped
-    assert list(json.loads(cache.read_text())) == [str(source.resolve())]
 
 
 def test_a_meta_device_build_skips_initialisers_in_its_own_thread_only():

@@ -21,6 +21,7 @@ from helpers_writes import watching_copy_file_range, watching_open, write_part
 from PIL import Image
 
 from lora_trainer.checkpoint import create_model
+from lora_trainer.checkpoint_io import file_sha256
 from lora_trainer.classimages import save_class_image
 from lora_trainer.cli import main
 from lora_trainer.config import ModelInfo, TrainingParams
@@ -80,6 +81,9 @@ def test_every_writer_stops_with_one_line_and_keeps_what_was_there(models, tmp_p
     lora = save_lora(models.lora / "tiny_1000.safetensors", adapters)
     save_resume_state(folder, adapters, None, lifetime_steps=0, lora_file=lora.name)
     TrainingParams(rank=4).save(folder / "params.json")
+    info = ModelInfo.load(folder / "model_info.json")  # a run's save records the source's hash
+    info.source_checkpoint_hash = file_sha256(models.checkpoints / info.source_checkpoint)
+    info.save(folder / "model_info.json")
     classes = tmp_path / "class"
     save_class_image(classes, Image.new("RGB", (8, 8)), "thing")
     before = {"models": _snapshot(models.working.parent), "class": _snapshot(classes)}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from helpers_lora import (header_of, independent_addnet_hash, independent_legacy
                           metadata_for, randomize)
 from helpers_merge import load_checkpoint_parts, load_parts, make_model, text_output, unet_output
 from lora_trainer.checkpoint import load_model_spec
+from lora_trainer.checkpoint_io import file_sha256
 from lora_trainer.config import ModelInfo, TrainingParams
 from lora_trainer.errors import ModelError
 from lora_trainer.kohya import family_from_metadata, read_kohya_lora, resolve, target_table
@@ -231,11 +234,19 @@ def test_no_overwrite_and_no_leftover_on_failure(tmp_path, monkeypatch):
 
 
 def test_metadata_is_what_the_web_ui_and_kohya_tools_read(model_dir, tmp_path):
-    info = ModelInfo.load(model_dir / "model_info.json")
+    source = model_dir.parent.parent / "Stable-diffusion" / ModelInfo.load(model_dir / "model_info.json").source_checkpoint
+    model_dir = Path(shutil.copytree(model_dir, tmp_path / model_dir.name))  # the shared model is not changed
     params = TrainingParams(rank=8, lora_alpha=4, text_encoder_rank=4, text_encoder_alpha=4, resolution=64, seed=-1)
-    source = model_dir.parent.parent / "Stable-diffusion" / info.source_checkpoint
-    meta = metadata_for(model_dir, params, steps=30, epochs=3, num_images=10, started_at=1700000000.5,
-                        finished_at=1700000100.0, output_name="tiny_30", seed=1234, source_checkpoint=source)
+
+    def meta_now():
+        return metadata_for(model_dir, params, steps=30, epochs=3, num_images=10, started_at=1700000000.5,
+                            finished_at=1700000100.0, output_name="tiny_30", seed=1234, source_checkpoint=source)
+
+    assert "ss_new_sd_model_hash" not in meta_now()  # Create Model left the source's hash to the first run
+    info = ModelInfo.load(model_dir / "model_info.json")
+    info.source_checkpoint_hash = file_sha256(source)  # as the first run's first save records it
+    info.save(model_dir / "model_info.json")
+    meta = meta_now()
     assert all(isinstance(v, str) for v in meta.values())
     assert meta["ss_network_module"] == "networks.lora"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("8", "4.0")

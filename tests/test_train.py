@@ -13,6 +13,7 @@ from helpers_train import denoising_loss, instance_pictures, private_models, une
 
 from lora_trainer import train as train_module
 from lora_trainer.cli import main
+from lora_trainer.checkpoint_io import file_sha256
 from lora_trainer.config import Concept, ModelInfo, TrainingParams
 from lora_trainer.errors import ConfigError
 from lora_trainer.lora import load_lora_state_dict, read_lora
@@ -159,6 +160,9 @@ def test_files_names_and_model_info(run):
     assert all(f"{n}.{leaf}" in tensors for n in names for leaf in ("lora_down.weight", "lora_up.weight", "alpha"))
     assert metadata["ss_output_name"] == "tiny_8" and metadata["ss_steps"] == "8"
     assert metadata["ss_network_dim"] == "4" and metadata["ss_base_model_version"] == "sd_v1"
+    # Create Model left the source's hash to the first run, which computed it while the model loaded.
+    source = models.checkpoints / info.source_checkpoint
+    assert metadata["ss_new_sd_model_hash"] == info.source_checkpoint_hash == file_sha256(source)
 
 
 def test_progress_reports_every_step(run):

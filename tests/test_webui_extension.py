@@ -225,6 +225,7 @@ def test_create_model_takes_the_hash_the_web_ui_already_has_unless_the_file_chan
     from lora_trainer import checkpoint_io
     from lora_trainer.checkpoint import create_model
     from lora_trainer.config import ModelInfo
+    from lora_trainer.source_hash import source_sha256
 
     models = webui_host(webui).models
     models.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -238,10 +239,13 @@ def test_create_model_takes_the_hash_the_web_ui_already_has_unless_the_file_chan
 
     info = ModelInfo.load(create_model(models, "base.safetensors", "a") / "model_info.json")
     assert info.source_checkpoint_hash == known and reads == []
-    # Written after the web UI hashed it: the web UI's hash is stale, so the file is hashed.
+    # Written after the web UI hashed it: the web UI's hash is stale, so the file is hashed, by the first job
+    # that needs it.
     os.utime(source, (source.stat().st_atime, source.stat().st_mtime + 10))
     info = ModelInfo.load(create_model(models, "base.safetensors", "b") / "model_info.json")
-    assert info.source_checkpoint_hash == known and reads == [source]
+    assert info.source_checkpoint_hash == "" and reads == []
+    with source_sha256(models, info) as sha256:
+        assert sha256.result() == known and reads == [source]
 
 
 # --- GPU memory around a job ----------------------------------------------------
