@@ -192,6 +192,18 @@ def test_after_a_job_the_users_lora_choice_stays_unless_the_job_made_one(ctl):
     assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_2.safetensors"
 
 
+def test_a_job_that_ends_before_the_pages_first_poll_still_brings_its_lists_and_outcome(ctl):
+    from lora_trainer.ui.layout import _poll, _seen_when_opened
+
+    seen = _seen_when_opened(ctl)  # the page's load event
+    assert ctl.create({"create.source": "tiny-sd1.safetensors", "create.name": "dog"}).startswith("Started")
+    finish(ctl)  # done before the page first polls
+    first = _poll(ctl, seen, "cat", "")
+    assert first["model"]["value"] == "dog" and first["model"]["choices"] == ["cat", "dog"]
+    assert first["message"].startswith("Create model 'dog' finished: wrote ")
+    assert _poll(ctl, first["seen"], "dog", "") == {}
+
+
 def test_generate_ckpt_options_reach_the_merge(ctl, tiny_sd1):
     """Lora Weight, Lora Text Weight, Merge Into and the format, as set in "Generate Ckpt Options"."""
     from helpers_merge import load_parts, random_lora, save_lora

@@ -320,14 +320,20 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     compat.change(w["model"], model_chosen, [w["model"]], w.components(follow + msg))
 
     def page_opened(model):
-        """A new page, a reload or "Reload UI": the model shown is one that exists now, with its settings."""
+        """A new page, a reload or "Reload UI": the model shown is one that exists now, with its settings.
+
+        The jobs that ended before are counted as seen: one that ends from now on, even before the page's
+        first poll (a Create Model started at once and done in a second), brings its lists and outcome."""
         models = ctl.model_choices()
         chosen = model if model in models else (models[0] if models else None)
         values = {"model": compat.update(choices=models, value=chosen), **model_values(chosen or ""),
-                  "queue": ctl.queue_text()}
-        return [values.get(k, compat.no_change()) for k in ["model"] + follow + msg + ["queue"]]
+                  "queue": ctl.queue_text(), "seen": _seen_when_opened(ctl),
+                  "create.source": compat.update(choices=ctl.source_choices()),
+                  "into": compat.update(choices=[""] + ctl.source_choices())}
+        return [values.get(k, compat.no_change()) for k in opened_out]
 
-    compat.on_load(demo, page_opened, [w["model"]], w.components(["model"] + follow + msg + ["queue"]))
+    opened_out = ["model"] + follow + msg + ["queue", "seen", "create.source", "into"]
+    compat.on_load(demo, page_opened, [w["model"]], w.components(opened_out))
 
     poll_out = ["seen", "status", "progress", "loss_plot", "samples", "log", "model", "lora", "create.source",
                 "into", "message", "queue"] + info_keys
@@ -341,6 +347,11 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     # Pressed by the page's script: on return to the tab, and every second where the page polls.
     # Only what changed since this page last looked is sent, as by the poll itself.
     compat.click(w["progress_refresh"], poll, poll_in, w.components(poll_out))
+
+
+def _seen_when_opened(ctl: Controller) -> dict:
+    """A new page's "seen": the jobs that ended before it opened; the first poll sends everything else."""
+    return {"finished": ctl.state().finished_jobs}
 
 
 def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = None) -> dict[str, Any]:
@@ -367,7 +378,7 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
         out.update(_lists_after_job(ctl, state, model, lora))
         if not ctl.answered_by_click(state):
             out["message"] = ctl.outcome(state)
-    elif "finished" not in seen:  # a page's first look: checkpoints may be newer than the page
+    elif "finished" not in seen:  # a first look before the page's load event: checkpoints may be newer than the page
         out.update({"create.source": compat.update(choices=ctl.source_choices()),
                     "into": compat.update(choices=[""] + ctl.source_choices())})
     out["seen"] = {"version": state.version, "finished": state.finished_jobs,
