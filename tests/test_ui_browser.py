@@ -451,9 +451,12 @@ def test_generate_ckpt_writes_the_checkpoint(page, app):
     click(page, "lora_trainer_generate_ckpt_button")
     wait_message(page, rf"^Generate ckpt of 'dog' finished: .*; LoRA {re.escape(Path(lora).stem)} was trained on "
                        r"'cat'; merged into 'dog'$")
-    # The poll has seen the end too: its list update selects the model the page had when the poll asked, so
-    # a model chosen while that answer is on its way would be set back (the next test chooses one at once).
+    # A model chosen as a job ends stays chosen: the poll that sees the end sends the new lists, and a value
+    # only for what the job made, so an answer asked for before this choice does not set it back.
+    choose_model(page, "cat")
     wait_status(page, "generate ckpt of 'dog' finished")
+    page.wait_for_timeout(1_500)  # the next poll's answer too
+    assert (value(page, "lora_trainer_model"), value(page, "lora_trainer_info_model_name")) == ("cat", "cat")
     ours = [u for u in page.blocked if not u.endswith(GRADIO_TEMPLATE_REQUESTS)]
     assert ours == [], f"the page tried to reach other hosts: {ours}"
 

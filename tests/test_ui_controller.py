@@ -186,8 +186,12 @@ def test_after_a_job_the_users_lora_choice_stays_unless_the_job_made_one(ctl):
     info.latest_lora = "cat_2.safetensors"
     info.save(info_path)
     finished = ctl.state()  # no job: nothing of its own to select
-    assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_1.safetensors"
+    kept = _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")
+    # Lists only: the page may have chosen again while the answer was on its way.
+    assert "value" not in kept["lora"] and "value" not in kept["model"]
+    assert kept["lora"]["choices"] == ["", "cat_1.safetensors", "cat_2.safetensors"] and "cat" in kept["model"]["choices"]
     assert _lists_after_job(ctl, finished, "cat", "gone.safetensors")["lora"]["value"] == "cat_2.safetensors"
+    assert _lists_after_job(ctl, finished, "deleted", None)["model"]["value"] == "cat"
     finished.kind, finished.result = "train", TrainResult(ctl.models.lora / "cat_2.safetensors", 2, 1, 2)
     assert _lists_after_job(ctl, finished, "cat", "cat_1.safetensors")["lora"]["value"] == "cat_2.safetensors"
 

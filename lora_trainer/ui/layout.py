@@ -391,20 +391,25 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
 def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None = None) -> dict[str, Any]:
     """A job ended: new models, LoRAs or checkpoints show up in our dropdowns.
 
-    The job's own result (a new model, a new LoRA) is selected; otherwise the user's choices stay.
+    The job's own result (a new model, a new LoRA) is selected, and a choice that is gone is
+    replaced. Otherwise only the lists are sent, no value: `model` and `lora` are what the page had
+    when it asked, and the user may have chosen again while this answer was on its way.
     """
     pick = ctl.selection_after(state)
     models = ctl.model_choices()
     chosen = pick.get("model") or (model if model in models else (models[0] if models else None))
     loras = ctl.lora_choices()
-    if pick.get("lora"):
-        lora = pick["lora"]
-    elif not (lora in loras and chosen == model):
-        lora = ctl.latest_lora(chosen or "")
-    out = {"model": compat.update(choices=models, value=chosen),
-           "lora": compat.update(choices=loras, value=lora),
+    kept = lora in loras and chosen == model
+    new_lora = pick.get("lora") or (lora if kept else ctl.latest_lora(chosen or ""))
+    out = {"model": _list_update(models, chosen, chosen != model),
+           "lora": _list_update(loras, new_lora, new_lora != lora),
            "create.source": compat.update(choices=ctl.source_choices()),
            "into": compat.update(choices=[""] + ctl.source_choices())}
     if chosen == model:  # e.g. new lifetime steps; another model's info comes with its settings (model_chosen)
         out.update(ctl.info_values(chosen or ""))
     return out
+
+
+def _list_update(choices: list[str], value: str | None, select: bool) -> Any:
+    """A dropdown's new list; its value only when `select`: the page's own choice is left alone."""
+    return compat.update(choices=choices, value=value) if select else compat.update(choices=choices)
