@@ -57,7 +57,7 @@ def prepare(work: Path, dtype: str, seed: int) -> tuple[Path, Path]:
     from lora_trainer.checkpoint import create_model
     from lora_trainer.config import MODEL_INFO_FILE, ModelInfo
     from lora_trainer.host import ModelsDir
-    from lora_trainer.source_hash import record_source_hash, source_sha256
+    from lora_trainer.source_hash import source_sha256
 
     models = ModelsDir.at(work)
     checkpoint = models.checkpoints / f"full-sd1-{dtype}-seed{seed}.safetensors"
@@ -66,8 +66,9 @@ def prepare(work: Path, dtype: str, seed: int) -> tuple[Path, Path]:
         full_size_checkpoint(checkpoint, "sd1", DTYPES[dtype], seed)
     folder = create_model(models, checkpoint.name, MODEL, overwrite=True)
     info = ModelInfo.load(folder / MODEL_INFO_FILE)
-    with source_sha256(models, info) as sha256:  # what a training run of the model does first
-        record_source_hash(folder, info, sha256.result())
+    with source_sha256(models, info) as sha256:  # what a training run of the model records at its first save
+        info.source_checkpoint_hash = sha256.result()
+    info.save(folder / MODEL_INFO_FILE)
     seeded_lora(models.lora / f"{MODEL}_0.safetensors", work, seed)
     return checkpoint, folder
 
