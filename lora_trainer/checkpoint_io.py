@@ -214,11 +214,13 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path, *, fmt: 
         raise CheckpointError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
     path = Path(path)
     if fmt == "safetensors":
-        from .safetensors_stream import write_safetensors
+        from .safetensors_stream import in_file_order, write_safetensors
 
         # Written tensor by tensor: no second in-memory copy of the whole file.
+        tensors, data_start = in_file_order(tensors)
         layout = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-        return write_safetensors(path, layout, tensors.items(), metadata=metadata, overwrite=overwrite)
+        return write_safetensors(path, layout, tensors.items(), metadata=metadata, overwrite=overwrite,
+                                 data_start=data_start)
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save({"state_dict": tensors, **({"metadata": metadata} if metadata else {})}, tmp)
     return path

@@ -42,19 +42,27 @@ DEFERRED_PLACEHOLDER = "?" * DEFERRED_WIDTH
 # Bytes per write() call. One call per tensor (up to 100 MB) took 1.3-2.7 s for a 2 GB checkpoint on
 # ext4 where 1 MB pieces took 0.62-0.70 s, about what a plain copy of the file takes (0.8 s).
 WRITE_PIECE = 1 << 20
+PAGE = 4096
 
 
 def read_layout(path: str | Path) -> Layout:
-    """Key -> (dtype, shape) of every tensor of a `.safetensors` file, from its header alone.
+    """Key -> (dtype, shape) of every tensor of a `.safetensors` file, from its header alone, in the order
+    their data lies in the file (the library's writer lists them by name, but lays them out by dtype first).
 
     Raises CheckpointError for a file that is not a readable safetensors file.
     """
     path = Path(path)
     try:
         _, header = _read_header(path)
-        return {key: (DTYPES[entry["dtype"]], tuple(entry["shape"])) for key, entry in header.items() if key != "__metadata__"}
+        keys = sorted((key for key in header if key != "__metadata__"), key=lambda key: header[key]["data_offsets"])
+        return {key: (DTYPES[header[key]["dtype"]], tuple(header[key]["shape"])) for key in keys}
     except (OSError, struct.error, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors header ({type(e).__name__}: {e})") from None
+
+
+def data_section_start(path: str | Path) -> int:
+    """Where the data section of a `.safetensors` file starts (after its 8-byte length and JSON header)."""
+    return _read_header(Path(path))[0]
 
 
 def _read_header(path: Path) -> tuple[int, dict]:
@@ -129,8 +137,10 @@ def file_span(tensor: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
-def encode_header(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
-    """The JSON header `write_safetensors` writes after the 8-byte length (padded to a multiple of 8)."""
+def encode_header(layout: Layout, metadata: dict[str, str] | None = None, *, data_start: int | None = None) -> bytes:
+    """The JSON header `write_safetensors` writes after the 8-byte length, padded with spaces so that the
+    data starts 8-byte aligned (as safetensors pads it) and, with `data_start` (a multiple of 8), at that
+    offset within a PAGE."""
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for key, (dtype, shape) in layout.items():
@@ -138,7 +148,31 @@ def encode_header(layout: Layout, metadata: dict[str, str] | None = None) -> byt
         header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    return blob + b" " * (-len(blob) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+    padding = ((data_start or 0) - 8 - len(blob)) % (8 if data_start is None else PAGE)
+    return blob + b" " * padding
+
+
+def in_file_order(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int | None]:
+    """`tensors` with those that will be copied from a recorded file (`file_span`) first, in that file's
+    order, and where in a PAGE the data section should start (`encode_header`'s `data_start`; None when
+    none is copied).
+
+    The kernel copies bytes fastest between the same offsets within a page (a 2 GB checkpoint: 0.77 s,
+    against 0.97-1.06 s between different ones): tensors kept in their file's order keep their distances,
+    and the start chosen puts most of their bytes at their own file's offsets within a page.
+    """
+    spans = {key: file_span(tensor) for key, tensor in tensors.items()}
+    copied = sorted((key for key in tensors if spans[key] is not None), key=lambda key: spans[key])
+    ordered = {**{key: tensors[key] for key in copied}, **{k: t for k, t in tensors.items() if spans[k] is None}}
+    bytes_at: dict[int, int] = {}
+    offset = 0
+    for key, tensor in ordered.items():
+        size = tensor.numel() * tensor.element_size()
+        if spans[key] is not None and (spans[key][1] - offset) % 8 == 0:
+            start = (spans[key][1] - offset) % PAGE
+            bytes_at[start] = bytes_at.get(start, 0) + size
+        offset += size
+    return ordered, max(bytes_at, key=bytes_at.get, default=None)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -192,8 +226,11 @@ class _TensorWriter:
 
 def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[str, torch.Tensor]], *,
                       metadata: dict[str, str] | None = None, overwrite: bool = False,
-                      deferred: dict[str, Callable[[], str]] | None = None) -> Path:
+                      deferred: dict[str, Callable[[], str]] | None = None, data_start: int | None = None) -> Path:
     """Write `tensors` (key, tensor) in the order and with the dtypes and shapes of `layout`.
+
+    `data_start`: where in a PAGE the data section starts (`encode_header`), e.g. where the file that most
+    tensors are copied from has its own, so that the kernel copies them between like offsets.
 
     `deferred`: metadata entries known only once the tensors are written (a hash computed meanwhile):
     each value is called then and must be DEFERRED_WIDTH ASCII characters (a SHA-256 in hex); the
@@ -204,7 +241,7 @@ def write_safetensors(path: str | Path, layout: Layout, tensors: Iterable[tuple[
     """
     deferred = deferred or {}
     metadata = {**(metadata or {}), **{key: DEFERRED_PLACEHOLDER for key in deferred}} or None
-    blob = encode_header(layout, metadata)
+    blob = encode_header(layout, metadata, data_start=data_start)
     path = Path(path)
     need = 8 + len(blob) + sum(math.prod(shape) * dtype.itemsize for dtype, shape in layout.values())
     # "r+b", not "wb": the temporary file is new and empty, and on ext4 truncating it (which "wb" does even

@@ -4,7 +4,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_trainer.safetensors_stream import read_layout, write_safetensors
+from lora_trainer.safetensors_stream import _read_header, data_section_start, read_layout, write_safetensors
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -36,6 +36,10 @@ def test_layout_is_read_from_files_the_library_wrote(tmp_path):
     tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
     save_file(tensors, str(tmp_path / "lib.safetensors"))
     assert read_layout(tmp_path / "lib.safetensors") == layout_of(tensors)
+    # In the order of the data in the file: the library lays tensors out by dtype first, not by name.
+    _, header = _read_header(tmp_path / "lib.safetensors")
+    in_file = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    assert list(read_layout(tmp_path / "lib.safetensors")) == in_file != sorted(in_file)
 
 
 def test_a_tensor_that_does_not_match_its_layout_leaves_no_file(tmp_path):
@@ -181,3 +185,36 @@ def test_a_file_put_in_the_sources_place_meanwhile_is_not_what_is_copied(tmp_pat
     assert seen  # copied file to file, from the file the reader opened
     back = load_file(str(tmp_path / "out.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in source.items())
+
+
+@pytest.mark.parametrize("data_start", [0, 8, 2048, 4088])
+def test_a_header_padded_to_start_the_data_anywhere_in_a_page_reads_back(tmp_path, data_start):
+    tensors = {k: v.contiguous() for k, v in sample_tensors().items()}
+    path = write_safetensors(tmp_path / "out.safetensors", layout_of(tensors), iter(tensors.items()),
+                             metadata={"format": "pt"}, data_start=data_start)
+    assert data_section_start(path) % 4096 == data_start
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"} and torch.equal(f.get_tensor("d.ids"), tensors["d.ids"])
+
+
+def test_copied_tensors_keep_their_files_order_and_offsets_within_a_page(tmp_path):
+    from lora_trainer.checkpoint_io import CheckpointReader, save_checkpoint
+    from lora_trainer.safetensors_stream import _read_header
+
+    g = torch.Generator().manual_seed(0)
+    source = {f"w{i:02d}": torch.randn(37 * (i + 1), generator=g) for i in range(12)}  # 148 bytes a step: no 8-byte order
+    save_file(source, str(tmp_path / "source.safetensors"))
+    start, header = _read_header(tmp_path / "source.safetensors")
+    with CheckpointReader(tmp_path / "source.safetensors") as reader:
+        made = {"made": torch.ones(3), **{f"new.{k}": reader.get(k) for k in reversed(list(source))}}
+        save_checkpoint(made, tmp_path / "out.safetensors")
+    out_start, out = _read_header(tmp_path / "out.safetensors")
+    where = {k: out[k]["data_offsets"][0] for k in out if k != "__metadata__"}
+    assert sorted(where, key=where.get) == [f"new.{k}" for k in source] + ["made"]  # the source's order, then the rest
+    same_page_offset = [k for k in source
+                        if (out_start + where[f"new.{k}"]) % 4096 == (start + header[k]["data_offsets"][0]) % 4096]
+    assert same_page_offset == list(source)
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert all(torch.equal(back[f"new.{k}"], t) for k, t in source.items()) and torch.equal(back["made"], made["made"])
