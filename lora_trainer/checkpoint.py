@@ -26,10 +26,10 @@ from . import keymap
 from .architecture import UNET_PREFIX, ModelSpec, read_spec, spec_from_original_config
 from .compat import canonical_clip_name, installed_clip_name
 from .checkpoint_io import BackgroundSha256, CheckpointReader, save_checkpoint
-from .hash_cache import file_stamp
 from .config import MODEL_INFO_FILE, ModelInfo
 from .errors import CheckpointError, ConfigError, ModelError
 from .fileio import atomic_dir
+from .hash_cache import file_stamp
 from .host import ModelsDir, validate_model_name
 from .leftovers import clean_leftovers
 from .modellock import check_not_busy

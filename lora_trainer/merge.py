@@ -28,13 +28,13 @@ from .config import ModelInfo, param
 from .errors import ConfigError, ModelError
 from .fileio import atomic_write_text
 from .hash_cache import HashCache
-from .source_hash import source_sha256
 from .host import ModelsDir, validate_model_name
 from .kohya import KohyaLora, Target, read_kohya_lora, resolve, target_table
 from .leftovers import clean_leftovers
 from .modellock import model_lock
 from .modelspec import modelspec
 from .safetensors_stream import Layout, data_section_start, read_layout, write_safetensors
+from .source_hash import source_sha256
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,21 @@ from .host import ModelsDir
 log = logging.getLogger(__name__)
 
 
+class _SourceSha256(BackgroundSha256):
+    """A source's hash computed beside a job: one that cannot be read gives "" (it is metadata; the job goes on)."""
+
+    def result(self) -> str:
+        try:
+            return super().result()
+        except OSError as e:
+            log.warning("The source checkpoint could not be read for its hash (%s); it is not recorded", e)
+            return ""
+
+
 def source_sha256(models: ModelsDir, info: ModelInfo) -> BackgroundSha256:
     """The source's hash: the one `info` holds, else computed beside the caller's work (use as a
-    context manager; `result()` waits for it), else "" for a source that is gone or has changed."""
+    context manager; `result()` waits for it), else "" for a source that is gone, has changed or
+    cannot be read."""
     if info.source_checkpoint_hash:
         return BackgroundSha256.known(info.source_checkpoint_hash)
     source = models.checkpoints / info.source_checkpoint if info.source_checkpoint else None
@@ -34,4 +46,4 @@ def source_sha256(models: ModelsDir, info: ModelInfo) -> BackgroundSha256:
         log.info("%s: the source checkpoint is gone or has changed since the model %r was created; its hash "
                  "is not recorded", source or "(none)", info.model_name)
         return BackgroundSha256.known("")
-    return BackgroundSha256(source, models.hash_cache)
+    return _SourceSha256(source, models.hash_cache)

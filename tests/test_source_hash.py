@@ -135,3 +135,16 @@ def base_hash_in(checkpoint):
         return torch.load(checkpoint, map_location="cpu", weights_only=True)["metadata"]["lora_trainer_base_sha256"]
     with CheckpointReader(checkpoint) as reader:
         return reader.metadata["lora_trainer_base_sha256"]
+
+
+def test_a_source_that_cannot_be_read_gives_no_hash_and_the_job_goes_on(models_dir, tiny_sd1, monkeypatch, caplog):
+    _place(models_dir, tiny_sd1, "base.safetensors")
+    folder = create_model(models_dir, "base", "a")
+
+    def unreadable(path, **kw):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint_io, "file_sha256", unreadable)
+    with caplog.at_level("WARNING", logger="lora_trainer.source_hash"):
+        assert job_hash(models_dir, folder) == ""
+    assert "could not be read for its hash ([Errno 13] Permission denied" in caplog.text
