@@ -295,8 +295,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
                 **ctl.info_values(chosen or "")}
 
     _on(w["model_refresh"], refresh_models, w, ["model"], ["model", "lora"] + info_keys)
-    _on(w["source_refresh"], lambda n: {"create.source": compat.update(choices=ctl.source_choices()),
-                                        "into": compat.update(choices=[""] + ctl.source_choices())}, w,
+    _on(w["source_refresh"], lambda n: _checkpoint_lists(ctl), w,
         [], ["create.source", "into"])
 
     follow = info_keys + ["lora", "preset"] + param_keys + concept_keys
@@ -327,9 +326,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
         models = ctl.model_choices()
         chosen = model if model in models else (models[0] if models else None)
         values = {"model": compat.update(choices=models, value=chosen), **model_values(chosen or ""),
-                  "queue": ctl.queue_text(), "seen": _seen_when_opened(ctl),
-                  "create.source": compat.update(choices=ctl.source_choices()),
-                  "into": compat.update(choices=[""] + ctl.source_choices())}
+                  "queue": ctl.queue_text(), "seen": _seen_when_opened(ctl), **_checkpoint_lists(ctl)}
         return [values.get(k, compat.no_change()) for k in opened_out]
 
     opened_out = ["model"] + follow + msg + ["queue", "seen", "create.source", "into"]
@@ -347,6 +344,12 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
     # Pressed by the page's script: on return to the tab, and every second where the page polls.
     # Only what changed since this page last looked is sent, as by the poll itself.
     compat.click(w["progress_refresh"], poll, poll_in, w.components(poll_out))
+
+
+def _checkpoint_lists(ctl: Controller) -> dict[str, Any]:
+    """The checkpoints folder as it is now, for "Source Checkpoint" and "Merge Into" (blank: the model itself)."""
+    sources = ctl.source_choices()
+    return {"create.source": compat.update(choices=sources), "into": compat.update(choices=[""] + sources)}
 
 
 def _seen_when_opened(ctl: Controller) -> dict:
@@ -379,8 +382,7 @@ def _poll(ctl: Controller, seen: dict, model: str | None, lora: str | None = Non
         if not ctl.answered_by_click(state):
             out["message"] = ctl.outcome(state)
     elif "finished" not in seen:  # a first look before the page's load event: checkpoints may be newer than the page
-        out.update({"create.source": compat.update(choices=ctl.source_choices()),
-                    "into": compat.update(choices=[""] + ctl.source_choices())})
+        out.update(_checkpoint_lists(ctl))
     out["seen"] = {"version": state.version, "finished": state.finished_jobs,
                    "losses": len(state.losses) + len(state.val_losses),
                    "samples": len(state.samples), "log": list(log_mark), "job": state.started,
@@ -403,8 +405,7 @@ def _lists_after_job(ctl: Controller, state, model: str | None, lora: str | None
     new_lora = pick.get("lora") or (lora if kept else ctl.latest_lora(chosen or ""))
     out = {"model": _list_update(models, chosen, chosen != model),
            "lora": _list_update(loras, new_lora, new_lora != lora),
-           "create.source": compat.update(choices=ctl.source_choices()),
-           "into": compat.update(choices=[""] + ctl.source_choices())}
+           **_checkpoint_lists(ctl)}
     if chosen == model:  # e.g. new lifetime steps; another model's info comes with its settings (model_chosen)
         out.update(ctl.info_values(chosen or ""))
     return out
