@@ -2,19 +2,22 @@
 
 Writes a checkpoint with the real key set and shapes and seeded random weights (about 2 GB in fp16,
 4 GB in fp32; see full_size.py), creates a working model of it (with its source's hash recorded, as
-the model's first training run records it) and a seeded rank-16 LoRA over every Linear of its UNet and
-text encoder (untimed), then, each in a fresh process and from the same
-page-cache state: a plain copy of the checkpoint (`shutil.copyfile`), the merge into the model's own
-weights, the merge into the checkpoint file (`--into`) twice (the first hashing the checkpoint, the
-second with its hash known: models/lora_trainer/checkpoint_hashes.json), and the copy again. Prints
-the seconds of each (the merge itself, and the whole process with its imports), the merge's time as a multiple of the
-copies' mean, the peak memory it owned as a multiple of the file's size, and the issue 13 targets
+the model's first training run records it) and two seeded LoRAs (untimed): rank 16 over every Linear of
+its UNet and text encoder (heavier than any Train writes), and rank 4 over their attention projections
+(what Train writes by default). Then, each in a fresh process and from the same page-cache state: a
+plain copy of the checkpoint (`shutil.copyfile`); the heavy LoRA merged into the model's own weights and
+into the checkpoint file (`--into`) twice (the first hashing the checkpoint, the second with its hash
+known: models/lora_trainer/checkpoint_hashes.json); the default LoRA merged into the model and into the
+checkpoint; and the copy again. Prints the seconds of each (the merge itself, and the whole process with
+its imports), the merge's time as a multiple of the copies' mean, the peak memory it owned as a multiple
+of the file's size, and the issue 13 targets
 (at most 2x the copy, at most 1.3x the file). Usage:
 
     python benchmarks/merge_memory.py [--dtype fp16,fp32] [--workdir DIR]
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -23,58 +26,65 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, forget_hashes,  # noqa: E402,F401
                        full_size_checkpoint, measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
 
-RANK = 16
 MODEL = "full"
+# The LoRAs merged: (file name in the Lora folder, rank, adapted modules or None for every Linear).
+HEAVY = ("full_0", 16, None)                    # heavier than any the trainer writes: every Linear, rank 16
+DEFAULT = ("full_attention", 4, "attention")    # what Train writes by default: attention, rank 4
 
 
-def seeded_lora(path: Path, models_dir: Path, seed: int) -> None:
-    """A rank-16 kohya LoRA over every Linear of the working model's UNet and text encoder (seeded random)."""
+def seeded_lora(path: Path, models_dir: Path, seed: int, rank: int, targets: str | None) -> None:
+    """A kohya LoRA of `rank` over every Linear of the working model's UNet and text encoder (`targets` None)
+    or over their attention projections, as Train adapts them ("attention"), seeded random."""
     import torch
     from safetensors.torch import save_file
 
     from lora_trainer import keymap
     from lora_trainer.checkpoint import load_model_spec
     from lora_trainer.host import ModelsDir
+    from lora_trainer.lora import TEXT_TARGETS, UNET_TARGETS, is_target
 
     spec = load_model_spec(ModelsDir.at(models_dir).model_dir(MODEL))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for model, prefix in ((keymap.build_unet(spec), "lora_unet"), (keymap.build_text_encoder(spec), "lora_te")):
+    for model, prefix, adapted in ((keymap.build_unet(spec), "lora_unet", UNET_TARGETS),
+                                   (keymap.build_text_encoder(spec), "lora_te", TEXT_TARGETS)):
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear):
+            if isinstance(module, torch.nn.Linear) and (targets is None or is_target(name, adapted)):
                 if prefix == "lora_te" and not name.startswith("text_model."):  # transformers >= 5 drops the level
                     name = "text_model." + name
                 key = f"{prefix}_{name.replace('.', '_')}"
-                tensors[f"{key}.lora_down.weight"] = torch.randn(RANK, module.in_features, generator=generator) * 0.01
-                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, RANK, generator=generator) * 0.01
-                tensors[f"{key}.alpha"] = torch.tensor(RANK / 2)
+                tensors[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.01
+                tensors[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.01
+                tensors[f"{key}.alpha"] = torch.tensor(rank / 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
 
 
-def prepare(work: Path, dtype: str, seed: int) -> tuple[Path, Path]:
-    """The checkpoint, its working model and the LoRA (reused when there); the checkpoint and the model's folder."""
+def prepare(work: Path, dtype: str, seed: int, family: str = "sd1") -> tuple[Path, Path]:
+    """The checkpoint, its working model and the LoRAs (reused when there); the checkpoint and the model's folder."""
     from lora_trainer.checkpoint import create_model
     from lora_trainer.config import MODEL_INFO_FILE, ModelInfo
     from lora_trainer.host import ModelsDir
     from lora_trainer.source_hash import source_sha256
 
     models = ModelsDir.at(work)
-    checkpoint = models.checkpoints / f"full-sd1-{dtype}-seed{seed}.safetensors"
+    checkpoint = models.checkpoints / f"full-{family}-{dtype}-seed{seed}.safetensors"
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if not checkpoint.exists():
-        full_size_checkpoint(checkpoint, "sd1", DTYPES[dtype], seed)
+        full_size_checkpoint(checkpoint, family, DTYPES[dtype], seed)
     folder = create_model(models, checkpoint.name, MODEL, overwrite=True)
     info = ModelInfo.load(folder / MODEL_INFO_FILE)
     with source_sha256(models, info) as sha256:  # what a training run of the model records at its first save
         info.source_checkpoint_hash = sha256.result()
     info.save(folder / MODEL_INFO_FILE)
-    seeded_lora(models.lora / f"{MODEL}_0.safetensors", work, seed)
+    for name, rank, targets in (HEAVY, DEFAULT):
+        seeded_lora(models.lora / f"{name}.safetensors", work, seed, rank, targets)
     return checkpoint, folder
 
 
-def merge_phase(work: Path, into: str | None) -> dict:
-    """In a child: "Generate Ckpt" into the model (or into the checkpoint `into`), imports done before the clock."""
+def merge_phase(work: Path, into: str | None, lora: str) -> dict:
+    """In a child: "Generate Ckpt" of `lora` into the model (or into the checkpoint `into`), imports done before
+    the clock."""
     import diffusers  # noqa: F401  (imported lazily by the merge; not part of its time)
     import transformers  # noqa: F401
     from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
@@ -84,7 +94,7 @@ def merge_phase(work: Path, into: str | None) -> dict:
     from lora_trainer.merge import merge_lora
 
     models = ModelsDir.at(work)
-    figures = measure(lambda: merge_lora(models, MODEL, into=into, custom_name="into" if into else "own",
+    figures = measure(lambda: merge_lora(models, MODEL, lora=lora, into=into, custom_name="into" if into else "own",
                                          overwrite=True))
     for merged in models.checkpoints.glob("*_lora.*"):
         merged.unlink()
@@ -92,30 +102,41 @@ def merge_phase(work: Path, into: str | None) -> dict:
 
 
 def bench(work: Path, dtype: str, seed: int) -> list[str]:
-    """Copy, merge into the model, merge into the checkpoint, copy; the figures' lines."""
+    """Copy; the heavy LoRA merged into the model, into the checkpoint hashing it and with its hash known; the
+    default LoRA into the model and into the checkpoint; copy. The figures' lines."""
     checkpoint, model_dir = prepare(work, dtype, seed)
     size_mb = checkpoint.stat().st_size / 2**20
     copy_args = ["--source", str(checkpoint), "--target", str(work / "copy.safetensors")]
     copies = [run_phase(__file__, "copy", copy_args, checkpoint)]
-    own = run_phase(__file__, "own", ["--target", str(work)], model_dir)
-    into_args = ["--target", str(work), "--source", checkpoint.name]
+
+    def merge(lora: str, into: bool) -> dict:
+        return run_phase(__file__, "into" if into else "own",
+                         ["--target", str(work), "--lora", lora, *(["--source", checkpoint.name] if into else [])],
+                         checkpoint if into else model_dir)
+
+    own = merge(HEAVY[0], into=False)
     forget_hashes(work)  # the model's hash was stored when it was recorded
-    into = run_phase(__file__, "into", into_args, checkpoint)
-    again = run_phase(__file__, "into", into_args, checkpoint)
+    into, again = merge(HEAVY[0], into=True), merge(HEAVY[0], into=True)
+    default_own, default_into = merge(DEFAULT[0], into=False), merge(DEFAULT[0], into=True)
     copies.append(run_phase(__file__, "copy", copy_args, checkpoint))
-    return [*verdict(own, copies, size_mb, f"merge sd1 {dtype} into the model"),
-            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, checkpoint hashed"),
-            *verdict(again, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, hash known from the first")]
+    heavy = f"rank {HEAVY[1]} on every Linear"
+    default = f"rank {DEFAULT[1]} on attention (Train's default)"
+    return [*verdict(own, copies, size_mb, f"merge sd1 {dtype} into the model, {heavy}"),
+            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {heavy}, checkpoint hashed"),
+            *verdict(again, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {heavy}, hash known"),
+            *verdict(default_own, copies, size_mb, f"merge sd1 {dtype} into the model, {default}"),
+            *verdict(default_into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {default}, hash known")]
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = benchmark_arguments(__doc__.splitlines()[0], ("own", "into"))
+    parser.add_argument("--lora", default=HEAVY[0], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase == "copy":
         print_result(copy_file(Path(args.source), Path(args.target)))
         return []
     if args.phase in ("own", "into"):
-        print_result(merge_phase(Path(args.target), args.source if args.phase == "into" else None))
+        print_result(merge_phase(Path(args.target), args.source if args.phase == "into" else None, args.lora))
         return []
     return run_benchmark("merge", args.workdir, args.dtype, lambda work, dtype: bench(work, dtype, args.seed))
 

@@ -106,3 +106,39 @@ def test_the_gpu_table_has_the_fast_path_beside_the_recipe():
     assert "ours r4, checkpointing, fast path: 0.62x the recipe's step time, 1.00x its peak memory" in lines
     runs = [dict(seconds=s) for s in (0.5, 0.2, 0.3)]
     assert train_speed.median_run(runs)["seconds"] == 0.3
+
+
+@pytest.mark.one_env
+def test_the_merge_benchmark_merges_its_heavy_and_its_default_lora(tmp_path):
+    """The two LoRAs adapt what they say (every Linear at rank 16; attention at rank 4, as Train does), and a
+    merge phase of each writes a checkpoint that differs from the source exactly where its LoRA adapts."""
+    import merge_memory
+    from safetensors.torch import load_file
+
+    checkpoint, _ = merge_memory.prepare(tmp_path, "fp16", 0, family="tiny")
+    loras = {name: load_file(str(tmp_path / "Lora" / f"{name}.safetensors"))
+             for name, _, _ in (merge_memory.HEAVY, merge_memory.DEFAULT)}
+    heavy, default = loras[merge_memory.HEAVY[0]], loras[merge_memory.DEFAULT[0]]
+    assert {t.shape[0] for k, t in heavy.items() if k.endswith("lora_down.weight")} == {16}
+    assert {t.shape[0] for k, t in default.items() if k.endswith("lora_down.weight")} == {4}
+    attention = ("_to_q", "_to_k", "_to_v", "_to_out_0", "_q_proj", "_k_proj", "_v_proj", "_out_proj")
+    default_modules = {k.split(".")[0] for k in default}
+    assert default_modules and all(m.endswith(attention) for m in default_modules)
+    assert default_modules < {k.split(".")[0] for k in heavy}  # every Linear: the feed-forwards too
+    assert any("_ff_net_" in k for k in heavy) and any("_mlp_fc1" in k for k in heavy)
+    source = load_file(str(checkpoint))
+    for name, lora in loras.items():
+        merged_into = {}
+        real_unlink = Path.unlink
+
+        def read_then_unlink(path, **kwargs):  # the phase removes what it merged: read it first
+            if path.name.endswith("_lora.safetensors"):
+                merged_into.update(load_file(str(path)))
+            real_unlink(path, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(Path, "unlink", read_then_unlink)
+            figures = merge_memory.merge_phase(tmp_path, None, name)
+        assert figures["seconds"] > 0 and figures["owned_mb"] >= 0
+        changed = {k for k in source if not torch.equal(source[k], merged_into[k])}
+        assert len(changed) == len({k.split(".")[0] for k in lora}), (name, sorted(changed)[:5])
