@@ -202,6 +202,10 @@ def test_the_tab_shows_the_labels_users_know(page):
                    "Load Params"):
         assert page.get_by_role("button", name=button, exact=True).count() >= 1, button
     assert value(page, "lora_trainer_create_source") == "tiny-sd1.safetensors"
+    # No model yet: the second text encoder's fields show (the model chosen next may be an SDXL one); its rank
+    # is the one outside "Advanced".
+    open_tab(page, "Parameters")
+    page.locator("#lora_trainer_param_text_encoder_2_rank").wait_for(state="visible")
 
 
 def test_create_model_from_the_tiny_checkpoint(page, app):
@@ -220,6 +224,9 @@ def test_create_model_from_the_tiny_checkpoint(page, app):
     assert value(page, "lora_trainer_model") == "cat"
     assert value(page, "lora_trainer_info_model_type") == "sd1"
     assert value(page, "lora_trainer_info_source_checkpoint") == "tiny-sd1.safetensors"
+    # An SD 1.x model has one text encoder: the second one's fields are hidden (on gradio 3 too).
+    open_tab(page, "Parameters")
+    page.locator("#lora_trainer_param_text_encoder_2_rank").wait_for(state="hidden")
     shot(page, "1-created")
 
 

@@ -304,7 +304,7 @@ def _wire(demo: gr.Blocks, w: Widgets, ctl: Controller, disabled: dict, page_pol
         """What follows the model: its info, its newest LoRA, its saved settings; no preset claimed."""
         message, settings = ctl.settings_values(model, param_keys + concept_keys)
         for key, shown in ctl.shown_params(model).items():  # SDXL's second text encoder's fields
-            if key in settings and compat.GRADIO_MAJOR >= 4:  # gradio 3: hiding them stalled later clicks
+            if key in settings:
                 settings[key] = compat.update(value=settings[key], visible=shown)
         values = {**ctl.info_values(model), **settings, "preset": compat.update(value=None),
                   "lora": compat.update(choices=ctl.lora_choices(), value=ctl.latest_lora(model))}
