@@ -23,6 +23,10 @@ TINY_NAME = "tiny-sd1.safetensors"
 TINY_V_NAME = "tiny-sd2-v.safetensors"
 TEXT_WIDTH = 64  # one CLIP head of 64
 TEXT_LAYERS = 2
+# The web UI builds SD 2.x's OpenCLIP text encoder from an architecture name (ViT-H-14 in SD 2.x); this tiny one
+# (its TEXT_LAYERS blocks and the unused last one) is configs/open_clip/<name>.json, which the web UI integration
+# registers with open_clip when the web UI starts.
+TINY_SD2_OPENCLIP_ARCH = "lora-trainer-tiny-sd2-text"
 
 
 def tiny_original_config(v2: bool = False, clip_folder: Path | None = None) -> str:
@@ -38,7 +42,7 @@ def tiny_original_config(v2: bool = False, clip_folder: Path | None = None) -> s
     if v2:
         unet.update(num_head_channels=16, use_linear_in_transformer=True)
         cond = {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
-                "params": {"freeze": True, "layer": "penultimate"}}
+                "params": {"arch": TINY_SD2_OPENCLIP_ARCH, "freeze": True, "layer": "penultimate"}}
     else:
         unet.update(num_heads=2)
         cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
