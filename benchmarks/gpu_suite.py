@@ -9,8 +9,9 @@ Parts, in this order (each prints its own header with hardware, versions and set
                floor and ours;
 - classimages: benchmarks/class_images_speed.py --mode gpu: images/s of class pictures, SD 1.5 at
                512 px, fp16, batch sizes 1 and 4;
-- files:       benchmarks/create_memory.py and merge_memory.py on a full-size fp16 checkpoint
-               (CPU work, measured on that machine too): seconds against a plain copy, peak memory.
+- files:       benchmarks/create_memory.py and merge_memory.py (the LoRA Train writes by default) on a
+               full-size fp16 checkpoint (CPU work, measured on that machine too): seconds against a plain
+               copy, peak memory.
 
 A part that fails prints its error and the next one runs. Step counts are kept small (GPU time is
 scarce): `--steps 5 --warmup 2` per SD 1.5 row, `--family-steps 3 --family-warmup 1` per SD 2.x-v / SDXL row. Before it starts it prints the estimate of its
@@ -75,7 +76,7 @@ def run_part(name: str, args, work: Path) -> list[str]:
     import merge_memory
 
     return [*create_memory.main(["--dtype", "fp16", "--workdir", str(work)]),
-            *merge_memory.main(["--dtype", "fp16", "--workdir", str(work)])]
+            *merge_memory.main(["--dtype", "fp16", "--loras", "default", "--workdir", str(work)])]
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ its imports), the merge's time as a multiple of the copies' mean, the peak memor
 of the file's size, and the issue 13 targets
 (at most 2x the copy, at most 1.3x the file). Usage:
 
-    python benchmarks/merge_memory.py [--dtype fp16,fp32] [--workdir DIR]
+    python benchmarks/merge_memory.py [--dtype fp16,fp32] [--loras heavy,default] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ from full_size import (DTYPES, AnonPeak, benchmark_arguments, copy_file, forget_
                        full_size_checkpoint, measure, memory_mb, print_result, run_benchmark, run_phase, verdict)
 
 MODEL = "full"
-# The LoRAs merged: (file name in the Lora folder, rank, adapted modules or None for every Linear).
-HEAVY = ("full_0", 16, None)                    # heavier than any the trainer writes: every Linear, rank 16
-DEFAULT = ("full_attention", 4, "attention")    # what Train writes by default: attention, rank 4
-
+# The LoRAs merged, by name: (file name in the Lora folder, rank, adapted modules or None for every Linear,
+# what the figures' lines call it).
+LORAS = {"heavy": ("full_0", 16, None, "rank 16 on every Linear"),  # heavier than any the trainer writes
+         "default": ("full_attention", 4, "attention", "rank 4 on attention (Train's default)")}
 
 def seeded_lora(path: Path, models_dir: Path, seed: int, rank: int, targets: str | None) -> None:
     """A kohya LoRA of `rank` over every Linear of the working model's UNet and text encoder (`targets` None)
@@ -77,7 +77,7 @@ def prepare(work: Path, dtype: str, seed: int, family: str = "sd1") -> tuple[Pat
     with source_sha256(models, info) as sha256:  # what a training run of the model records at its first save
         info.source_checkpoint_hash = sha256.result()
     info.save(folder / MODEL_INFO_FILE)
-    for name, rank, targets in (HEAVY, DEFAULT):
+    for name, rank, targets, _ in LORAS.values():
         seeded_lora(models.lora / f"{name}.safetensors", work, seed, rank, targets)
     return checkpoint, folder
 
@@ -101,9 +101,9 @@ def merge_phase(work: Path, into: str | None, lora: str) -> dict:
     return figures
 
 
-def bench(work: Path, dtype: str, seed: int) -> list[str]:
-    """Copy; the heavy LoRA merged into the model, into the checkpoint hashing it and with its hash known; the
-    default LoRA into the model and into the checkpoint; copy. The figures' lines."""
+def bench(work: Path, dtype: str, seed: int, loras: list[str]) -> list[str]:
+    """Copy; each of `loras` merged into the model and into the checkpoint (the first LoRA into it twice: hashing
+    the checkpoint, then with its hash known); copy. The figures' lines."""
     checkpoint, model_dir = prepare(work, dtype, seed)
     size_mb = checkpoint.stat().st_size / 2**20
     copy_args = ["--source", str(checkpoint), "--target", str(work / "copy.safetensors")]
@@ -111,34 +111,38 @@ def bench(work: Path, dtype: str, seed: int) -> list[str]:
 
     def merge(lora: str, into: bool) -> dict:
         return run_phase(__file__, "into" if into else "own",
-                         ["--target", str(work), "--lora", lora, *(["--source", checkpoint.name] if into else [])],
-                         checkpoint if into else model_dir)
+                         ["--target", str(work), "--lora", LORAS[lora][0],
+                          *(["--source", checkpoint.name] if into else [])], checkpoint if into else model_dir)
 
-    own = merge(HEAVY[0], into=False)
-    forget_hashes(work)  # the model's hash was stored when it was recorded
-    into, again = merge(HEAVY[0], into=True), merge(HEAVY[0], into=True)
-    default_own, default_into = merge(DEFAULT[0], into=False), merge(DEFAULT[0], into=True)
+    jobs = []  # (figures, what the line calls the job)
+    for i, lora in enumerate(loras):
+        named = f"merge sd1 {dtype} into the %s, {LORAS[lora][3]}"
+        jobs.append((merge(lora, into=False), named % "model"))
+        if i == 0:
+            forget_hashes(work)  # the model's hash was stored when it was recorded
+            jobs.append((merge(lora, into=True), named % "checkpoint" + ", checkpoint hashed"))
+        jobs.append((merge(lora, into=True), named % "checkpoint" + ", hash known"))
     copies.append(run_phase(__file__, "copy", copy_args, checkpoint))
-    heavy = f"rank {HEAVY[1]} on every Linear"
-    default = f"rank {DEFAULT[1]} on attention (Train's default)"
-    return [*verdict(own, copies, size_mb, f"merge sd1 {dtype} into the model, {heavy}"),
-            *verdict(into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {heavy}, checkpoint hashed"),
-            *verdict(again, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {heavy}, hash known"),
-            *verdict(default_own, copies, size_mb, f"merge sd1 {dtype} into the model, {default}"),
-            *verdict(default_into, copies, size_mb, f"merge sd1 {dtype} into the checkpoint, {default}, hash known")]
+    return [line for figures, name in jobs for line in verdict(figures, copies, size_mb, name)]
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     parser = benchmark_arguments(__doc__.splitlines()[0], ("own", "into"))
-    parser.add_argument("--lora", default=HEAVY[0], help=argparse.SUPPRESS)
+    parser.add_argument("--loras", default="heavy,default",
+                        help="which LoRAs to merge, comma-separated: heavy (rank 16 on every Linear), default "
+                             "(rank 4 on attention, as Train writes); default: both")
+    parser.add_argument("--lora", default=LORAS["heavy"][0], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    loras = [name.strip() for name in args.loras.split(",") if name.strip()]
+    if not loras or any(name not in LORAS for name in loras):
+        parser.error(f"--loras: {args.loras!r}; choose from {', '.join(LORAS)}")
     if args.phase == "copy":
         print_result(copy_file(Path(args.source), Path(args.target)))
         return []
     if args.phase in ("own", "into"):
         print_result(merge_phase(Path(args.target), args.source if args.phase == "into" else None, args.lora))
         return []
-    return run_benchmark("merge", args.workdir, args.dtype, lambda work, dtype: bench(work, dtype, args.seed))
+    return run_benchmark("merge", args.workdir, args.dtype, lambda work, dtype: bench(work, dtype, args.seed, loras))
 
 
 if __name__ == "__main__":

@@ -116,9 +116,8 @@ def test_the_merge_benchmark_merges_its_heavy_and_its_default_lora(tmp_path):
     from safetensors.torch import load_file
 
     checkpoint, _ = merge_memory.prepare(tmp_path, "fp16", 0, family="tiny")
-    loras = {name: load_file(str(tmp_path / "Lora" / f"{name}.safetensors"))
-             for name, _, _ in (merge_memory.HEAVY, merge_memory.DEFAULT)}
-    heavy, default = loras[merge_memory.HEAVY[0]], loras[merge_memory.DEFAULT[0]]
+    loras = {name: load_file(str(tmp_path / "Lora" / f"{name}.safetensors")) for name, *_ in merge_memory.LORAS.values()}
+    heavy, default = loras[merge_memory.LORAS["heavy"][0]], loras[merge_memory.LORAS["default"][0]]
     assert {t.shape[0] for k, t in heavy.items() if k.endswith("lora_down.weight")} == {16}
     assert {t.shape[0] for k, t in default.items() if k.endswith("lora_down.weight")} == {4}
     attention = ("_to_q", "_to_k", "_to_v", "_to_out_0", "_q_proj", "_k_proj", "_v_proj", "_out_proj")
