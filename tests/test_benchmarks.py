@@ -3,6 +3,7 @@ training step (CPU tiny), the SD 2.x-v and SDXL rows (tiny models), class images
 the GPU suite's plan with its GPU parts skipped."""
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -89,6 +90,26 @@ def test_the_create_benchmark_builds_a_seeded_checkpoint_and_measures_create_aga
     assert ratio == pytest.approx(job["seconds"] / copy["seconds"], abs=0.01)
     assert ("met" if ratio <= 2 else "MISSED") in time_line
     assert f"{job['owned_mb'] / size_mb:.2f}x the" in memory_line
+
+
+@pytest.mark.one_env
+def test_every_gpu_row_runs_at_tiny_size_on_the_cpu():
+    """A GPU is lent rarely and briefly: each row of the GPU table (but the fast path, which compiles for minutes)
+    takes a step on the tiny model here, with its own options (fp16 and bf16 autocast, checkpointing, batch 4, a
+    frozen text encoder, the presets as they apply on a CPU), so its code runs before a GPU is at hand."""
+    import dataclasses
+
+    ran = {}
+    for row in train_speed.gpu_rows():
+        if row.options.get("compile_unet"):
+            continue
+        result = train_speed.run_row(dataclasses.replace(row, size="tiny"), torch.device("cpu"), 1, 0)
+        assert math.isfinite(result["loss"]) and result["seconds"] > 0, row.name
+        ran[row.name] = result["params"]
+    assert len(ran) == len(train_speed.gpu_rows()) - 1
+    assert ran["ours r4, bf16"].mixed_precision == "bf16" and ran["ours r4, batch 4"].train_batch_size == 4
+    assert not ran["ours r4, text encoder frozen"].train_text_encoder
+    assert ran["ours 4 GB card preset"].base_weights == "fp8"  # stored in float8 on the CPU as well
 
 
 def test_the_gpu_table_has_the_fast_path_beside_the_recipe():
