@@ -32,6 +32,7 @@ MODEL = "full"
 LORAS = {"heavy": ("full_0", 16, None, "rank 16 on every Linear"),  # heavier than any the trainer writes
          "default": ("full_attention", 4, "attention", "rank 4 on attention (Train's default)")}
 
+
 def seeded_lora(path: Path, models_dir: Path, seed: int, rank: int, targets: str | None) -> None:
     """A kohya LoRA of `rank` over every Linear of the working model's UNet and text encoder (`targets` None)
     or over their attention projections, as Train adapts them ("attention"), seeded random."""
