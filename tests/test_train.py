@@ -399,16 +399,23 @@ def test_full_finetune_writes_a_model_create_exports(created_sd1, tmp_path):
         assert torch.equal(new.get_tensor(vae_key), old.get_tensor(vae_key))
 
 
-def test_demo_runs_the_whole_path(tmp_path, capsys):
-    assert main(["demo", "--models-dir", str(tmp_path / "models"), "--steps", "2"]) == 0
+@pytest.mark.parametrize("model_type, model", [
+    (None, "tiny-demo"),
+    pytest.param("sd2-v", "tiny-demo-sd2v", marks=pytest.mark.one_env),  # the SD 2.x family, v-prediction
+])
+def test_demo_runs_the_whole_path(tmp_path, capsys, model_type, model):
+    family = ["--model-type", model_type] if model_type else []
+    assert main(["demo", "--models-dir", str(tmp_path / "models"), "--steps", "2", *family]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     lora = next(line for line in printed if "/Lora/" in line)
     merged = next(line for line in printed if line.endswith("_lora.safetensors"))
     picture = printed[-1]
-    assert lora.endswith("tiny-demo_2.safetensors") and merged.endswith("tiny-demo_2_lora.safetensors")
+    assert lora.endswith(f"{model}_2.safetensors") and merged.endswith(f"{model}_2_lora.safetensors")
     assert all(p and __import__("pathlib").Path(p).is_file() for p in (lora, merged, picture))
-    classes = tmp_path / "models" / "lora_trainer" / "tiny-demo" / "classifiers_0"
+    classes = tmp_path / "models" / "lora_trainer" / model / "classifiers_0"
     assert len(list(classes.glob("*.png"))) == 4
+    info = ModelInfo.load(tmp_path / "models" / "lora_trainer" / model / "model_info.json")
+    assert (info.model_type, info.prediction_type) == (("sd2-v", "v_prediction") if model_type else ("sd1", "epsilon"))
 
 
 def test_memory_options_together_on_the_cpu(created_sd1, tmp_path):

@@ -8,6 +8,7 @@ files live under DIR; running it again starts the model afresh.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from . import add_models_dir
 log = logging.getLogger(__name__)
 DEMO_MODEL = "tiny-demo"
 # --model-type -> (writer of the tiny checkpoint, working model name)
-TINY_MODELS = {"sd1": (write_tiny_checkpoint, DEMO_MODEL), "sdxl": (write_tiny_xl_checkpoint, "tiny-demo-sdxl")}
+TINY_MODELS = {"sd1": (write_tiny_checkpoint, DEMO_MODEL),
+               "sd2-v": (functools.partial(write_tiny_checkpoint, v2=True), "tiny-demo-sd2v"),
+               "sdxl": (write_tiny_xl_checkpoint, "tiny-demo-sdxl")}
 DEMO_FOLDER = "demo"
 SHAPES = (("circle", (220, 40, 40)), ("square", (40, 90, 220)), ("triangle", (30, 160, 60)), ("circle", (240, 170, 20)))
 INSTANCE_PROMPT = "scs shape, [filewords]"
@@ -38,7 +41,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="training steps (default: 8)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--model-type", choices=tuple(TINY_MODELS), default="sd1",
-                   help="family of the tiny model: sd1 or sdxl (default: sd1)")
+                   help="family of the tiny model: sd1, sd2-v (SD 2.x, v-prediction) or sdxl (default: sd1)")
     p.set_defaults(run=run)
 
 
