@@ -12,6 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+# Under pytest-xdist (`-n N`, as .ci/run runs the suite) each worker takes its share of the cores, it and the
+# processes its tests start: N workers each running torch on every core would mostly wait on one another.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // _WORKERS))
+    import torch
+
+    torch.set_num_threads(max(1, _cores // _WORKERS))
+
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 _real_connect = socket.socket.connect
 

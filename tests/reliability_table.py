@@ -3,7 +3,7 @@
 A test takes the `reliability` fixture and calls `reliability(fault, outcome)` with what it observed (the
 message the user saw, the files left). At the end of the session the rows of the tests that ran replace
 their old rows (tests that did not run keep theirs), so the table never goes stale and a `-k` run does
-not drop the rest of it.
+not drop the rest of it. Under pytest-xdist the workers hand their rows to the controller, which writes.
 """
 from __future__ import annotations
 
@@ -54,9 +54,21 @@ def _existing() -> list[tuple[str, str, str]]:
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workeroutput"):  # a pytest-xdist worker: its controller writes the table
+        session.config.workeroutput["reliability"] = {"records": _records, "ran": sorted(_ran)}
+        return
     if not _ran:
         return
     kept = [row for row in _existing() if row[2].split("[")[0] not in _ran]
     rows = sorted(kept + _records, key=lambda row: (row[2].split("::")[0], row[2], row[0]))
     text = HEADER + "".join(f"| {fault} | {outcome} | `{test}` |\n" for fault, outcome, test in rows)
     DOC.write_text(text, encoding="utf-8")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: take the rows of a worker that finished."""
+    output = getattr(node, "workeroutput", {}).get("reliability")
+    if output:
+        _records.extend(tuple(row) for row in output["records"])
+        _ran.update(output["ran"])
