@@ -17,10 +17,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores // _WORKERS))
+    _threads = max(1, _cores // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
     import torch
 
-    torch.set_num_threads(max(1, _cores // _WORKERS))
+    torch.set_num_threads(_threads)
 
 _LOCAL = ("127.0.0.1", "::1", "localhost")
 _real_connect = socket.socket.connect
