@@ -3,7 +3,6 @@ from a queue file; the queue survives a restart; the tab's "Add to Queue" runs i
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -98,14 +97,13 @@ def test_add_to_queue_in_the_tab_runs_the_queue_with_the_tabs_settings(created_s
 
     models, concept = _two_models(created_sd1, tmp_path)
     ctl = Controller(RecordingHost(models))
+    ctl.quick_seconds = 0  # the click answers "Started ..." even when one tiny step ends within the usual wait
     params = TrainingParams(max_train_steps=1, resolution=32, hflip=False, seed=0, train_text_encoder=False)
     named = {"model": "tiny2", **{params_key(k): v for k, v in values_from_config(params).items()}}
     for slot, c in enumerate([concept] + [Concept()] * (CONCEPT_SLOTS - 1), 1):
         named.update({concept_key(slot, k): v for k, v in values_from_config(c).items()})
     message = ctl.add_to_queue(named)
-    # The click answers with the outcome when the queue ends within its quick_seconds (one tiny step can).
-    assert re.match(r"Added 'tiny2' to the queue\. (Started training queue|Training queue finished: .*tiny2 \[done\])",
-                    message), message
+    assert message.startswith("Added 'tiny2' to the queue. Started training queue"), message
     assert ctl.runner.wait(timeout=300)
     state = ctl.state()
     assert state.error is None and "tiny2 [done]" in state.progress.message, state.progress.message
