@@ -55,3 +55,13 @@ def independent_addnet_hash(path: Path) -> str:
 def independent_legacy_hash(path: Path) -> str:
     data = Path(path).read_bytes()
     return hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def peft_backend_problem() -> str | None:
+    """Why diffusers' `load_lora_weights` cannot run here (its peft backend), or None when it can."""
+    try:
+        import peft  # noqa: F401
+        from diffusers.utils import USE_PEFT_BACKEND
+    except ImportError as e:
+        return f"diffusers' peft backend is not usable here ({e})"
+    return None if USE_PEFT_BACKEND else "diffusers.utils.USE_PEFT_BACKEND is false (peft or transformers too old)"

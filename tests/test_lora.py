@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from helpers_lora import (header_of, independent_addnet_hash, independent_legacy_hash, inject_both,
-                          metadata_for, randomize)
+                          metadata_for, peft_backend_problem, randomize)
 from helpers_merge import load_checkpoint_parts, load_parts, make_model, text_output, unet_output
 from lora_trainer.checkpoint import load_model_spec
 from lora_trainer.checkpoint_io import file_sha256
@@ -297,17 +297,8 @@ def test_merged_checkpoint_gives_the_outputs_of_the_injected_model(tiny_sd1, tin
             torch.testing.assert_close(have, want, atol=1e-4, rtol=1e-4)
 
 
-def _peft_backend_reason() -> str | None:
-    try:
-        import peft  # noqa: F401
-        from diffusers.utils import USE_PEFT_BACKEND
-    except ImportError as e:
-        return f"diffusers' peft backend is not usable here ({e})"
-    return None if USE_PEFT_BACKEND else "diffusers.utils.USE_PEFT_BACKEND is false (peft or transformers too old)"
-
-
 def test_diffusers_load_lora_weights_reads_the_file_the_same(model_dir, tmp_path):
-    reason = _peft_backend_reason()
+    reason = peft_backend_problem()
     if reason:
         pytest.skip(reason)
     from lora_trainer.pipeline import load_pipeline

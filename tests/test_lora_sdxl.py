@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers_lora import metadata_for, randomize
+from helpers_lora import metadata_for, peft_backend_problem, randomize
 from helpers_merge import make_model, text_output, unet_output
 from lora_trainer.checkpoint import create_model, load_model_spec
 from lora_trainer.checkpoint_io import CheckpointReader
@@ -117,13 +117,9 @@ def test_merge_equals_applying_the_lora_and_another_family_is_refused(xl, tmp_pa
 
 
 def test_diffusers_sdxl_load_lora_weights_reads_the_file_the_same(xl, tmp_path):
-    try:
-        import peft  # noqa: F401
-        from diffusers.utils import USE_PEFT_BACKEND
-    except ImportError as e:
-        pytest.skip(f"diffusers' peft backend is not usable here ({e})")
-    if not USE_PEFT_BACKEND:
-        pytest.skip("diffusers.utils.USE_PEFT_BACKEND is false (peft or transformers too old)")
+    reason = peft_backend_problem()
+    if reason:
+        pytest.skip(reason)
     from diffusers import StableDiffusionXLPipeline
 
     models, folder, _ = xl
