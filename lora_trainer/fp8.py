@@ -111,6 +111,10 @@ class _StoredInFp8:
         """The stored float8 values (for code that reads `.weight.device`; multiply by `weight_scale`)."""
         return self.weight_fp8
 
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer computes with (values * scale), in `dtype`."""
+        return dequantize(self.weight_fp8, self.weight_scale, dtype)
+
 
 class Fp8Linear(_StoredInFp8, nn.Linear):
     """A frozen `nn.Linear` whose weight is stored as float8 e4m3 with a scale (see the module docstring)."""

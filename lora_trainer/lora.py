@@ -76,7 +76,7 @@ class LoRALinear(nn.Module):
         self.multiplier = 1.0
         self.dora_scale = None
         if dora:
-            self.dora_scale = nn.Parameter(column_norms(base.weight.detach().to(dtype)))
+            self.dora_scale = nn.Parameter(column_norms(self.base_weight(dtype).detach()))
 
     @staticmethod
     def _low_rank(base: nn.Module, rank: int, device, dtype) -> tuple[nn.Module, nn.Module]:
@@ -96,6 +96,11 @@ class LoRALinear(nn.Module):
         """The base weight (code that reads `.weight.dtype` / `.device` of a projection keeps working)."""
         return self.base.weight
 
+    def base_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The frozen base weight in `dtype`; a base stored in float8 gives its values times its scale."""
+        dequantized = getattr(self.base, "dequantized", None)
+        return dequantized(dtype) if dequantized is not None else self.base.weight.to(dtype)
+
     def delta_weight(self) -> torch.Tensor:
         """(alpha / rank) * up @ down in the adapter's dtype, shaped like the base weight."""
         product = self.lora_up.weight.flatten(1) @ self.lora_down.weight.flatten(1)
@@ -103,7 +108,7 @@ class LoRALinear(nn.Module):
 
     def dora_weight(self) -> torch.Tensor:
         """The weight DoRA uses (see the class docstring), in the adapter's dtype."""
-        base = self.base.weight.to(self.lora_down.weight.dtype)
+        base = self.base_weight(self.lora_down.weight.dtype)
         merged = base + self.delta_weight()
         norms = column_norms(merged) + torch.finfo(merged.dtype).eps  # no division by an all-zero column
         return base + (merged * (self.dora_scale / norms) - base) * self.multiplier

@@ -97,3 +97,22 @@ def test_fp8_is_refused_with_one_line_where_it_cannot_work(monkeypatch):
     with pytest.raises(ConfigError) as refused:
         check_options(TrainingParams(base_weights="fp8"), hardware)
     assert "\n" not in str(refused.value) and "needs torch >= 2.1" in str(refused.value)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_dora_over_fp8_base_weights_starts_as_the_base_layer(kind):
+    """DoRA's magnitudes and its weight come from the float8 layer's real weight (values * scale), so before the
+    first step the adapted layer computes what the float8 layer alone does."""
+    from lora_trainer.lora import LoRAConv2d, LoRALinear, column_norms
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(4, 8, 3, padding=1)
+    stored = nn.Sequential(base.requires_grad_(False))
+    store_in_fp8(stored, torch.float32)
+    layer = stored[0]
+    real = layer.weight_fp8.float() * layer.weight_scale
+    adapter = (LoRALinear if kind == "linear" else LoRAConv2d)(layer, rank=2, alpha=2.0, dora=True)
+    assert torch.allclose(adapter.dora_scale, column_norms(real))
+    nn.init.normal_(adapter.lora_down.weight)  # lora_up stays zero: the update is nothing yet
+    x = torch.randn(3, 16) if kind == "linear" else torch.randn(2, 4, 6, 6)
+    assert torch.allclose(adapter(x), layer(x), atol=1e-5)
