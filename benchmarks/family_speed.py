@@ -6,12 +6,15 @@ build the family's own parts from its shipped config (SDXL: both text encoders, 
 (`lora_trainer.families`), as the trainer does:
 
 - floor: the frozen UNet and text encoders, gradients to the noisy latents and token embeddings only;
-- ours: this trainer's step (`optimizer_micro_step` through accelerate) with the row's options.
+- ours: this trainer's step (`optimizer_micro_step` through accelerate) with the row's options;
+- ours with the "8 GB GPU (SDXL)" preset (rank 16, 8-bit AdamW, text encoders frozen and their outputs
+  cached by the trainer's TextCache, then moved off the GPU, as a run does): issue 12's 7.0 GiB target.
 
 Each step holds 1 instance + 1 class picture, latents cached, fp16 with gradient checkpointing,
-rank 4; peak is torch.cuda.max_memory_reserved. `--tiny` runs the same code on the families' tiny
-test models on the CPU (what tests/test_benchmarks.py does), so it is known to work before a GPU
-is lent. Usage:
+rank 4 (but the preset row); peak is torch.cuda.max_memory_reserved over the steps, and each of our
+rows is printed at the end beside the peak it is predicted to reserve (training/peak.py, worked out
+on the CPU while the GPU measures). `--tiny` runs the same code on the families' tiny test models on
+the CPU (what tests/test_benchmarks.py does), so it is known to work before a GPU is lent. Usage:
 
     python benchmarks/family_speed.py [--families sd2v,sdxl] [--steps 5 --warmup 2] [--tiny]
 """
@@ -29,21 +32,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import Row, header, materialise, our_step_of, report, row_params, time_steps  # noqa: E402
+from train_speed import (PredictedPeaks, Row, forget_setup_peak, header, materialise, measure_rows,  # noqa: E402
+                         our_step_of, prediction_jobs, report, row_params, time_steps)
 
-from lora_trainer.training.peak import STANDARD_TEXT  # noqa: E402
+from lora_trainer.training.peak import STANDARD_TEXT, PartConfigs  # noqa: E402
 
 # model type, native resolution; SDXL's second encoder is OpenCLIP ViT-bigG with its projection.
 FAMILIES = {"sd2v": ("sd2-v", 768), "sdxl": ("sdxl", 1024)}
 BIG_G = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
          "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu", "projection_dim": 1280}
 OPTIONS = dict(mixed_precision="fp16", gradient_checkpointing=True, rank=4)
+PRESETS = {"sdxl": "8 GB GPU (SDXL)"}  # a family's own preset, measured beside its floor
 
 
 def family_rows(families: list[str], tiny: bool) -> list[Row]:
     options = dict(OPTIONS, mixed_precision="no", gradient_checkpointing=False) if tiny else OPTIONS
-    return [Row(f"{runner} {family}{' tiny' if tiny else ''}", runner, options, family)
-            for family in families for runner in ("floor", "ours")]
+    rows = []
+    for family in families:
+        name = f"{family}{' tiny' if tiny else ''}"
+        rows += [Row(f"{runner} {name}", runner, options, family) for runner in ("floor", "ours")]
+        if family in PRESETS:
+            rows.append(Row(f"ours {name}, {PRESETS[family]} preset", "ours", {"preset": PRESETS[family]}, family))
+    return rows
 
 
 def family_spec(family: str, tiny: bool):
@@ -66,6 +76,12 @@ def family_spec(family: str, tiny: bool):
     else:
         spec.text = STANDARD_TEXT["openclip"]
     return spec, resolution
+
+
+def family_configs(family: str, tiny: bool = False) -> tuple[PartConfigs, int]:
+    """The family's PartConfigs (what the peak prediction builds) and its picture size."""
+    spec, resolution = family_spec(family, tiny)
+    return PartConfigs(spec.unet, spec.text, spec.vae, spec.text_2 or None, spec.model_type), resolution
 
 
 def build_model(spec, params, device: torch.device):
@@ -127,12 +143,22 @@ def floor_step(model, params, device, autocast):
     return step, hooks
 
 
-def ours_step(model, params, device, autocast):
-    """This trainer's step: its adapters, options and `optimizer_micro_step` through accelerate."""
-    return our_step_of(model, params, device)
+def cache_text(model, data: dict, device: torch.device):
+    """"Cache Text Encoder Outputs" as a run does it: the batch's prompts encoded once by the trainer's
+    TextCache, then the text encoders off the GPU. Gives `data` its prompts; returns the cache."""
+    from lora_trainer.training.loop import TextCache
+    from lora_trainer.training.parts import free_device_memory
 
-
-RUNNERS = {"floor": floor_step, "ours": ours_step}
+    data["prompts"] = [f"prompt {i}" for i in range(len(data["input_ids"]))]
+    ids = {prompt: {key: data[key][i] for key in ("input_ids", "input_ids_2") if key in data}
+           for i, prompt in enumerate(data["prompts"])}
+    cache = TextCache()
+    cache.fill(model.info.family, model.text_encoders, SimpleNamespace(conditioning_of_prompt=ids.__getitem__),
+               data["prompts"], device)
+    for encoder in model.text_encoders:
+        encoder.to("cpu")
+    free_device_memory(device)
+    return cache
 
 
 def run_family_row(row: Row, device: torch.device, steps: int, warmup: int, tiny: bool) -> dict:
@@ -141,18 +167,20 @@ def run_family_row(row: Row, device: torch.device, steps: int, warmup: int, tiny
     params = dataclasses.replace(row_params(row, resolution, cuda), resolution=resolution)
     prior_rows = 2 * params.train_batch_size
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(spec, params, device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(params.mixed_precision)
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    step, hooks = RUNNERS[row.runner](model, params, device, autocast)
     factor = 2 ** (len(spec.vae["block_out_channels"]) - 1)
     data = family_batch(spec, prior_rows, resolution // factor)
+    if row.runner == "floor":
+        step, hooks = floor_step(model, params, device, autocast)
+    else:
+        text_cache = cache_text(model, data, device) if params.cache_text_encoder_outputs else None
+        step, hooks = our_step_of(model, params, device, text_cache)
+    forget_setup_peak(device)
     seconds, loss = time_steps(step, data, device, steps, warmup)
     peak = torch.cuda.max_memory_reserved(device) if cuda else 0
     for hook in hooks:
@@ -174,11 +202,15 @@ def main(argv: list[str] | None = None) -> list[str]:
         return []
     device = torch.device("cpu" if args.tiny else "cuda")
     print(header(device, args), flush=True)
-    results = []
-    for row in family_rows(args.families.split(","), args.tiny):
-        results.append(run_family_row(row, device, args.steps, args.warmup, args.tiny))
-        print(report(results)[len(results) - 1], flush=True)
-    return report(results)
+    rows = family_rows(args.families.split(","), args.tiny)
+    predictions = PredictedPeaks({} if args.tiny else prediction_jobs(rows, family_configs))
+    results = measure_rows(rows, lambda row, index: run_family_row(row, device, args.steps, args.warmup, args.tiny),
+                           1, device)
+    predictions.fill(results)
+    lines = report(results)
+    for line in lines[len(results):]:
+        print(line)
+    return lines
 
 
 if __name__ == "__main__":

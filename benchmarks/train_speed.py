@@ -6,17 +6,21 @@ At the same shapes and in the same process, three ways of taking a DreamBooth Lo
 - recipe: peft LoRA on UNet and text-encoder attention in the style of diffusers' train_dreambooth_lora.py
   (fp32 LoRA on half-precision weights, autocast, a gradient scaler on CUDA, torch AdamW, clipping);
 - ours: this trainer's own step (lora_trainer.training.loop.optimizer_micro_step through accelerate) with the
-  options of the row, and on CUDA the peak it predicted beforehand (lora_trainer/training/peak.py).
+  options of the row, and on CUDA the peak it predicts (lora_trainer/training/peak.py), worked out on the CPU
+  in worker processes while the GPU measures, and printed beside the measured peak at the end.
 
 Each step holds 1 instance + 1 class picture per batch entry (prior preservation), latents are
 cached (random, drawn from a cached distribution as the trainer does), weights are random
 (seeded). Figures are ratios to the floor measured in the same run.
 
     python benchmarks/train_speed.py                  # CPU: the tiny model and a mid-size SD 1.x-shaped one
-    python benchmarks/train_speed.py --mode gpu       # CUDA: issue 13's table rows on SD 1.5 at 512 (< 8 min)
+    python benchmarks/train_speed.py --mode gpu       # CUDA: issue 13's table rows on SD 1.5 at 512
+    python benchmarks/train_speed.py --mode gpu --gpu-rows fast-path   # the fast path beside the recipe
 
 On the CPU, peak memory is what the process owns (RssAnon) above its level before the row's
-model was built; on CUDA it is torch.cuda.max_memory_reserved over the row.
+model was built; on CUDA it is torch.cuda.max_memory_reserved over the row's steps (the weights, made
+in their own dtype, and what the steps add; the setup's passing peaks, such as half-precision weights
+before they are stored in float8, are forgotten: a run of the trainer never holds them on the GPU).
 """
 from __future__ import annotations
 
@@ -26,10 +30,13 @@ import gc
 import importlib.util
 import json
 import math
+import multiprocessing
+import os
 import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,8 +80,13 @@ class Row:
     size: str = "sd15"
 
 
-def gpu_rows() -> list[Row]:
-    """Issue 13's table, each with this trainer beside it, plus the presets and bf16."""
+GPU_ROWS = ("all", "table", "fast-path")
+
+
+def gpu_rows(which: str = "all") -> list[Row]:
+    """Issue 13's table, each with this trainer beside it, plus the presets and bf16 ("table"); the fast path
+    beside the recipe and our eager step ("fast-path": it compiles for minutes, so the suite runs it apart);
+    or both ("all")."""
     ckpt = dict(mixed_precision="fp16", gradient_checkpointing=True)
     rows = [Row("floor, checkpointing", "floor", ckpt),
             Row("recipe r4, checkpointing", "recipe", dict(ckpt, rank=4)),
@@ -89,10 +101,10 @@ def gpu_rows() -> list[Row]:
             Row("recipe r4, batch 4", "recipe", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, batch 4", "ours", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, bf16", "ours", dict(mixed_precision="bf16", gradient_checkpointing=True, rank=4)),
-            Row("ours r4, checkpointing, fast path", "ours", dict(ckpt, rank=4, compile_unet=True)),
             Row("ours 8 GB GPU preset", "ours", {"preset": "8 GB GPU"}),
             Row("ours 4 GB card preset", "ours", {"preset": "4 GB card"})]
-    return rows
+    fast = [rows[1], rows[2], Row("ours r4, checkpointing, fast path", "ours", dict(ckpt, rank=4, compile_unet=True))]
+    return {"table": rows, "fast-path": fast, "all": rows + fast[2:]}[which]
 
 
 def cpu_rows(sizes: list[str], fast_path: bool = False) -> list[Row]:
@@ -142,7 +154,9 @@ def build_parts(configs: PartConfigs, params: TrainingParams, device: torch.devi
 
 def materialise(part: torch.nn.Module, device: torch.device, generator: torch.Generator,
                 dtype: torch.dtype) -> torch.nn.Module:
-    """Give a meta-device module seeded random weights on `device` in `dtype`, frozen."""
+    """Give a meta-device module seeded random weights on `device` in `dtype` (made in it: never in fp32
+    first, which would leave its blocks reserved on a GPU), frozen."""
+    part.to(dtype)
     part.to_empty(device=device)
     with torch.no_grad():
         for key, tensor in [*part.named_parameters(), *part.named_buffers()]:
@@ -150,8 +164,7 @@ def materialise(part: torch.nn.Module, device: torch.device, generator: torch.Ge
                 tensor.normal_(1.0 if "norm" in key and key.endswith("weight") else 0.0, 0.02, generator=generator)
             else:  # position ids
                 tensor.copy_(torch.arange(tensor.shape[-1], device=device).expand(tensor.shape))
-    part.requires_grad_(False)
-    return part.to(dtype)
+    return part.requires_grad_(False)
 
 
 def _public(config: dict) -> dict:
@@ -249,8 +262,10 @@ def ours_step(unet, text_encoder, params: TrainingParams, device, autocast):
     return our_step_of(WorkingModel(unet, vae, text_encoder, None, scheduler, ModelInfo(), Path(".")), params, device)
 
 
-def our_step_of(model, params: TrainingParams, device):
-    """This trainer's step on a WorkingModel (any family: every text encoder it has), and no hooks to remove."""
+def our_step_of(model, params: TrainingParams, device, text_cache=None):
+    """This trainer's step on a WorkingModel (any family: every text encoder it has), and no hooks to remove;
+    `text_cache`: the prompts' encodings when "Cache Text Encoder Outputs" is on. The step's `loop` attribute
+    is its training.loop.Loop."""
     from lora_trainer.compat import new_accelerator
     from lora_trainer.training.adapters import attach_lora, trainable_groups
     from lora_trainer.training.loop import Loop, optimizer_micro_step
@@ -278,12 +293,16 @@ def our_step_of(model, params: TrainingParams, device):
         encoder.train(params.train_text_encoder)
     loop = Loop(accelerator, model, unet_p, encoders[0], params.train_text_encoder,
                 [p for g in groups for p in g["params"]], optimizer, lr_scheduler, None, None, None, params, 1000, 0,
-                text_encoder_2=encoders[1] if len(encoders) > 1 else None)
+                text_encoder_2=encoders[1] if len(encoders) > 1 else None, text_cache=text_cache)
     if params.compile_unet:  # the fast path, as train.build_run sets it up (one shape: CUDA graphs on a GPU)
         from lora_trainer.training.fastpath import CompiledUNet
 
         loop.compiled_unet = CompiledUNet(unet_p, device, static_shapes=True)
-    return (lambda data: optimizer_micro_step(loop, data)), []
+
+    def step(data):
+        return optimizer_micro_step(loop, data)
+    step.loop = loop
+    return step, []
 
 
 RUNNERS = {"floor": floor_step, "recipe": recipe_step, "ours": ours_step}
@@ -293,12 +312,8 @@ def run_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
     configs, resolution = size_configs(row.size)
     cuda = device.type == "cuda"
     params = row_params(row, resolution, cuda)
+    refuse_what_cannot_compile(params, device)
     prior_rows = 2 * params.train_batch_size
-    predicted = None
-    if row.runner == "ours" and cuda:
-        from lora_trainer.training.peak import estimate_for_configs
-
-        predicted = estimate_for_configs(configs, params).training_reserved
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -314,13 +329,73 @@ def run_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
     step, hooks = RUNNERS[row.runner](unet, text_encoder, params, device, autocast)
     factor = 2 ** (len(configs.vae["block_out_channels"]) - 1)
     data = batch(prior_rows, configs.unet["in_channels"], resolution // factor, device)
+    forget_setup_peak(device)
     seconds, loss = time_steps(step, data, device, steps, warmup)
     peak = torch.cuda.max_memory_reserved(device) if cuda else (sampler.stop() - baseline) * 2**20
     for hook in hooks:
         hook.remove()
+    note = compiled_note(step)
     del unet, text_encoder, step
     return {"row": row, "params": params, "seconds": seconds, "samples": prior_rows / seconds, "peak": peak,
-            "predicted": predicted, "loss": loss}
+            "predicted": None, "loss": loss, "note": note}
+
+
+def refuse_what_cannot_compile(params: TrainingParams, device: torch.device) -> None:
+    """A fast-path row where torch.compile cannot run fails at once with the reason, not after a failed compile."""
+    if params.compile_unet:
+        from lora_trainer.training.fastpath import compile_problem
+
+        problem = compile_problem(device)
+        if problem:
+            raise RuntimeError(f"Compile UNet: {problem}")
+
+
+def forget_setup_peak(device: torch.device) -> None:
+    """From here on the GPU's peak is the steps' (the weights and what each step adds), not the setup's."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def compiled_note(step) -> str:
+    """For a fast-path step: whether it ran compiled, or fell back to the eager UNet (its figures are then
+    eager ones). Drops the compiled graphs (CUDA graphs hold a memory pool of their own) for the next row."""
+    loop = getattr(step, "loop", None)
+    if loop is None or loop.compiled_unet is None:
+        return ""
+    torch._dynamo.reset()
+    return "" if loop.compiled_unet.active else "FELL BACK TO EAGER (torch.compile failed: see the warning above)"
+
+
+def predicted_reserved(configs, params: TrainingParams) -> int:
+    """The peak a run of `params` is predicted to reserve while training (training/peak.py), in bytes."""
+    from lora_trainer.training.peak import estimate_for_configs
+
+    return estimate_for_configs(configs, params).training_reserved
+
+
+class PredictedPeaks:
+    """The peaks our CUDA rows are predicted to reserve, worked out on the CPU in worker processes while the
+    GPU measures (tens of CPU seconds a full-size row: none of the GPU's time is spent on them)."""
+
+    def __init__(self, jobs: dict[str, tuple]):   # row name -> (PartConfigs, TrainingParams)
+        workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2))
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if jobs else None
+        self.futures = {name: self.pool.submit(predicted_reserved, *job) for name, job in jobs.items()}
+
+    def fill(self, results: list[dict]) -> None:
+        """Wait for each result's prediction and put it in (a prediction that failed says so and stays None)."""
+        for result in results:
+            future = self.futures.get(result["row"].name)
+            if future is None:
+                continue
+            try:
+                result["predicted"] = future.result()
+            except Exception as e:
+                print(f"{result['row'].name}: the peak prediction failed: {type(e).__name__}: {e}", flush=True)
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def time_steps(step, data: dict, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
@@ -385,8 +460,8 @@ def report(results: list[dict]) -> list[str]:
                     f"{params.resolution} px, base {params.base_weights}, 8-bit Adam {'on' if params.use_8bit_adam else 'off'}")
         line = (f"{row.name:34s} {result['seconds']:7.3f} s/step {result['samples']:7.2f} samples/s "
                 f"peak {result['peak'] / 2**30:6.3f} GiB  {ratio}")
-        if result["predicted"] is not None:
-            line += f", predicted peak {result['predicted'] / 2**30:.3f} GiB"
+        if result.get("note"):
+            line += f"  {result['note']}"
         lines.append(f"{line}  [{settings}]")
     by_name = {r["row"].name: r for r in results}
     for result in results:
@@ -396,6 +471,11 @@ def report(results: list[dict]) -> list[str]:
             if recipe:
                 lines.append(f"{row.name}: {result['seconds'] / recipe['seconds']:.2f}x the recipe's step time, "
                              f"{result['peak'] / max(recipe['peak'], 1):.2f}x its peak memory")
+    for result in results:
+        if result.get("predicted"):
+            measured, predicted = result["peak"], result["predicted"]
+            lines.append(f"{result['row'].name}: peak reserved {measured / 2**30:.3f} GiB, predicted "
+                         f"{predicted / 2**30:.3f} GiB ({(predicted - measured) / max(measured, 1):+.1%})")
     return lines
 
 
@@ -409,6 +489,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="CPU threads (default 1: figures that stay put on a shared machine)")
     parser.add_argument("--in-process", action="store_true",
                         help="CPU: every row in this process (quicker; the memory figures then overlap)")
+    parser.add_argument("--gpu-rows", choices=GPU_ROWS, default="all",
+                        help="GPU mode: the table, the fast path beside the recipe, or all (default)")
     parser.add_argument("--fast-path", action="store_true",
                         help="CPU mode: also our step with Compile UNet (fast path) (compiling takes minutes)")
     parser.add_argument("--repeat", type=int, default=1,
@@ -433,36 +515,58 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 def run_rows(args, argv: list[str], gpu: bool, device: torch.device) -> list[str]:
-    rows = gpu_rows() if gpu else cpu_rows(args.sizes.split(","), args.fast_path)
+    rows = gpu_rows(args.gpu_rows) if gpu else cpu_rows(args.sizes.split(","), args.fast_path)
     print(header(device, args), flush=True)
     if args.row is not None:  # a child of a CPU run: one row, its figures as JSON
         result = run_row(rows[args.row], device, args.steps, args.warmup)
         print("RESULT " + json.dumps({k: v for k, v in result.items() if k not in ("row", "params")}))
         return []
-    results = []
-    runs: list[list[dict]] = [[] for _ in rows]
-    for turn in range(args.repeat):  # row after row, again and again: a busy spell of the machine hits all alike
-        for index, row in enumerate(rows):
-            try:
-                result = (run_row(row, device, args.steps, args.warmup) if gpu or args.in_process
-                          else run_child(row, index, argv))
-            except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
-                print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
-                if gpu:
-                    torch.cuda.empty_cache()
-                continue
-            runs[index].append(result)
-            if args.repeat > 1:
-                print(f"{row.name}: run {turn + 1} of {args.repeat}: {result['seconds']:.3f} s/step", flush=True)
-            if not math.isfinite(result["loss"]):
-                print(f"{row.name}: the loss was not a number", flush=True)
-            if turn == args.repeat - 1 and runs[index]:
-                results.append(median_run(runs[index]))
-                print(report(results)[len(results) - 1], flush=True)
+    predictions = PredictedPeaks(prediction_jobs(rows) if gpu else {})
+    results = measure_rows(rows, lambda row, index: (run_row(row, device, args.steps, args.warmup)
+                                                     if gpu or args.in_process else run_child(row, index, argv)),
+                           args.repeat, device)
+    predictions.fill(results)
     lines = report(results)
     for line in lines[len(results):]:
         print(line)
     return lines
+
+
+def prediction_jobs(rows: list[Row], configs_of=size_configs) -> dict[str, tuple]:
+    """What PredictedPeaks works out for our rows: row name -> (PartConfigs, TrainingParams);
+    `configs_of(row.size)` gives a row's (PartConfigs, picture size)."""
+    jobs = {}
+    for row in rows:
+        if row.runner == "ours":
+            configs, resolution = configs_of(row.size)
+            jobs[row.name] = (configs, row_params(row, resolution, cuda=True))
+    return jobs
+
+
+def measure_rows(rows: list[Row], run, repeat: int, device: torch.device) -> list[dict]:
+    """Each row's figures from `run(row, index)` (the median of `repeat` turns), each row's line printed as it
+    comes; a row that fails says why and the others run."""
+    results = []
+    runs: list[list[dict]] = [[] for _ in rows]
+    for turn in range(repeat):  # row after row, again and again: a busy spell of the machine hits all alike
+        for index, row in enumerate(rows):
+            try:
+                result = run(row, index)
+            except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
+                print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            runs[index].append(result)
+            if repeat > 1:
+                print(f"{row.name}: run {turn + 1} of {repeat}: {result['seconds']:.3f} s/step", flush=True)
+            if not math.isfinite(result["loss"]):
+                print(f"{row.name}: the loss was not a number", flush=True)
+            if turn == repeat - 1 and runs[index]:
+                results.append(median_run(runs[index]))
+                print(report(results)[len(results) - 1], flush=True)
+    return results
 
 
 if __name__ == "__main__":

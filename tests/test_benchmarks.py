@@ -41,12 +41,21 @@ def test_the_gpu_suite_fits_its_8_minutes_and_skips_its_gpu_parts_without_a_gpu(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_suite.main([]) == {}
     printed = capsys.readouterr().out
-    for part in gpu_suite.PARTS:
+    for part in gpu_suite.DEFAULT_PARTS:
         assert f"{part}: no CUDA GPU here; skipped" in printed
+    assert "files" not in gpu_suite.DEFAULT_PARTS and "files" not in printed  # CPU work: only when asked for
     # The whole command, estimated pessimistically from its step counts, stays under the issue's 8 minutes.
     minutes = float(re.search(r"estimated at most (\d+\.\d) min", printed).group(1))
-    assert minutes == round(gpu_suite.estimate_seconds(list(gpu_suite.PARTS), 5, 2, 3, 1) / 60, 1) and minutes < 8
-    assert gpu_suite.estimate_seconds(["train"], 50, 2, 3, 1) > 8 * 60  # the estimate does follow the step counts
+    assert minutes == round(gpu_suite.estimate_seconds(list(gpu_suite.DEFAULT_PARTS), 5, 2, 3, 1) / 60, 1) and minutes < 8
+    more = gpu_suite.estimate_seconds(["train"], 50, 2, 3, 1) - gpu_suite.estimate_seconds(["train"], 5, 2, 3, 1)
+    assert more == pytest.approx(gpu_suite.TRAIN_ROWS * 45 * gpu_suite.SD15_STEP_S)  # it follows the step counts
+    # It counts the rows the parts run: the table and the fast path are all of the GPU rows between them.
+    table, fast = train_speed.gpu_rows("table"), train_speed.gpu_rows("fast-path")
+    assert (gpu_suite.TRAIN_ROWS, gpu_suite.FASTPATH_ROWS) == (len(table), len(fast))
+    assert {r.name for r in table} | {r.name for r in fast} == {r.name for r in train_speed.gpu_rows()}
+    assert [r.name for r in fast] == ["recipe r4, checkpointing", "ours r4, checkpointing",
+                                      "ours r4, checkpointing, fast path"]
+    assert not any(r.options.get("compile_unet") for r in table)
 
 
 @pytest.mark.one_env
@@ -54,9 +63,35 @@ def test_the_sd2v_and_sdxl_rows_run_on_the_tiny_models(capsys):
     import family_speed
 
     lines = family_speed.main(["--tiny", "--steps", "1", "--warmup", "0"])
-    rows = [line for line in lines if re.match(r"^(floor|ours) (sd2v|sdxl) tiny +\d+\.\d+ s/step", line)]
-    assert [" ".join(row.split()[:2]) for row in rows] == ["floor sd2v", "ours sd2v", "floor sdxl", "ours sdxl"], lines
+    rows = [line for line in lines if re.match(r"^(floor|ours) (sd2v|sdxl) tiny(, .+ preset)? +\d+\.\d+ s/step", line)]
+    assert [" ".join(row.split()[:2]) for row in rows] == ["floor sd2v", "ours sd2v", "floor sdxl", "ours sdxl",
+                                                           "ours sdxl"], lines
     assert "rank 4" in rows[1] and "64 px" in rows[3]
+    # SDXL's preset as it applies on a CPU: rank 16, the text encoders frozen (their outputs cached), 64 px here.
+    assert rows[4].startswith("ours sdxl tiny, 8 GB GPU (SDXL) preset") and "rank 16" in rows[4]
+    assert "text encoder frozen" in rows[4] and "64 px" in rows[4]
+
+
+def test_cache_text_encodes_each_prompt_once_as_the_encoders_do():
+    """The SDXL preset row's "Cache Text Encoder Outputs": the trainer's TextCache holds what both encoders give
+    (hidden states and the pooled embedding) for each prompt of the batch, which then carries the prompts."""
+    import dataclasses
+
+    import family_speed
+
+    spec, resolution = family_speed.family_spec("sdxl", tiny=True)
+    row = family_speed.family_rows(["sdxl"], tiny=True)[-1]
+    params = dataclasses.replace(train_speed.row_params(row, resolution, cuda=False), resolution=resolution)
+    assert params.cache_text_encoder_outputs and not params.train_text_encoder
+    model = family_speed.build_model(spec, params, torch.device("cpu"))
+    data = family_speed.family_batch(spec, 2, 8)
+    cache = family_speed.cache_text(model, data, torch.device("cpu"))
+    assert data["prompts"] == ["prompt 0", "prompt 1"] and sorted(cache.outputs) == data["prompts"]
+    hidden, pooled = cache.lookup(data["prompts"], torch.device("cpu"))
+    with torch.no_grad():
+        expected_hidden, expected_pooled = model.info.family.encode_text(model.text_encoders, data, torch.device("cpu"))
+    assert torch.equal(hidden, expected_hidden) and torch.equal(pooled, expected_pooled)
+    assert pooled is not None and hidden.shape[:2] == (2, 77)
 
 
 @pytest.mark.one_env
@@ -125,6 +160,11 @@ def test_the_gpu_table_has_the_fast_path_beside_the_recipe():
 
     lines = train_speed.report([result(recipe, 0.4), result(fast, 0.25)])
     assert "ours r4, checkpointing, fast path: 0.62x the recipe's step time, 1.00x its peak memory" in lines
+    predicted = dict(result(fast, 0.25), predicted=int(2**31 * 1.05))
+    assert "ours r4, checkpointing, fast path: peak reserved 2.000 GiB, predicted 2.100 GiB (+5.0%)" in \
+        train_speed.report([predicted])
+    fell_back = dict(result(fast, 0.25), note="FELL BACK TO EAGER")
+    assert train_speed.report([fell_back])[0].split("  [")[0].endswith("FELL BACK TO EAGER")
     runs = [dict(seconds=s) for s in (0.5, 0.2, 0.3)]
     assert train_speed.median_run(runs)["seconds"] == 0.3
 
@@ -162,3 +202,44 @@ def test_the_merge_benchmark_merges_its_heavy_and_its_default_lora(tmp_path):
         assert figures["seconds"] > 0 and figures["owned_mb"] >= 0
         changed = {k for k in source if not torch.equal(source[k], merged_into[k])}
         assert len(changed) == len({k.split(".")[0] for k in lora}), (name, sorted(changed)[:5])
+
+
+def test_a_fast_path_step_that_fell_back_to_eager_says_so():
+    from types import SimpleNamespace
+
+    def step(data):
+        return data
+    step.loop = SimpleNamespace(compiled_unet=SimpleNamespace(active=False))
+    assert train_speed.compiled_note(step).startswith("FELL BACK TO EAGER")
+    step.loop.compiled_unet.active = True
+    assert train_speed.compiled_note(step) == ""
+    step.loop.compiled_unet = None  # an eager row
+    assert train_speed.compiled_note(step) == ""
+
+
+def test_random_weights_are_made_in_their_dtype_seeded_and_frozen():
+    """No fp32 copy first (on a GPU its blocks would stay reserved and count in the row's peak)."""
+    def made(seed):
+        with torch.device("meta"):
+            module = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8), "norm": torch.nn.LayerNorm(8)})
+        return train_speed.materialise(module, torch.device("cpu"), torch.Generator().manual_seed(seed), torch.bfloat16)
+
+    first, again, other = made(0), made(0), made(1)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in first.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert not torch.equal(first["proj"].weight, other["proj"].weight)
+    assert abs(float(first["norm"].weight.float().mean()) - 1.0) < 0.05  # norm weights around 1, others around 0
+
+
+@pytest.mark.one_env
+def test_the_peaks_are_predicted_in_worker_processes_as_in_this_one(capsys):
+    """What the GPU rows print beside their measured peak: the prediction of training/peak.py, worked out in a
+    spawned worker (the GPU measures meanwhile); one that fails says so and leaves the others."""
+    rows = [train_speed.Row("ours tiny", "ours", dict(mixed_precision="fp16", gradient_checkpointing=True, rank=4),
+                            "tiny")]
+    jobs = train_speed.prediction_jobs(rows)
+    jobs["broken"] = (None, jobs["ours tiny"][1])
+    results = [dict(row=rows[0], predicted=None), dict(row=train_speed.Row("broken", "ours", {}), predicted=None)]
+    train_speed.PredictedPeaks(jobs).fill(results)
+    assert results[0]["predicted"] == train_speed.predicted_reserved(*jobs["ours tiny"]) > 0
+    assert results[1]["predicted"] is None and "broken: the peak prediction failed" in capsys.readouterr().out
