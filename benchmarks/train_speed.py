@@ -21,10 +21,13 @@ On the CPU, peak memory is what the process owns (RssAnon) above its level befor
 model was built; on CUDA it is torch.cuda.max_memory_reserved over the row's steps (the weights, made
 in their own dtype, and what the steps add; the setup's passing peaks, such as half-precision weights
 before they are stored in float8, are forgotten: a run of the trainer never holds them on the GPU).
+The "8 GB GPU" and "4 GB card" preset rows run with the allocator held to 8 and 4 GiB
+(torch.cuda.set_per_process_memory_fraction): they must complete on the card they are for.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import importlib.util
@@ -78,6 +81,7 @@ class Row:
     runner: str                 # floor | recipe | ours
     options: dict               # TrainingParams fields
     size: str = "sd15"
+    cap_gib: float | None = None  # a preset's card: on CUDA the row must complete with the allocator held to it
 
 
 GPU_ROWS = ("all", "table", "fast-path")
@@ -101,8 +105,8 @@ def gpu_rows(which: str = "all") -> list[Row]:
             Row("recipe r4, batch 4", "recipe", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, batch 4", "ours", dict(ckpt, rank=4, train_batch_size=4)),
             Row("ours r4, bf16", "ours", dict(mixed_precision="bf16", gradient_checkpointing=True, rank=4)),
-            Row("ours 8 GB GPU preset", "ours", {"preset": "8 GB GPU"}),
-            Row("ours 4 GB card preset", "ours", {"preset": "4 GB card"})]
+            Row("ours 8 GB GPU preset", "ours", {"preset": "8 GB GPU"}, cap_gib=8),
+            Row("ours 4 GB card preset", "ours", {"preset": "4 GB card"}, cap_gib=4)]
     fast = [rows[1], rows[2], Row("ours r4, checkpointing, fast path", "ours", dict(ckpt, rank=4, compile_unet=True))]
     return {"table": rows, "fast-path": fast, "all": rows + fast[2:]}[which]
 
@@ -460,6 +464,8 @@ def report(results: list[dict]) -> list[str]:
                     f"{params.resolution} px, base {params.base_weights}, 8-bit Adam {'on' if params.use_8bit_adam else 'off'}")
         line = (f"{row.name:34s} {result['seconds']:7.3f} s/step {result['samples']:7.2f} samples/s "
                 f"peak {result['peak'] / 2**30:6.3f} GiB  {ratio}")
+        if result.get("cap_gib"):
+            line += f", completed with the allocator held to {result['cap_gib']:g} GiB"
         if result.get("note"):
             line += f"  {result['note']}"
         lines.append(f"{line}  [{settings}]")
@@ -543,6 +549,21 @@ def prediction_jobs(rows: list[Row], configs_of=size_configs) -> dict[str, tuple
     return jobs
 
 
+@contextlib.contextmanager
+def memory_cap(gib: float | None, device: torch.device):
+    """On CUDA, the allocator held to `gib` GiB (torch.cuda.set_per_process_memory_fraction) while the row runs:
+    the card a preset is for. A row that needs more fails with CUDA's out-of-memory error."""
+    if gib is None or device.type != "cuda":
+        yield
+        return
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def measure_rows(rows: list[Row], run, repeat: int, device: torch.device) -> list[dict]:
     """Each row's figures from `run(row, index)` (the median of `repeat` turns), each row's line printed as it
     comes; a row that fails says why and the others run."""
@@ -551,7 +572,8 @@ def measure_rows(rows: list[Row], run, repeat: int, device: torch.device) -> lis
     for turn in range(repeat):  # row after row, again and again: a busy spell of the machine hits all alike
         for index, row in enumerate(rows):
             try:
-                result = run(row, index)
+                with memory_cap(row.cap_gib, device):
+                    result = dict(run(row, index), cap_gib=row.cap_gib if device.type == "cuda" else None)
             except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
                 print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
                 gc.collect()

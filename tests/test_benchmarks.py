@@ -163,6 +163,11 @@ def test_the_gpu_table_has_the_fast_path_beside_the_recipe():
     predicted = dict(result(fast, 0.25), predicted=int(2**31 * 1.05))
     assert "ours r4, checkpointing, fast path: peak reserved 2.000 GiB, predicted 2.100 GiB (+5.0%)" in \
         train_speed.report([predicted])
+    # The presets run on CUDA held to the card they are for (issue 13: the 8 GB run must complete under 8 GiB).
+    assert {r.name: r.cap_gib for r in train_speed.gpu_rows() if r.cap_gib} == {"ours 8 GB GPU preset": 8,
+                                                                                "ours 4 GB card preset": 4}
+    capped = dict(result(rows["ours 8 GB GPU preset"], 0.3), cap_gib=8)
+    assert "completed with the allocator held to 8 GiB" in train_speed.report([capped])[0]
     fell_back = dict(result(fast, 0.25), note="FELL BACK TO EAGER")
     assert train_speed.report([fell_back])[0].split("  [")[0].endswith("FELL BACK TO EAGER")
     runs = [dict(seconds=s) for s in (0.5, 0.2, 0.3)]
@@ -243,3 +248,26 @@ def test_the_peaks_are_predicted_in_worker_processes_as_in_this_one(capsys):
     train_speed.PredictedPeaks(jobs).fill(results)
     assert results[0]["predicted"] == train_speed.predicted_reserved(*jobs["ours tiny"]) > 0
     assert results[1]["predicted"] is None and "broken: the peak prediction failed" in capsys.readouterr().out
+
+
+def test_a_capped_row_holds_the_allocator_to_its_card_and_lets_go_after_it(monkeypatch):
+    """memory_cap on CUDA (its calls recorded here, where there is no GPU): the fraction of the card that is
+    the cap while the row runs, 1.0 again after it, also when the row fails; nothing without a cap or a GPU."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append(f))
+    cuda = torch.device("cuda")
+    with train_speed.memory_cap(8, cuda):
+        assert calls == [0.1]
+    assert calls == [0.1, 1.0]
+    with pytest.raises(RuntimeError), train_speed.memory_cap(4, cuda):
+        raise RuntimeError("CUDA out of memory")
+    assert calls == [0.1, 1.0, 0.05, 1.0]
+    with train_speed.memory_cap(None, cuda), train_speed.memory_cap(8, torch.device("cpu")):
+        pass
+    assert len(calls) == 4
+    import family_speed
+
+    assert [r.cap_gib for r in family_speed.family_rows(["sdxl"], tiny=False)] == [None, None, 8]
