@@ -384,8 +384,10 @@ class PredictedPeaks:
     GPU measures (tens of CPU seconds a full-size row: none of the GPU's time is spent on them)."""
 
     def __init__(self, jobs: dict[str, tuple]):   # row name -> (PartConfigs, TrainingParams)
+        # Half the cores at most, one thread each: the rows' own process keeps cores to launch the GPU's work.
         workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2))
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if jobs else None
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=torch.set_num_threads, initargs=(1,)) if jobs else None
         self.futures = {name: self.pool.submit(predicted_reserved, *job) for name, job in jobs.items()}
 
     def fill(self, results: list[dict]) -> None:
