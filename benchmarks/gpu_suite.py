@@ -16,14 +16,17 @@ Parts, in this order (each prints its own header with hardware, versions and set
                512 px, fp16, batch sizes 1 and 4;
 - files (only when asked for: `--parts files`): benchmarks/create_memory.py and merge_memory.py (the
                LoRA Train writes by default) on a full-size fp16 checkpoint: CPU work, which any machine
-               measures (docs/benchmarks.md), so it spends no GPU time by default.
+               measures (docs/benchmarks.md), so it spends no GPU time by default;
+- fp8loss (only when asked for: `--parts fp8loss`, about 4 minutes): benchmarks/fp8_loss.py on SD 1.5's
+               architecture: the "4 GB card" preset's loss curve over 200 steps against the same run with
+               fp16 base weights (issue 13: within 2 %).
 
 A part that fails prints its error and the next one runs. Step counts are kept small (GPU time is
 scarce): `--steps 5 --warmup 2` per SD 1.5 row, `--family-steps 3 --family-warmup 1` per SD 2.x-v /
 SDXL row. The predicted peaks are worked out on the CPU in worker processes while the GPU measures.
 Before it starts it prints the estimate of its length from those counts; at the end, how long each
 part took. Without CUDA every GPU part says it is skipped (tests/test_benchmarks.py runs it so);
-`files` then runs when asked for.
+`files` then runs when asked for (`fp8loss` runs on the CPU as `python benchmarks/fp8_loss.py`).
 
     python benchmarks/gpu_suite.py [--parts train,families,fastpath,classimages] [--steps 5 --warmup 2]
 """
@@ -44,7 +47,7 @@ from family_speed import FAMILIES, family_rows  # noqa: E402
 from train_speed import gpu_rows  # noqa: E402
 
 DEFAULT_PARTS = ("train", "families", "fastpath", "classimages")
-PARTS = (*DEFAULT_PARTS, "files")
+PARTS = (*DEFAULT_PARTS, "files", "fp8loss")
 TRAIN_ROWS, FASTPATH_ROWS = len(gpu_rows("table")), len(gpu_rows("fast-path"))
 FAMILY_ROWS = len(family_rows(list(FAMILIES), tiny=False))
 # Seconds on one H100/H200, for the estimate (guesses, pessimistic; no GPU has run it yet): 0.15-0.45 s
@@ -56,6 +59,7 @@ FAMILY_ROWS = len(family_rows(list(FAMILIES), tiny=False))
 # processes, 2 GB each) 90 s.
 ROW_SETUP_S, SD15_STEP_S, FAMILY_STEP_S, COMPILE_S = 6, 0.45, 1.5, 150
 CLASS_IMAGES_S, FILES_S, START_S = 60, 90, 20
+FP8_LOSS_S = 2 * (30 + 200 * SD15_STEP_S)  # two 200-step runs, each with its model created from a 2 GB checkpoint
 
 
 def estimate_seconds(parts: list[str], steps: int, warmup: int, family_steps: int, family_warmup: int) -> float:
@@ -72,6 +76,8 @@ def estimate_seconds(parts: list[str], steps: int, warmup: int, family_steps: in
         seconds += CLASS_IMAGES_S
     if "files" in parts:
         seconds += FILES_S
+    if "fp8loss" in parts:
+        seconds += FP8_LOSS_S
     return seconds
 
 
@@ -90,6 +96,10 @@ def run_part(name: str, args, work: Path) -> list[str]:
         import class_images_speed
 
         return class_images_speed.main(["--mode", "gpu", "--workdir", str(work)])
+    if name == "fp8loss":
+        import fp8_loss
+
+        return fp8_loss.main(["--device", "cuda", "--full-size", "--workdir", str(work / "fp8loss")])
     import create_memory
     import merge_memory
 
@@ -100,7 +110,7 @@ def run_part(name: str, args, work: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default=",".join(DEFAULT_PARTS),
-                        help=f"some of {', '.join(PARTS)} (comma-separated; default: all but files)")
+                        help=f"some of {', '.join(PARTS)} (comma-separated; default: all but files and fp8loss)")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per training row")
     parser.add_argument("--warmup", type=int, default=2, help="steps before measuring, per training row")
     parser.add_argument("--family-steps", type=int, default=3, help="measured steps per SD 2.x-v / SDXL row")

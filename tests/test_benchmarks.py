@@ -44,6 +44,7 @@ def test_the_gpu_suite_fits_its_8_minutes_and_skips_its_gpu_parts_without_a_gpu(
     for part in gpu_suite.DEFAULT_PARTS:
         assert f"{part}: no CUDA GPU here; skipped" in printed
     assert "files" not in gpu_suite.DEFAULT_PARTS and "files" not in printed  # CPU work: only when asked for
+    assert "fp8loss" not in gpu_suite.DEFAULT_PARTS and "fp8loss" in gpu_suite.PARTS  # 4 minutes: when time is left
     # The whole command, estimated pessimistically from its step counts, stays under the issue's 8 minutes.
     minutes = float(re.search(r"estimated at most (\d+\.\d) min", printed).group(1))
     assert minutes == round(gpu_suite.estimate_seconds(list(gpu_suite.DEFAULT_PARTS), 5, 2, 3, 1) / 60, 1) and minutes < 8
@@ -271,3 +272,20 @@ def test_a_capped_row_holds_the_allocator_to_its_card_and_lets_go_after_it(monke
     import family_speed
 
     assert [r.cap_gib for r in family_speed.family_rows(["sdxl"], tiny=False)] == [None, None, 8]
+
+
+@pytest.mark.one_env
+def test_the_fp8_loss_benchmark_compares_the_same_run_with_and_without_float8_weights(tmp_path, capsys):
+    """The 4 GB card's curve against the same steps with the base weights as they load: the runs differ only
+    by the float8 storage (their losses are not the same), and each window's figure is its runs' mean."""
+    import fp8_loss
+
+    losses = fp8_loss.run_both(tmp_path, None, 6, 32, "cpu")
+    assert len(losses["fp8"]) == len(losses["default"]) == 6 and losses["fp8"] != losses["default"]
+    lines = fp8_loss.compare(losses, 3)
+    first = sum(losses["fp8"][:3]) / 3, sum(losses["default"][:3]) / 3
+    assert lines[0] == f"steps    1-   3: fp8 {first[0]:.5f}, default {first[1]:.5f}, {(first[0] - first[1]) / first[1]:+.2%}"
+    worst = max(abs(sum(losses["fp8"][s:s + 3]) - sum(losses["default"][s:s + 3])) / sum(losses["default"][s:s + 3])
+                for s in (0, 3))
+    assert f"largest window difference {worst:.2%}" in lines[-1]
+    assert lines[-1].endswith("met]" if worst <= 0.02 else "MISSED]")
