@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import (PredictedPeaks, Row, forget_setup_peak, header, materialise, measure_rows,  # noqa: E402
-                         our_step_of, prediction_jobs, report, row_params, time_steps)
+from train_speed import (PredictedPeaks, Row, finish, forget_setup_peak, header, materialise,  # noqa: E402
+                         measure_rows, our_step_of, prediction_jobs, row_params, time_steps)
 
 from lora_trainer.training.peak import STANDARD_TEXT, PartConfigs  # noqa: E402
 
@@ -208,11 +208,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     predictions = PredictedPeaks({} if args.tiny else prediction_jobs(rows, family_configs))
     results = measure_rows(rows, lambda row, index: run_family_row(row, device, args.steps, args.warmup, args.tiny),
                            1, device)
-    predictions.fill(results)
-    lines = report(results)
-    for line in lines[len(results):]:
-        print(line)
-    return lines
+    return finish(results, predictions)
 
 
 if __name__ == "__main__":

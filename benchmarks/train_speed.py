@@ -533,6 +533,12 @@ def run_rows(args, argv: list[str], gpu: bool, device: torch.device) -> list[str
     results = measure_rows(rows, lambda row, index: (run_row(row, device, args.steps, args.warmup)
                                                      if gpu or args.in_process else run_child(row, index, argv)),
                            args.repeat, device)
+    return finish(results, predictions)
+
+
+def finish(results: list[dict], predictions: PredictedPeaks) -> list[str]:
+    """Every line of the report, with the predictions put in; the rows' own lines were printed as they came,
+    the rest (ratios to the recipe, predicted against measured peaks) is printed here."""
     predictions.fill(results)
     lines = report(results)
     for line in lines[len(results):]:
