@@ -144,6 +144,8 @@ def _train(models: ModelsDir, model_name: str, params: TrainingParams, concepts:
             display.message("Saving", outcome.steps)
             save_snapshot(run, snapshots, adapters, outcome.steps, outcome.epochs)
             name_best(validator, snapshots, display, outcome.steps)
+            if adapters is not None:
+                saving.retention.settle(snapshots.keep)
             sample_grid(run, snapshots, display, saving, outcome.steps)
     finally:
         display.close()

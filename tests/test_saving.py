@@ -29,6 +29,9 @@ def test_retention_keeps_the_newest_and_the_protected(tmp_path):
             retention.protect(path)  # e.g. the best by validation loss
         retention.saved(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_2.safetensors", "m_4.safetensors", "m_5.safetensors"]
+    # At the end the best moved on (to the final file): what the old best kept beyond the newest 2 goes.
+    assert retention.settle(set()) == [files[1]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_4.safetensors", "m_5.safetensors"]
     keep_all = Retention(keep_last=0)
     for path in files[3:]:
         keep_all.saved(path)
@@ -61,3 +64,18 @@ def test_only_the_last_k_intermediate_files_remain_and_each_save_has_a_grid(crea
     assert set(grids) <= set(result.samples)
     with Image.open(grids[-1]) as grid:
         assert grid.size == (2 * 32, 2 * 32)  # two seeds wide, two prompts high
+
+
+def test_keep_last_with_validation_leaves_the_newest_intermediate_files_the_final_and_the_best(created_sd1, tmp_path):
+    """Keep Last N Intermediate Files = 1 with validation, saving every step: while the best moves on from step
+    to step, each best is kept; at the end only the newest intermediate file, the final one and the best stay
+    (before, the file an earlier best had kept stayed too)."""
+    models = private_models(created_sd1, tmp_path / "models")
+    concept = Concept(instance_data_dir=str(instance_pictures(tmp_path / "pictures")), instance_prompt="scs thing")
+    params = TrainingParams(resolution=32, hflip=False, seed=0, max_train_steps=4, num_train_epochs=4,
+                            save_every_n_steps=1, keep_last_n_saves=1, validation_split=0.3,
+                            unet_learning_rate=5e-2, use_lifetime_steps=False, save_preview_every_n_steps=0)
+    result = train(models, "tiny", params, [concept], device="cpu")
+    assert result.steps == 4 and result.best_step is not None
+    expected = {"tiny_3.safetensors", "tiny_4.safetensors", result.best_lora.name}
+    assert {p.name for p in models.lora.glob("*.safetensors")} == expected

@@ -66,6 +66,16 @@ class Retention:
         if path is None:
             return []
         self.intermediate.append(Path(path))
+        return self.prune()
+
+    def settle(self, protected: set[Path]) -> list[Path]:
+        """At the end of the run: `protected` is what must stay now (the best file, which may have moved on to
+        the final one), and the files an earlier best kept beyond `keep_last` go. Returns the removed paths."""
+        self.protected = {Path(path) for path in protected}
+        return self.prune()
+
+    def prune(self) -> list[Path]:
+        """Remove the unprotected intermediate files beyond the newest `keep_last`; return them."""
         if not self.keep_last:
             return []
         removed = []
