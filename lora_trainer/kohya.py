@@ -91,7 +91,7 @@ class LoraModule:
         else:
             raise ModelError(f"module {self.name}: dora_scale {tuple(scale.shape)} fits neither the rows nor the "
                              f"columns of its weight {tuple(merged.shape)}; the file is broken, save the LoRA again")
-        return merged * (scale / (norms + torch.finfo(norms.dtype).eps)) - weight
+        return merged * (scale / norms.clamp_min(torch.finfo(norms.dtype).eps)) - weight  # as LoRALinear.dora_weight
 
 
 @dataclass

@@ -110,7 +110,9 @@ class LoRALinear(nn.Module):
         """The weight DoRA uses (see the class docstring), in the adapter's dtype."""
         base = self.base_weight(self.lora_down.weight.dtype)
         merged = base + self.delta_weight()
-        norms = column_norms(merged) + torch.finfo(merged.dtype).eps  # no division by an all-zero column
+        # No division by an all-zero column; any other norm is used as it is, so before the first step (W + dW = W,
+        # dora_scale = |W|) the scale is exactly 1 and the layer computes exactly what its base does.
+        norms = column_norms(merged).clamp_min(torch.finfo(merged.dtype).eps)
         return base + (merged * (self.dora_scale / norms) - base) * self.multiplier
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -137,3 +137,19 @@ def test_a_per_row_dora_file_is_refused_for_training_on_with_the_reason(tiny_sd1
     with pytest.raises(ModelError, match="per output row.*train a new model"):
         load_lora_state_dict(adapters.unet, {k: v for k, v in tensors.items() if k.startswith("lora_unet_")},
                              source="old.safetensors")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_dora_layer_before_its_first_step_computes_exactly_what_its_base_does(kind):
+    """dora_scale starts as the base's column norms and W + dW is W, so the layer's scale is exactly 1: its output
+    is its base's to the bit, in fp32 and under bf16 autocast too (an epsilon added to the norms made it round
+    otherwise, a few per cent apart after a UNet's layers in bf16)."""
+    from lora_trainer.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = (torch.nn.Linear(64, 32) if kind == "linear" else torch.nn.Conv2d(8, 16, 3, padding=1)).requires_grad_(False)
+    layer = (LoRALinear if kind == "linear" else LoRAConv2d)(base, rank=4, alpha=2.0, dora=True)
+    x = torch.randn(4, 64) if kind == "linear" else torch.randn(2, 8, 6, 6)
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(layer(x), base(x)), f"autocast {autocast}"
