@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_speed import (PredictedPeaks, Row, finish, forget_setup_peak, header, materialise,  # noqa: E402
-                         measure_rows, our_step_of, prediction_jobs, row_params, time_steps)
+from train_speed import (PredictedPeaks, Row, finish, forget_setup_peak, free_memory, header,  # noqa: E402
+                         materialise, measure_rows, our_step_of, prediction_jobs, row_params, time_steps)
 
 from lora_trainer.training.peak import STANDARD_TEXT, PartConfigs  # noqa: E402
 
@@ -168,7 +167,7 @@ def run_family_row(row: Row, device: torch.device, steps: int, warmup: int, tiny
     cuda = device.type == "cuda"
     params = dataclasses.replace(row_params(row, resolution, cuda), resolution=resolution)
     prior_rows = 2 * params.train_batch_size
-    gc.collect()
+    free_memory(device)
     model = build_model(spec, params, device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(params.mixed_precision)
 

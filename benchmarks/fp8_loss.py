@@ -54,17 +54,16 @@ def run_both(work: Path, checkpoint: Path | str | None, steps: int, resolution: 
         checkpoint = full_size_checkpoint(models.checkpoints / "full-sd1-fp16.safetensors", "sd1", torch.float16)
     else:
         checkpoint = Path(shutil.copy2(checkpoint, models.checkpoints / Path(checkpoint).name))
-    losses = {}
-    for storage in ("fp8", "default"):
-        model_dir = create_model(models, checkpoint.name, f"bench-{storage}", overwrite=True)
-        size = resolution or ModelInfo.load(model_dir / "model_info.json").resolution
-        pictures = draw_pictures(work / "pictures", size=size)
-        concept = Concept(instance_data_dir=str(pictures), instance_prompt="scs shape, [filewords]")
-        params = apply_preset(TrainingParams(), PRESET, cuda=device.startswith("cuda"))
-        params = dataclasses.replace(params, base_weights=storage, max_train_steps=steps, num_train_epochs=steps,
-                                     resolution=size, seed=0, hflip=False, save_preview_every_n_steps=0)
-        losses[storage] = list(train(models, f"bench-{storage}", params, [concept], device=device).losses)
-    return losses
+    storages = ("fp8", "default")
+    folders = [create_model(models, checkpoint.name, f"bench-{storage}", overwrite=True) for storage in storages]
+    size = resolution or ModelInfo.load(folders[0] / "model_info.json").resolution
+    concept = Concept(instance_data_dir=str(draw_pictures(work / "pictures", size=size)),
+                      instance_prompt="scs shape, [filewords]")
+    params = dataclasses.replace(apply_preset(TrainingParams(), PRESET, cuda=device.startswith("cuda")),
+                                 max_train_steps=steps, num_train_epochs=steps, resolution=size, seed=0, hflip=False,
+                                 save_preview_every_n_steps=0)
+    return {storage: list(train(models, f"bench-{storage}", dataclasses.replace(params, base_weights=storage),
+                                [concept], device=device).losses) for storage in storages}
 
 
 def compare(losses: dict[str, list[float]], window: int) -> list[str]:

@@ -318,10 +318,7 @@ def run_row(row: Row, device: torch.device, steps: int, warmup: int) -> dict:
     params = row_params(row, resolution, cuda)
     refuse_what_cannot_compile(params, device)
     prior_rows = 2 * params.train_batch_size
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    free_memory(device)
     baseline = 0.0 if cuda else memory_mb("RssAnon")
     sampler = None if cuda else AnonPeak()
     unet, text_encoder = build_parts(configs, params, device)
@@ -354,11 +351,18 @@ def refuse_what_cannot_compile(params: TrainingParams, device: torch.device) -> 
             raise RuntimeError(f"Compile UNet: {problem}")
 
 
+def free_memory(device: torch.device) -> None:
+    """What earlier rows left: Python's garbage collected, the GPU's cached blocks given back."""
+    from lora_trainer.training.parts import free_device_memory
+
+    gc.collect()
+    free_device_memory(device)
+
+
 def forget_setup_peak(device: torch.device) -> None:
     """From here on the GPU's peak is the steps' (the weights and what each step adds), not the setup's."""
-    gc.collect()
+    free_memory(device)
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -584,9 +588,7 @@ def measure_rows(rows: list[Row], run, repeat: int, device: torch.device) -> lis
                     result = dict(run(row, index), cap_gib=row.cap_gib if device.type == "cuda" else None)
             except Exception as e:  # one row that cannot run (a package the machine lacks) must not cost the others
                 print(f"{row.name}: failed: {type(e).__name__}: {str(e).strip()[-2000:]}", flush=True)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                free_memory(device)
                 continue
             runs[index].append(result)
             if repeat > 1:
